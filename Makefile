@@ -1,0 +1,42 @@
+# The two commands: `make run` and `make test`. Both create .venv from the pinned lock
+# file when it is missing or older than the lock (no dependency resolution at install).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.evit-installed
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export MLFLOW_ENABLE_TELEMETRY ?= false
+
+.PHONY: setup run test test-fast bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --disable-pip-version-check -e .
+	@touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/evit pipeline
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/run_all.py
+
+# Refresh the lock: resolve requirements.in from scratch in a throw-away venv (about 8 min).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet -r requirements.in
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^evit' > requirements.lock
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV)

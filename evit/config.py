@@ -1,0 +1,300 @@
+"""params.yaml, validated once and up front.
+
+Every knob of the pipeline lives in params.yaml, grouped by stage. `load_params` turns it
+into a frozen pydantic model or raises `ConfigError` naming the key, the bad value and
+what is accepted, before any expensive work starts. Unknown keys are errors (a typo in a
+knob must not silently fall back to a default).
+
+Each section is also what a Prefect task and a DVC stage hash for caching, so a change to
+one device's settings only invalidates that device's branch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from evit.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(UserError, ValueError):
+    """params.yaml is missing, malformed or has a value outside what is accepted."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+# --- data ------------------------------------------------------------------------------------
+
+class DataParams(_Section):
+    source: str = "digits"
+    """'digits' (scikit-learn's bundled handwritten digits), a local ImageFolder directory
+    (train/<class>/*, optional val/<class>/*), or s3://bucket/prefix with the same layout."""
+    out_dir: str = "data/prepared"
+    storage_resolution: Annotated[int, Field(ge=8, le=1024)] = 48
+    search_fraction: Fraction = 0.15
+    val_fraction: Fraction = 0.15
+    """Share of each class held out as `val` when the source has no val split of its own."""
+    min_per_class: Annotated[int, Field(ge=3)] = 5
+    """A class with fewer readable train images than this is an error (not a silent skip)."""
+    shard_size: PosInt = 4096
+    seed: int = 0
+    max_per_class: PosInt | None = None
+    """Cap images per class (quick experiments on a large source); None keeps all."""
+
+    @field_validator("source")
+    @classmethod
+    def _source_nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be 'digits', a directory path or s3://bucket/prefix")
+        return v
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataParams:
+        if self.search_fraction + self.val_fraction >= 0.9:
+            raise ValueError(
+                f"search_fraction + val_fraction = {self.search_fraction + self.val_fraction:.2f} leaves "
+                "too little for training; keep the sum below 0.9"
+            )
+        return self
+
+
+# --- search space ----------------------------------------------------------------------------
+
+class SpaceParams(_Section):
+    preset: Literal["cpu", "imagenet"] = "cpu"
+    levels: list[Annotated[float, Field(gt=0)]] | None = None
+    """FLOPs levels in MMACs; None takes the preset's."""
+    tolerance: Annotated[float, Field(gt=0)] | None = None
+
+    @field_validator("levels")
+    @classmethod
+    def _sorted(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) < 1 or sorted(v) != v or len(set(v)) != len(v)):
+            raise ValueError("must be a non-empty, strictly increasing list of MFLOPs")
+        return v
+
+
+# --- training --------------------------------------------------------------------------------
+
+class TeacherParams(_Section):
+    model: str
+    """Any timm model name; weights come from `weights` (nothing is downloaded)."""
+    weights: str
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+
+
+class TrainParams(_Section):
+    sampler: Literal["elastic", "complexity", "uniform"] = "elastic"
+    out_dir: str = "models"
+    epochs: PosInt = 6
+    batch_size: PosInt = 64
+    lr: Annotated[float, Field(gt=0)] = 2e-3
+    """Peak learning rate for `batch_size` (the paper: 5e-4 x batch/512)."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    warmup_epochs: NonNegInt = 1
+    min_lr: Annotated[float, Field(ge=0)] = 1e-5
+    label_smoothing: Fraction = 0.1
+    agc_clip: Annotated[float, Field(gt=0)] = 0.1
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    mixup_alpha: Annotated[float, Field(ge=0)] = 0.0
+    auto_augment: str | None = None
+    """timm auto-augment policy, e.g. 'rand-m5-n1' (light RandAugment); None disables."""
+    reprob: Fraction = 0.0
+    hflip: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Digits are not flip-invariant; the ImageNet profile sets 0.5."""
+    alpha_min: float = -1.0
+    alpha_max: float = 1.0
+    alpha_clip: Annotated[float, Field(gt=0)] = 5.0
+    teacher: TeacherParams | None = None
+    # performance-aware sampling
+    bank_capacity: PosInt = 30
+    exploit_p_start: Annotated[float, Field(ge=0, le=1)] = 0.2
+    exploit_p_step: Annotated[float, Field(ge=0, le=1)] = 0.15
+    exploit_p_every: Annotated[float, Field(gt=0, le=1)] = 1 / 6
+    """Fraction of training after which exploit_p grows by exploit_p_step."""
+    explore_candidates: PosInt = 5
+    rescore_per_epoch: NonNegInt = 2
+    # loop
+    steps_per_epoch: PosInt | None = None
+    """None: one pass over the train split per epoch."""
+    checkpoint_every: PosInt = 50
+    eval_every_epochs: PosInt = 1
+    bn_calib_batches: PosInt = 4
+    workers: NonNegInt = 0
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = True
+    amp_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Autocast dtype on GPU (CPU always trains in float32)."""
+
+
+class AblateParams(_Section):
+    samplers: list[Literal["elastic", "complexity", "uniform"]] = ["uniform", "complexity", "elastic"]
+    seeds: list[int] = [0, 1]
+    epochs: PosInt = 3
+    subnets_per_level: PosInt = 3
+    out_dir: str = "results"
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+class DeviceParams(_Section):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+    kind: Literal["torch-cpu", "onnxruntime-cpu", "cuda", "command"]
+    threads: PosInt = 1
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    runtime: Literal["eager", "torchscript"] = "eager"
+    command: str | None = None
+    """For kind=command: a template with {model} (ONNX file), {input_shape} and
+    {resolution}; it must print the latency in ms (the last number printed)."""
+    warmup: NonNegInt = 10
+    repeats: PosInt = 30
+    batch_size: PosInt = 1
+    budgets_ms: list[Annotated[float, Field(gt=0)]] = []
+    validate_subnets: Annotated[int, Field(ge=10)] = 100
+
+    @model_validator(mode="after")
+    def _command(self) -> DeviceParams:
+        if self.kind == "command" and not self.command:
+            raise ValueError(f"device '{self.name}' has kind 'command' but no 'command' template")
+        if self.kind != "command" and self.command:
+            raise ValueError(f"device '{self.name}': 'command' is only used with kind 'command'")
+        return self
+
+
+# --- search ----------------------------------------------------------------------------------
+
+class SearchParams(_Section):
+    out_dir: str = "results"
+    population: PosInt = 64
+    generations: PosInt = 6
+    top_k: PosInt = 32
+    mutations: NonNegInt = 16
+    crossovers: NonNegInt = 16
+    mutate_prob: Annotated[float, Field(ge=0, le=1)] = 0.2
+    depth_mutate_prob: Annotated[float, Field(ge=0, le=1)] = 0.4
+    flops_budgets_m: list[Annotated[float, Field(gt=0)]] = []
+    bn_calib_batches: PosInt = 4
+    eval_batch_size: PosInt = 256
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SearchParams:
+        if self.top_k > self.population:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed population ({self.population})")
+        return self
+
+
+# --- export ----------------------------------------------------------------------------------
+
+class ExportParams(_Section):
+    out_dir: str = "exports"
+    onnx_opset: Annotated[int, Field(ge=13, le=23)] = 17
+    register: bool = True
+    model_name: str = "evit-{device}"
+    """Registered model name; {device} is replaced by the device name."""
+
+
+# --- storage / tracking ----------------------------------------------------------------------
+
+class StorageParams(_Section):
+    remote: str = ".dvc-remote"
+    """DVC remote: a local directory (embedded default) or s3://bucket/prefix."""
+    endpoint_url: str | None = None
+    """S3 endpoint (MinIO, moto_server); None is AWS. AWS_ENDPOINT_URL overrides it."""
+    region: str = "us-east-1"
+
+
+class TrackingParams(_Section):
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins."""
+    experiment: str = "evit"
+    registry_uri: str | None = None
+    retries: NonNegInt = 3
+
+
+# --- the whole file --------------------------------------------------------------------------
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    space: SpaceParams = SpaceParams()
+    train: TrainParams = TrainParams()
+    ablate: AblateParams = AblateParams()
+    devices: list[DeviceParams] = [DeviceParams(name="cpu-1t", kind="torch-cpu", threads=1)]
+    search: SearchParams = SearchParams()
+    export: ExportParams = ExportParams()
+    storage: StorageParams = StorageParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_devices(cls, v: list[DeviceParams]) -> list[DeviceParams]:
+        names = [d.name for d in v]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"device names must be unique; repeated: {dups}")
+        return v
+
+    def device(self, name: str) -> DeviceParams:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise ConfigError(
+            f"unknown device {name!r}; params.yaml declares: {[d.name for d in self.devices] or 'none'}"
+        )
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain data (what caches and DVC hash)."""
+        return self.model_dump(mode="json")[name]
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} invalid setting(s):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        inp = err.get("input")
+        if err["type"] == "extra_forbidden":
+            parent = loc.rsplit(".", 1)[0] if "." in loc else "top level"
+            lines.append(f"  - {loc}: unknown key (value {inp!r}); check the spelling of the keys in '{parent}'")
+            continue
+        msg = err["msg"]
+        if err["type"] == "literal_error":
+            msg = msg.replace("Input should be", "accepted:")
+        value = "" if err["type"] == "missing" else f" = {inp!r}"
+        lines.append(f"  - {loc}{value}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_params(path: str | os.PathLike[str] | None = None) -> Params:
+    """Read and validate params.yaml (or `path`); errors name key, value and what is accepted."""
+    path = Path(path or os.environ.get("EVIT_PARAMS", DEFAULT_PARAMS))
+    if not path.is_file():
+        raise ConfigError(f"params file {str(path)!r} not found (pass --params PATH or run from the project root)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(data, str(path))

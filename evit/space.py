@@ -1,0 +1,315 @@
+"""Search spaces as data, plus the seeded sampling primitives the paper uses.
+
+A `SearchSpace` says which values every field of an `Arch` may take, how the supernet is
+shaped around them (strides, head widths), and where its FLOPs levels lie. Two presets
+ship: `imagenet` (the paper space, exactly as in the spec) and `cpu` (same family,
+small inputs, four stages, what the embedded default trains on 2 cores).
+
+Choices of ours where the paper is silent:
+- The "width never smaller than the previous stage's" rule applies between consecutive
+  stages; the stem is not a stage and is not constrained against stage 1.
+- `uniform` means uniform over the valid space: every field is drawn uniformly and the
+  whole draw is rejected while the width rule fails (cheap: acceptance is > 30%).
+- `mutate` and `crossover` repair a width-rule violation by re-drawing (bounded tries),
+  so they always return a valid arch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from evit.arch import Arch, ArchError, MBStage, Stage, Stem, ViTStage
+
+_MAX_TRIES = 1000
+
+
+@dataclass(frozen=True)
+class StageSpace:
+    kind: Literal["mbconv", "transformer"]
+    widths: tuple[int, ...]
+    depths: tuple[int, ...]
+    stride: int
+    # MBConv stages
+    expansions: tuple[int, ...] = ()
+    kernels: tuple[int, ...] = ()
+    se: bool = False
+    # transformer stages
+    mlp_ratios: tuple[int, ...] = ()
+    v_scales: tuple[int, ...] = ()
+
+    def choices(self) -> dict[str, tuple[int, ...]]:
+        """Field name -> allowed values, in the order of the stage's dataclass fields."""
+        if self.kind == "mbconv":
+            return {"width": self.widths, "depth": self.depths, "expansion": self.expansions, "kernel": self.kernels}
+        return {"width": self.widths, "depth": self.depths, "mlp_ratio": self.mlp_ratios, "v_scale": self.v_scales}
+
+    def make(self, **values: int) -> Stage:
+        return MBStage(**values) if self.kind == "mbconv" else ViTStage(**values)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    resolutions: tuple[int, ...]
+    stem_widths: tuple[int, ...]
+    stem_depths: tuple[int, ...]
+    stem_kernels: tuple[int, ...]
+    stages: tuple[StageSpace, ...]
+    first_stride: int = 2
+    head_expansion: int = 6
+    head_width: int = 1984
+    head_dropout: float = 0.0
+    head_dim: int = 16
+    ds_expansion: int = 6
+    se_reduction: int = 4
+    levels: tuple[float, ...] = ()
+    """FLOPs levels in MFLOPs (MACs): level F holds subnets with F <= FLOPs <= F + 2*tolerance."""
+    tolerance: float = 10.0
+    num_classes: int = 1000
+    """Classifier width; set from the prepared data's manifest (it changes head FLOPs)."""
+    max_kernel: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        kernels = [*self.stem_kernels, *(k for s in self.stages for k in s.kernels), 3]
+        object.__setattr__(self, "max_kernel", max(kernels))
+
+    # --- levels ---------------------------------------------------------------------------
+    def level_window(self, level: int) -> tuple[float, float]:
+        """The closed FLOPs window (in MFLOPs) of level index `level`."""
+        f = self.levels[level]
+        return float(f), float(f) + 2.0 * self.tolerance
+
+    def level_of(self, flops_m: float) -> int | None:
+        """Index of the level whose window contains `flops_m`, or None (first match wins)."""
+        for i in range(len(self.levels)):
+            lo, hi = self.level_window(i)
+            if lo <= flops_m <= hi:
+                return i
+        return None
+
+    def nearest_level(self, flops_m: float) -> int:
+        """Index of the level whose window is closest to `flops_m` (for seeding searches)."""
+        def dist(i: int) -> float:
+            lo, hi = self.level_window(i)
+            return 0.0 if lo <= flops_m <= hi else min(abs(flops_m - lo), abs(flops_m - hi))
+
+        return min(range(len(self.levels)), key=dist)
+
+    # --- validation -----------------------------------------------------------------------
+    def validate(self, arch: Arch) -> Arch:
+        """Return `arch` if it lies in this space, else raise ArchError naming the field."""
+        def check(where: str, value: int, allowed: Sequence[int]) -> None:
+            if value not in allowed:
+                raise ArchError(
+                    f"{where} = {value} is outside the '{self.name}' space; accepted: {list(allowed)}"
+                )
+
+        check("arch.resolution", arch.resolution, self.resolutions)
+        check("arch.stem.width", arch.stem.width, self.stem_widths)
+        check("arch.stem.depth", arch.stem.depth, self.stem_depths)
+        check("arch.stem.kernel", arch.stem.kernel, self.stem_kernels)
+        if len(arch.stages) != len(self.stages):
+            raise ArchError(
+                f"arch.stages has {len(arch.stages)} stages; the '{self.name}' space has "
+                f"{len(self.stages)} ({', '.join(s.kind for s in self.stages)})"
+            )
+        prev_width = 0
+        for i, (stage, ss) in enumerate(zip(arch.stages, self.stages)):
+            where = f"arch.stages[{i}]"
+            if stage.kind != ss.kind:
+                raise ArchError(f"{where} is a {stage.kind} stage; the '{self.name}' space has a {ss.kind} stage there")
+            for name, allowed in ss.choices().items():
+                check(f"{where}.{name}", getattr(stage, name), allowed)
+            if stage.width < prev_width:
+                raise ArchError(
+                    f"{where}.width = {stage.width} is smaller than the previous stage's width "
+                    f"{prev_width}; widths must not decrease from stage to stage"
+                )
+            prev_width = stage.width
+        return arch
+
+    def is_valid(self, arch: Arch) -> bool:
+        try:
+            self.validate(arch)
+        except ArchError:
+            return False
+        return True
+
+    @staticmethod
+    def widths_ok(stages: Sequence[Stage]) -> bool:
+        return all(b.width >= a.width for a, b in zip(stages, stages[1:]))
+
+    # --- extremes -------------------------------------------------------------------------
+    def smallest(self) -> Arch:
+        return self._extreme(min)
+
+    def largest(self) -> Arch:
+        return self._extreme(max)
+
+    def _extreme(self, pick: Any) -> Arch:
+        stem = Stem(pick(self.stem_widths), pick(self.stem_depths), pick(self.stem_kernels))
+        stages = tuple(ss.make(**{k: pick(v) for k, v in ss.choices().items()}) for ss in self.stages)
+        return self.validate(Arch(pick(self.resolutions), stem, stages))
+
+    # --- sampling primitives (all seeded through the `rng` argument) ------------------------
+    def sample_uniform(self, rng: random.Random) -> Arch:
+        stem = Stem(rng.choice(self.stem_widths), rng.choice(self.stem_depths), rng.choice(self.stem_kernels))
+        resolution = rng.choice(self.resolutions)
+        for _ in range(_MAX_TRIES):
+            stages = tuple(ss.make(**{k: rng.choice(v) for k, v in ss.choices().items()}) for ss in self.stages)
+            if self.widths_ok(stages):
+                return Arch(resolution, stem, stages)
+        raise RuntimeError(f"space '{self.name}': no width-monotone draw in {_MAX_TRIES} tries")
+
+    def mutate(self, arch: Arch, rng: random.Random, prob: float = 0.2, depth_prob: float = 0.4) -> Arch:
+        """The spec's mutation: each choice re-drawn with `prob`, each depth with `depth_prob`."""
+        def redraw(value: int, allowed: Sequence[int], p: float) -> int:
+            return rng.choice(allowed) if rng.random() < p else value
+
+        for _ in range(_MAX_TRIES):
+            resolution = redraw(arch.resolution, self.resolutions, prob)
+            stem = Stem(
+                redraw(arch.stem.width, self.stem_widths, prob),
+                redraw(arch.stem.depth, self.stem_depths, depth_prob),
+                redraw(arch.stem.kernel, self.stem_kernels, prob),
+            )
+            stages = tuple(
+                ss.make(**{
+                    k: redraw(getattr(st, k), allowed, depth_prob if k == "depth" else prob)
+                    for k, allowed in ss.choices().items()
+                })
+                for st, ss in zip(arch.stages, self.stages)
+            )
+            if self.widths_ok(stages):
+                return Arch(resolution, stem, stages)
+        return arch
+
+    def crossover(self, a: Arch, b: Arch, rng: random.Random) -> Arch:
+        """Uniform crossover: every field taken from either parent with probability 1/2."""
+        def pick(x: int, y: int) -> int:
+            return x if rng.random() < 0.5 else y
+
+        for _ in range(_MAX_TRIES):
+            stem = Stem(pick(a.stem.width, b.stem.width), pick(a.stem.depth, b.stem.depth),
+                        pick(a.stem.kernel, b.stem.kernel))
+            stages = tuple(
+                ss.make(**{k: pick(getattr(sa, k), getattr(sb, k)) for k in ss.choices()})
+                for sa, sb, ss in zip(a.stages, b.stages, self.stages)
+            )
+            if self.widths_ok(stages):
+                return Arch(pick(a.resolution, b.resolution), stem, stages)
+        return a
+
+    # --- derived shapes -------------------------------------------------------------------
+    def with_classes(self, num_classes: int) -> SearchSpace:
+        return replace(self, num_classes=num_classes)
+
+    def with_levels(self, levels: Sequence[int], tolerance: float | None = None) -> SearchSpace:
+        return replace(self, levels=tuple(levels), tolerance=self.tolerance if tolerance is None else tolerance)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data description, stored in checkpoints and LUTs to detect a space mismatch."""
+        return {
+            "name": self.name,
+            "resolutions": list(self.resolutions),
+            "stem_widths": list(self.stem_widths),
+            "stem_depths": list(self.stem_depths),
+            "stem_kernels": list(self.stem_kernels),
+            "stages": [
+                {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()} for s in self.stages
+            ],
+            "first_stride": self.first_stride,
+            "head_expansion": self.head_expansion,
+            "head_width": self.head_width,
+            "head_dim": self.head_dim,
+            "ds_expansion": self.ds_expansion,
+            "se_reduction": self.se_reduction,
+            "levels": list(self.levels),
+            "tolerance": self.tolerance,
+            "num_classes": self.num_classes,
+        }
+
+    def structure_dict(self) -> dict[str, Any]:
+        """`to_dict` without the levels: what decides whether weights/LUTs are compatible."""
+        d = self.to_dict()
+        d.pop("levels")
+        d.pop("tolerance")
+        return d
+
+
+def _r(lo: int, hi: int, step: int) -> tuple[int, ...]:
+    return tuple(range(lo, hi + 1, step))
+
+
+IMAGENET = SearchSpace(
+    name="imagenet",
+    resolutions=(128, 160, 176, 192, 224, 256),
+    stem_widths=(16, 24),
+    stem_depths=(1, 2),
+    stem_kernels=(3, 5),
+    stages=(
+        StageSpace("mbconv", _r(16, 32, 8), _r(2, 5, 1), 2, expansions=(3, 4, 5, 6), kernels=(3, 5), se=False),
+        StageSpace("mbconv", _r(16, 48, 8), _r(2, 6, 1), 2, expansions=(3, 4, 5, 6), kernels=(3, 5), se=True),
+        StageSpace("transformer", _r(48, 96, 16), _r(1, 5, 1), 2, mlp_ratios=(2, 3, 4, 5), v_scales=(2, 3, 4)),
+        StageSpace("transformer", _r(80, 160, 16), _r(1, 6, 1), 1, mlp_ratios=(2, 3, 4, 5), v_scales=(2, 3, 4)),
+        StageSpace("transformer", _r(144, 288, 16), _r(1, 6, 1), 2, mlp_ratios=(2, 3, 4, 5), v_scales=(2, 3, 4)),
+        StageSpace("transformer", _r(160, 320, 16), _r(1, 6, 1), 2, mlp_ratios=(2, 3, 4, 5), v_scales=(2, 3, 4)),
+    ),
+    head_expansion=6,
+    head_width=1984,
+    head_dropout=0.2,
+    levels=(100, 200, 300, 400, 500, 700, 900, 1200),
+    tolerance=10.0,
+)
+
+# CPU scale, same family: 32-48 px inputs, two MBConv + two transformer stages, narrow.
+# Stage 2 keeps stride 1 so that 32 px inputs still give a 4x4 token map.
+CPU = SearchSpace(
+    name="cpu",
+    resolutions=(32, 40, 48),
+    stem_widths=(8, 16),
+    stem_depths=(1, 2),
+    stem_kernels=(3, 5),
+    stages=(
+        StageSpace("mbconv", _r(16, 24, 8), _r(1, 2, 1), 2, expansions=(2, 3, 4), kernels=(3, 5), se=False),
+        StageSpace("mbconv", _r(16, 32, 8), _r(1, 3, 1), 1, expansions=(2, 3, 4), kernels=(3, 5), se=True),
+        StageSpace("transformer", _r(32, 64, 16), _r(1, 2, 1), 2, mlp_ratios=(2, 3), v_scales=(2, 3)),
+        StageSpace("transformer", _r(48, 80, 16), _r(1, 3, 1), 1, mlp_ratios=(2, 3), v_scales=(2, 3)),
+    ),
+    head_expansion=6,
+    head_width=256,
+    head_dropout=0.0,
+    # FLOPs range of this space at 10 classes: 1.6 to 29 MMACs, median 8.
+    levels=(2, 4, 6, 9, 13, 18),
+    tolerance=0.5,
+    num_classes=10,
+)
+
+PRESETS: dict[str, SearchSpace] = {s.name: s for s in (IMAGENET, CPU)}
+
+
+def get_space(
+    name: str,
+    levels: Sequence[int] | None = None,
+    tolerance: float | None = None,
+    num_classes: int | None = None,
+) -> SearchSpace:
+    """A preset by name, optionally with its FLOPs levels/tolerance/classes overridden."""
+    try:
+        space = PRESETS[name]
+    except KeyError:
+        raise ArchError(f"unknown search space {name!r}; accepted: {sorted(PRESETS)}") from None
+    if levels is not None or tolerance is not None:
+        space = space.with_levels(levels if levels is not None else space.levels, tolerance)
+    if num_classes is not None:
+        space = space.with_classes(num_classes)
+    return space
+
+
+def space_from_params(space_params: object, num_classes: int | None = None) -> SearchSpace:
+    """The search space that a validated `params.space` section describes."""
+    sp: Any = space_params
+    return get_space(sp.preset, sp.levels, sp.tolerance, num_classes)
