@@ -108,6 +108,97 @@ def arch_info(
                 "params_m": round(cost.params_m, 4), "level": sp.level_of(cost.flops_m)})
 
 
+DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="device name from params.yaml `devices:`")]
+
+
+@app.command()
+@_friendly
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    fresh: Annotated[bool, typer.Option("--fresh", help="ignore models/last.pt and start over")] = False,
+) -> None:
+    """Train the weight-sharing supernet with the configured sampler (resumes by default)."""
+    from evit import stages
+
+    _echo_json(stages.train(_params(params), resume=not fresh))
+
+
+@app.command()
+@_friendly
+def ablate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Train the same budget with each sampler and seed; compare accuracy per FLOPs level."""
+    from evit import stages
+
+    _echo_json(stages.ablate(_params(params)))
+
+
+@app.command()
+@_friendly
+def lut(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Build (or resume) the latency lookup table of one device and validate it."""
+    from evit import stages
+
+    p = _params(params)
+    p.device(device)
+    _echo_json(stages.lut(p, device))
+
+
+@app.command()
+@_friendly
+def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Evolutionary search of the best subnet per latency budget of one device."""
+    from evit import stages
+
+    p = _params(params)
+    p.device(device)
+    _echo_json(stages.search(p, device))
+
+
+@app.command()
+@_friendly
+def export(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Export the chosen subnets of one device (ONNX, safetensors, card) and register them."""
+    from evit import stages
+
+    p = _params(params)
+    p.device(device)
+    _echo_json(stages.export(p, device))
+
+
+@app.command()
+@_friendly
+def fetch(
+    ref: Annotated[str, typer.Argument(help="registered model, e.g. evit-cpu-1t@champion or evit-cpu-1t/3")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript | pytorch")] = "onnx",
+    out: Annotated[Path, typer.Option("--out", help="directory to write the model files to")] = Path("fetched"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Download a registered model, verify its files against the recorded hashes, print its card."""
+    from evit.registry import fetch_model
+
+    _echo_json(fetch_model(_params(params), ref, fmt, out))
+
+
+@app.command()
+@_friendly
+def pipeline(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Run the whole pipeline as a Prefect flow (ephemeral, no server needed; cached tasks)."""
+    from flows.pipeline import run_pipeline
+
+    _params(params)  # validate before Prefect starts
+    _echo_json(run_pipeline(str(params)))
+
+
+@app.command()
+@_friendly
+def serve(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Serve the scheduled deployments (nightly re-search, weekly retraining) on this machine."""
+    from flows.deploy import serve_deployments
+
+    _params(params)
+    serve_deployments(str(params))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
