@@ -15,7 +15,8 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-deps --disable-pip-version-check -r requirements.lock
+	set -o pipefail; $(PY) -m pip install --quiet --no-deps --disable-pip-version-check -r requirements.lock 2>&1 \
+	  | { grep -v "^WARNING: Location" || true; }
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --disable-pip-version-check -e .
 	@touch $(STAMP)
 

@@ -12,6 +12,7 @@ one device's settings only invalidates that device's branch.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,21 +44,35 @@ class DataParams(_Section):
     (train/<class>/*, optional val/<class>/*), or s3://bucket/prefix with the same layout."""
     out_dir: str = "data/prepared"
     storage_resolution: Annotated[int, Field(ge=8, le=1024)] = 48
-    search_fraction: Fraction = 0.15
+    """Side of the square uint8 images stored once; loaders resize/crop from here."""
+    search_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    """Share of each class's train images held out as `search` (ranks subnets only)."""
     val_fraction: Fraction = 0.15
-    """Share of each class held out as `val` when the source has no val split of its own."""
-    min_per_class: Annotated[int, Field(ge=3)] = 5
-    """A class with fewer readable train images than this is an error (not a silent skip)."""
+    """Share of each class held out as `val` when the source has no val split of its own
+    (0 is accepted only for sources that have one)."""
+    min_per_class: Annotated[int, Field(ge=1)] = 5
+    """A class with fewer train images than this (after excluding unreadable files and
+    holding out search/val) is an error, not a silent skip."""
     shard_size: PosInt = 4096
+    """Images per .npy shard file."""
     seed: int = 0
     max_per_class: PosInt | None = None
-    """Cap images per class (quick experiments on a large source); None keeps all."""
+    """Cap images per class and source split (quick experiments on a large source); None keeps all."""
+    read_threads: Annotated[int, Field(ge=1, le=64)] = 4
+    """Threads reading and decoding source images (S3 reads are I/O bound); no effect on the output."""
 
     @field_validator("source")
     @classmethod
     def _source_nonempty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must be 'digits', a directory path or s3://bucket/prefix")
+        if v.startswith("s3://"):
+            bucket = v[len("s3://"):].split("/", 1)[0]
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+                raise ValueError(
+                    f"bucket name {bucket!r} is not a valid S3 bucket name; accepted: s3://bucket/prefix "
+                    "with 3-63 lowercase letters, digits, '.' or '-'"
+                )
         return v
 
     @model_validator(mode="after")
@@ -151,19 +166,44 @@ class AblateParams(_Section):
 # --- devices ---------------------------------------------------------------------------------
 
 class DeviceParams(_Section):
+    """One latency target: how to run a subnet there and how to benchmark it.
+
+    The measurement knobs (threads, warmup, repeats, rounds, batch size) are part of what a
+    LUT is keyed on: change one and the device's LUT is rebuilt, never silently reused.
+    """
+
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
     kind: Literal["torch-cpu", "onnxruntime-cpu", "cuda", "command"]
     threads: PosInt = 1
+    """torch-cpu: torch.set_num_threads while timing; onnxruntime-cpu: intra-op threads."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Half precisions are for kind=cuda only (CPU runtimes time float32)."""
     runtime: Literal["eager", "torchscript"] = "eager"
+    """torch-cpu / cuda: time the eager module or its traced+frozen TorchScript."""
     command: str | None = None
-    """For kind=command: a template with {model} (ONNX file), {input_shape} and
-    {resolution}; it must print the latency in ms (the last number printed)."""
+    """For kind=command: a shell command template with {model} (ONNX file), {input_shape}
+    (e.g. 1,3,32,32) and {resolution} (input side); also {batch_size}, {threads}, {warmup},
+    {repeats}. It must print the latency in ms (the last number printed on stdout)."""
+    command_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    """kind=command: one invocation running longer than this is an error."""
     warmup: NonNegInt = 10
     repeats: PosInt = 30
+    """Timed samples per module (each sample runs the module back to back for >= 0.5 ms)."""
+    rounds: PosInt = 3
+    """Modules are timed in groups, round-robin over this many passes, so that a burst of
+    load on a shared machine spreads over the whole group instead of biasing one entry."""
     batch_size: PosInt = 1
     budgets_ms: list[Annotated[float, Field(gt=0)]] = []
     validate_subnets: Annotated[int, Field(ge=10)] = 100
+    """Random subnets across the FLOPs levels timed end to end to validate the LUT."""
+    lut_mode: Literal["full", "sampled"] = "full"
+    """full: every unique block of the space; sampled: the blocks of `sample_subnets`
+    subnets across the levels, other blocks predicted by a per-kind regression."""
+    max_entries: PosInt = 5000
+    """A full LUT needing more entries than this is refused (switch to lut_mode: sampled)."""
+    sample_subnets: PosInt = 300
+    seed: int = 0
+    """Seeds the validation (and sampled-mode) subnet draws."""
 
     @model_validator(mode="after")
     def _command(self) -> DeviceParams:
@@ -171,6 +211,12 @@ class DeviceParams(_Section):
             raise ValueError(f"device '{self.name}' has kind 'command' but no 'command' template")
         if self.kind != "command" and self.command:
             raise ValueError(f"device '{self.name}': 'command' is only used with kind 'command'")
+        if self.kind != "cuda" and self.dtype != "float32":
+            raise ValueError(f"device '{self.name}': dtype {self.dtype!r} needs kind 'cuda'; "
+                             f"kind {self.kind!r} accepts only 'float32'")
+        if self.runtime != "eager" and self.kind not in ("torch-cpu", "cuda"):
+            raise ValueError(f"device '{self.name}': runtime {self.runtime!r} applies to kinds 'torch-cpu' "
+                             f"and 'cuda' only; kind {self.kind!r} accepts only 'eager'")
         return self
 
 
@@ -202,7 +248,7 @@ class SearchParams(_Section):
 class ExportParams(_Section):
     out_dir: str = "exports"
     onnx_opset: Annotated[int, Field(ge=13, le=23)] = 17
-    register: bool = True
+    register_model: bool = True
     model_name: str = "evit-{device}"
     """Registered model name; {device} is replaced by the device name."""
 

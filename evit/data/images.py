@@ -1,0 +1,67 @@
+"""Decoding source images into the stored form: square uint8 RGB at the storage resolution.
+
+Every source (digits, local folder, S3) goes through `to_stored` so that the stored bytes
+depend only on the image content and `storage_resolution`, never on where it was read
+from. Failures raise `BadImage` with a short, deterministic reason (no memory addresses,
+no temp paths) because the reason ends up in manifest.json, which DVC hashes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+"""What counts as an image file (case-insensitive); anything else is excluded unread."""
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class BadImage(Exception):
+    """This one file cannot be used; the message is the reason recorded in the manifest."""
+
+
+def is_image_name(path: str) -> bool:
+    return PurePosixPath(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def to_stored(img: Image.Image, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize to `size` (bicubic, antialiased) -> (size, size, 3) uint8.
+
+    A centre crop keeps the aspect ratio (the ImageNet convention); the training transforms
+    crop again from this square, so nothing is stretched twice.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def decode(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> stored array, or `BadImage` naming why the file is unusable."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            # JPEG only: decode at a reduced DCT scale that is still >= size (much faster on
+            # large photos; deterministic for a given libjpeg).
+            img.draft("RGB", (size, size))
+            img.load()
+            return to_stored(img, size)
+    except UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"image too large to decode safely: {_clean(exc)}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        raise BadImage(f"corrupt or truncated image: {_clean(exc)}") from None
+
+
+def _clean(exc: BaseException) -> str:
+    return _ADDRESS.sub("", str(exc)).strip() or type(exc).__name__
