@@ -141,6 +141,14 @@ class TrainParams(_Section):
     """Fraction of training after which exploit_p grows by exploit_p_step."""
     explore_candidates: PosInt = 5
     rescore_per_epoch: NonNegInt = 2
+    """Times per epoch the stalest bank entries of the current level are re-measured (0: only
+    when re-trained); see evit/train/samplers.py."""
+    rescore_entries: NonNegInt = 3
+    """Entries re-measured each time (forward passes only, on the step's batch)."""
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Stochastic depth of the deepest block (0 as NASViT/ElasticViT train their supernets)."""
+    log_every: PosInt = 10
+    """Steps per batch of MLflow metric uploads (every step is still recorded)."""
     # loop
     steps_per_epoch: PosInt | None = None
     """None: one pass over the train split per epoch."""
@@ -192,6 +200,11 @@ class DeviceParams(_Section):
     rounds: PosInt = 3
     """Modules are timed in groups, round-robin over this many passes, so that a burst of
     load on a shared machine spreads over the whole group instead of biasing one entry."""
+    clock: Literal["auto", "wall", "thread"] = "auto"
+    """wall: elapsed time. thread: CPU time of the timing thread, which equals the wall
+    latency of a single-threaded run on an idle machine but leaves out the time other
+    processes hold the core (shared CI machines). auto: thread for single-threaded CPU
+    kinds, else wall. thread needs threads=1 and a CPU kind."""
     batch_size: PosInt = 1
     budgets_ms: list[Annotated[float, Field(gt=0)]] = []
     validate_subnets: Annotated[int, Field(ge=10)] = 100
@@ -214,6 +227,9 @@ class DeviceParams(_Section):
         if self.kind != "cuda" and self.dtype != "float32":
             raise ValueError(f"device '{self.name}': dtype {self.dtype!r} needs kind 'cuda'; "
                              f"kind {self.kind!r} accepts only 'float32'")
+        if self.clock == "thread" and (self.threads != 1 or self.kind not in ("torch-cpu", "onnxruntime-cpu")):
+            raise ValueError(f"device '{self.name}': clock 'thread' times the calling thread only, so it needs "
+                             "threads: 1 and kind torch-cpu or onnxruntime-cpu; accepted here: auto, wall")
         if self.runtime != "eager" and self.kind not in ("torch-cpu", "cuda"):
             raise ValueError(f"device '{self.name}': runtime {self.runtime!r} applies to kinds 'torch-cpu' "
                              f"and 'cuda' only; kind {self.kind!r} accepts only 'eager'")

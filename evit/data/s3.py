@@ -49,8 +49,9 @@ def make_client(storage: StorageParams, *, max_pool_connections: int = 10) -> An
     import boto3
     from botocore.config import Config
 
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))  # boto3's own variable; Config would hide it
     config = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"max_attempts": attempts, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
         max_pool_connections=max(10, max_pool_connections),
@@ -133,13 +134,8 @@ class S3Source(Source):
             base = self._key(f"{split}/")
             keys = self._keys(base)
             if split == "train" and not keys:
-                top = self._call(self.client.list_objects_v2, Bucket=self.bucket,
-                                 Prefix=self._key(""), Delimiter="/", MaxKeys=20)
-                found = [p["Prefix"] for p in top.get("CommonPrefixes", [])] + [o["Key"] for o in top.get("Contents", [])]
-                raise DataError(
-                    f"data.source: no objects under s3://{self.bucket}/{base} (found under the prefix: "
-                    f"{found or 'nothing'}); {LAYOUT_HINT}"
-                )
+                raise DataError(f"data.source: no objects under s3://{self.bucket}/{base}; {self._what_is_there()}; "
+                                f"{LAYOUT_HINT}")
             rel = [k[len(base):] for k in keys]
             # Zero-byte "folder" markers (what consoles create for an empty directory).
             dirs = [r.rstrip("/") for r in rel if r.endswith("/") and r.count("/") == 1]
@@ -147,6 +143,17 @@ class S3Source(Source):
             if keys:
                 parts.append(classify(split, files, dirs))
         return merge(parts)
+
+    def _what_is_there(self) -> str:
+        """Name what exists under the prefix, or next to it when it is empty (a typo'd prefix)."""
+        candidates = [self.prefix, self.prefix.rpartition("/")[0]] if self.prefix else [""]
+        for prefix in candidates:
+            listed = f"{prefix}/" if prefix else ""
+            top = self._call(self.client.list_objects_v2, Bucket=self.bucket, Prefix=listed, Delimiter="/", MaxKeys=20)
+            found = [p["Prefix"] for p in top.get("CommonPrefixes", [])] + [o["Key"] for o in top.get("Contents", [])]
+            if found:
+                return f"s3://{self.bucket}/{listed} holds {found}"
+        return f"bucket {self.bucket!r} holds nothing at or next to {self.prefix or 'its top level'!r}"
 
     def read(self, item: Item, size: int) -> np.ndarray:
         from botocore.exceptions import ClientError

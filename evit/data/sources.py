@@ -58,7 +58,8 @@ class Listing:
     items: list[Item]
     excluded: list[Excluded]
     class_dirs: dict[str, set[str]] = field(default_factory=dict)
-    """Split -> class directories seen, including empty ones (which are an error later)."""
+    """Split -> class directories seen, including empty ones (which are an error later).
+    A split is a key here exactly when the source has that split directory."""
 
     @property
     def has_val(self) -> bool:

@@ -1,0 +1,139 @@
+"""Model cards: what an exported subnet is, how good and fast it is, and where it came from.
+
+`card.json` is the machine-readable card (the registry turns it into tags and `fetch`
+verifies downloads against its `files` hashes); `card.md` renders the same content for
+people. A card lists the sha256 of every model file next to it, so a copied or
+downloaded folder can be checked on its own.
+
+The card also carries the search space (`space`), so the static subnet can be rebuilt
+from `arch.json` + `model.safetensors` without this project's params.yaml
+(`space_from_dict`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from evit.io import sha256_file
+from evit.space import SearchSpace, StageSpace
+
+CARD_VERSION = 1
+MODEL_FILES = ("model.onnx", "arch.json", "model.safetensors")
+"""The files a card vouches for (the card itself is hashed by whoever stores it)."""
+
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
+    """`git rev-parse HEAD` of the project, or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                             check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def host_description() -> dict[str, str]:
+    """The machine latency was measured on (CPU model, OS, library versions)."""
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or _cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - a locked dependency
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def file_hashes(folder: Path, names: tuple[str, ...] = MODEL_FILES) -> dict[str, str]:
+    return {name: sha256_file(folder / name) for name in names}
+
+
+def space_from_dict(d: dict[str, Any]) -> SearchSpace:
+    """Inverse of `SearchSpace.to_dict` (a card or checkpoint carries the space as data)."""
+    stages = tuple(
+        StageSpace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()}) for s in d["stages"]
+    )
+    return SearchSpace(
+        name=d["name"], resolutions=tuple(d["resolutions"]), stem_widths=tuple(d["stem_widths"]),
+        stem_depths=tuple(d["stem_depths"]), stem_kernels=tuple(d["stem_kernels"]), stages=stages,
+        first_stride=d["first_stride"], head_expansion=d["head_expansion"], head_width=d["head_width"],
+        head_dim=d["head_dim"], ds_expansion=d["ds_expansion"], se_reduction=d["se_reduction"],
+        levels=tuple(d.get("levels", ())), tolerance=d.get("tolerance", 10.0), num_classes=d["num_classes"],
+    )
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    """card.md: the same facts as card.json, for people."""
+    m, lat, prov = card["metrics"], card["latency"], card["provenance"]
+    arch = card["arch"]
+    lines = [
+        f"# {card['name']}",
+        "",
+        f"ElasticViT subnet for device **{card['device']['name']}**, budget **{card['budget']['text']}** "
+        f"(`{card['budget']['label']}`), extracted from the trained supernet with its weights (no retraining).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| val top-1 | {m['val_top1']:.4f} |",
+        f"| search top-1 (held-out train split) | {m['search_top1']:.4f} |",
+        f"| predicted latency (LUT) | {lat['predicted_ms']:.4f} ms |",
+        f"| measured latency | {lat['measured_ms']:.4f} ms |",
+        f"| FLOPs (MACs) | {m['flops_m']:.3f} M |",
+        f"| params | {m['params_m']:.4f} M |",
+        f"| input | 1 x 3 x {arch['resolution']} x {arch['resolution']} float32, "
+        f"{card['input']['normalization']} |",
+        f"| classes | {card['num_classes']} |",
+        "",
+        "## Architecture",
+        "",
+        f"`{card['arch_key']}`",
+        "",
+        "```json",
+        _json(arch),
+        "```",
+        "",
+        "## Provenance",
+        "",
+        f"- data version (manifest content_hash): `{prov['data_version']}`",
+        f"- supernet checkpoint sha256: `{prov['supernet_sha256']}`",
+        f"- git commit: `{prov['git_commit']}`",
+        f"- evit version: `{prov['evit_version']}`",
+        f"- device: `{_json(card['device']['params'], indent=None)}`",
+        f"- measured on: {card['device']['host'].get('processor', 'unknown')} "
+        f"({card['device']['host'].get('platform', '')})",
+        "",
+        "## Files (sha256)",
+        "",
+        *[f"- `{name}`: `{h}`" for name, h in sorted(card["files"].items())],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _json(obj: Any, indent: int | None = 2) -> str:
+    import json
+
+    return json.dumps(obj, indent=indent, sort_keys=True)

@@ -1,0 +1,583 @@
+"""Latency devices: one small interface over every runtime a subnet can be timed on.
+
+`get_device(dp)` turns a validated `DeviceParams` into a `Device` with three methods:
+`describe()` (what the numbers were measured on, stored in every LUT), `check_available()`
+(raises `DeviceError` up front, e.g. a cuda device on a machine without a GPU) and
+`measure(module, input_shape)` / `measure_many(items)` (a `Measurement` per module).
+
+Benchmark practice, shared by the in-process kinds (torch-cpu, onnxruntime-cpu, cuda):
+- threads pinned for the measurement (torch.set_num_threads, restored afterwards;
+  onnxruntime: intra-op threads = `threads`, inter-op 1, sequential execution);
+- `warmup` untimed runs, then `repeats` timed samples; a sample runs the module back to
+  back until it lasts at least `_MIN_SAMPLE_S` (so timer resolution and per-call jitter do
+  not dominate blocks of a few microseconds) and records the mean time per run;
+- the modules of one `measure_many` call are timed round robin over `rounds` passes
+  (interleaving), so a burst of load from another process on a shared machine spreads
+  over all of them instead of inflating one;
+- the median is the reported latency, with p10/p90/mean/std as spread;
+- inputs are seeded standard-normal tensors of the block's own shape, batch from params.
+
+The `command` kind runs an external benchmark (adb + TFLite `benchmark_model`, a remote
+board, ...) once per module: the module is exported to ONNX and the command template
+gets {model}, {input_shape}, {resolution} (and {batch_size}, {threads}, {warmup},
+{repeats}); it does its own warm-up/repeats and prints one latency in ms.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from evit.config import DeviceParams
+from evit.errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+_MIN_SAMPLE_S = 0.0005
+"""A timed sample repeats the module until it lasts at least this long (0.5 ms)."""
+_MAX_INNER = 1000
+
+@dataclass(frozen=True)
+class Measurement:
+    """Latency statistics of one module on one device, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    n: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> Measurement:
+        a = np.asarray(samples_ms, dtype=np.float64)
+        if a.size == 0:
+            raise ValueError("no samples")
+        return cls(
+            median_ms=float(np.median(a)),
+            p10_ms=float(np.percentile(a, 10)),
+            p90_ms=float(np.percentile(a, 90)),
+            mean_ms=float(a.mean()),
+            std_ms=float(a.std()),
+            n=int(a.size),
+        )
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
+        return cls(**{k: d[k] for k in ("median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "n")})
+
+
+@dataclass
+class Item:
+    """One thing to time: a module (or a factory of one) and its input shape.
+
+    `onnx_path` reuses an already exported file (ONNX kinds); `key` lets a device prepare
+    the module once and reuse it when it appears again (a LUT block in several chains).
+    """
+
+    module: nn.Module | Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    onnx_path: Path | None = None
+    key: str | None = None
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo; elsewhere the platform's answer)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _ort_version() -> str | None:
+    try:
+        import onnxruntime
+
+        return str(onnxruntime.__version__)
+    except ImportError:
+        return None
+
+
+def random_input(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=g)
+
+
+def export_onnx_file(module: nn.Module, input_shape: Sequence[int], path: Path, opset: int = 17) -> Path:
+    """Export `module` for one fixed input shape (input 'input', output 'output').
+
+    Uses the TorchScript-based exporter (about 10x faster than the dynamo exporter, which
+    matters for a few hundred LUT blocks); onnxruntime's graph optimiser normalises both.
+    Falls back to the dynamo exporter if the TorchScript one is unavailable.
+    """
+    x = random_input(input_shape)
+    module = module.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["input"], output_names=["output"])
+        except (TypeError, RuntimeError, NotImplementedError) as exc:  # pragma: no cover - future torch
+            log.debug("TorchScript ONNX export failed (%s); using the dynamo exporter", exc)
+            torch.onnx.export(module, (x,), str(path), dynamo=True, opset_version=opset, external_data=False,
+                              input_names=["input"], output_names=["output"])
+    return path
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Pin torch's intra-op threads to `n` for the block, then restore the previous value."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _rounds(repeats: int, rounds: int) -> list[int]:
+    """Samples per round: `repeats` split as evenly as possible over `rounds` passes."""
+    rounds = max(1, min(rounds, repeats))
+    return [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+
+
+@dataclass
+class Prepared:
+    """A module made ready on a device: `step(x)` runs one inference on a native input `x`."""
+
+    step: Callable[[Any], Any]
+    x: Any
+
+
+class Device(abc.ABC):
+    """A place subnets run: describe it, check it is there, time modules on it.
+
+    Two ways to time: `measure_many` times each module on its own (what an end-to-end
+    latency is), `measure_chains` times each module while it runs inside a sequence of
+    others, feeding each the previous one's output (what a block costs *in context*: with
+    the other blocks' weights and code competing for the caches, as inside a real subnet).
+    """
+
+    per_call_overhead: bool = False
+    """True where each separately timed call pays a runtime cost (an onnxruntime
+    `session.run`, a command's invocation) that a whole subnet pays only once."""
+    supports_chains: bool = True
+    _CACHE_SIZE = 1024
+
+    def __init__(self, dp: DeviceParams, *, opset: int = 17) -> None:
+        self.params = dp
+        self.opset = opset
+        self._prepared: OrderedDict[str, Prepared] = OrderedDict()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._counter = 0
+
+    @property
+    def name(self) -> str:
+        return self.params.name
+
+    def describe(self) -> dict[str, Any]:
+        """What a measurement on this device depends on (stored in LUTs and metrics)."""
+        dp = self.params
+        return {
+            "name": dp.name,
+            "kind": dp.kind,
+            "threads": dp.threads,
+            "dtype": dp.dtype,
+            "runtime": dp.runtime,
+            "batch_size": dp.batch_size,
+            "warmup": dp.warmup,
+            "repeats": dp.repeats,
+            "rounds": dp.rounds,
+            "clock": self.clock_name,
+            "hostname": socket.gethostname(),
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": _ort_version(),
+            "numpy": np.__version__,
+        }
+
+    @abc.abstractmethod
+    def check_available(self) -> None:
+        """Raise DeviceError (naming the device and what is missing) unless it can run now."""
+
+    def close(self) -> None:
+        """Drop prepared modules/sessions and their exported files."""
+        self._prepared.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # --- measuring ------------------------------------------------------------------------
+    def measure(self, module: nn.Module, input_shape: Sequence[int], *, onnx_path: Path | None = None) -> Measurement:
+        return self.measure_many([Item(module, tuple(input_shape), onnx_path)])[0]
+
+    def measure_many(self, items: Sequence[Item]) -> list[Measurement]:
+        """Time each module on its own: warm-up, inner count, `repeats` samples interleaved over `rounds`."""
+        dp = self.params
+        with self._context():
+            prepared = [self.prepare(it) for it in items]
+            inner: list[int] = []
+            for p in prepared:
+                if dp.warmup:
+                    self._time_loop(p, dp.warmup)
+                probe = max(self._time_loop(p, 3) / 3, 1e-7)
+                inner.append(int(min(_MAX_INNER, max(1, math.ceil(_MIN_SAMPLE_S / probe)))))
+            samples: list[list[float]] = [[] for _ in prepared]
+            for count in _rounds(dp.repeats, dp.rounds):
+                for i, p in enumerate(prepared):
+                    k = inner[i]
+                    for _ in range(count):
+                        samples[i].append(self._time_loop(p, k) / k * 1e3)
+        return [Measurement.from_samples(s) for s in samples]
+
+    def measure_chains(self, chains: Sequence[Sequence[Item]]) -> list[list[Measurement]]:
+        """Time every module of every chain in context (see the class docstring).
+
+        A pass runs a chain once, timing each module separately; each chain gets `warmup`
+        untimed passes, then `repeats` timed passes split over `rounds` rounds that cycle
+        through all chains (one untimed pass whenever the cycle comes back to a chain).
+        """
+        dp = self.params
+        with self._context():
+            prepared = [[self.prepare(it) for it in chain] for chain in chains]
+            for ch in prepared:
+                for _ in range(dp.warmup):
+                    self._time_chain(ch)
+            samples = [[[] for _ in ch] for ch in prepared]
+            for count in _rounds(dp.repeats, dp.rounds):
+                for ci, ch in enumerate(prepared):
+                    self._time_chain(ch)
+                    for _ in range(count):
+                        for j, t in enumerate(self._time_chain(ch)):
+                            samples[ci][j].append(t * 1e3)
+        return [[Measurement.from_samples(s) for s in ch] for ch in samples]
+
+    def prepare(self, item: Item) -> Prepared:
+        """Export/compile/move `item` once; prepared items with a `key` are reused (LRU)."""
+        if item.key is not None and item.key in self._prepared:
+            self._prepared.move_to_end(item.key)
+            return self._prepared[item.key]
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="evit-lat-")
+        self._counter += 1
+        workdir = Path(self._tmp.name) / f"m{self._counter}"
+        workdir.mkdir()
+        module = item.module if isinstance(item.module, nn.Module) else item.module()
+        prepared = self._prepare(module.eval(), item, workdir)
+        if item.key is not None:
+            self._prepared[item.key] = prepared
+            while len(self._prepared) > self._CACHE_SIZE:
+                self._prepared.popitem(last=False)
+        return prepared
+
+    # --- per-kind hooks -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        yield
+
+    @abc.abstractmethod
+    def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
+        """Make `module` runnable here and give its native input for `item.input_shape`."""
+
+    @property
+    def clock_name(self) -> str:
+        """'thread' (CPU time of the timing thread) or 'wall' (see DeviceParams.clock)."""
+        dp = self.params
+        if dp.clock != "auto":
+            return dp.clock
+        return "thread" if dp.kind in ("torch-cpu", "onnxruntime-cpu") and dp.threads == 1 else "wall"
+
+    def _clock(self) -> Callable[[], float]:
+        return time.thread_time if self.clock_name == "thread" else time.perf_counter
+
+    def _time_loop(self, p: Prepared, k: int) -> float:
+        """Seconds for `k` back-to-back runs of one prepared module."""
+        step, x = p.step, p.x
+        clock = self._clock()
+        t0 = clock()
+        for _ in range(k):
+            step(x)
+        return clock() - t0
+
+    def _time_chain(self, chain: Sequence[Prepared]) -> list[float]:
+        """Seconds of each module in one pass over the chain (each fed the previous output)."""
+        x = chain[0].x
+        out: list[float] = []
+        clock = self._clock()
+        for p in chain:
+            t0 = clock()
+            x = p.step(x)
+            out.append(clock() - t0)
+        return out
+
+
+class TorchCPUDevice(Device):
+    """PyTorch on the CPU, eager or traced+frozen TorchScript, with pinned intra-op threads."""
+
+    def check_available(self) -> None:
+        cores = os.cpu_count() or 1
+        if self.params.threads > cores:
+            log.warning("device '%s': threads=%d but this machine has %d CPUs; timings will be oversubscribed",
+                        self.name, self.params.threads, cores)
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with torch_threads(self.params.threads), torch.inference_mode():
+            yield
+
+    def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
+        x = random_input(item.input_shape)
+        if self.params.runtime == "torchscript":
+            module = _script(module, x)
+        return Prepared(module, x)
+
+
+def _script(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Trace and freeze (folds BN into convs, as a TorchScript deployment would)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, (x,))
+        return torch.jit.freeze(traced)
+
+
+class OnnxRuntimeCPUDevice(Device):
+    """onnxruntime's CPU provider on the module's ONNX export (one session per module)."""
+
+    per_call_overhead = True
+
+    def check_available(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise DeviceError(f"device '{self.name}' (kind onnxruntime-cpu) needs the onnxruntime package: {exc}") \
+                from None
+        if "CPUExecutionProvider" not in ort.get_available_providers():
+            raise DeviceError(f"device '{self.name}': onnxruntime has no CPUExecutionProvider; available: "
+                              f"{ort.get_available_providers()}")
+
+    def session(self, onnx_path: Path) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.params.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        return ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+
+    def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
+        path = item.onnx_path or export_onnx_file(module, item.input_shape, workdir / "model.onnx", self.opset)
+        sess = self.session(path)
+        name = sess.get_inputs()[0].name
+        run = sess.run
+
+        def step(x: np.ndarray) -> np.ndarray:
+            return run(None, {name: x})[0]
+
+        return Prepared(step, random_input(item.input_shape).numpy())
+
+
+class CudaDevice(Device):
+    """A CUDA GPU: CUDA-event timing, module and input in `dtype`, synchronised per sample."""
+
+    def check_available(self) -> None:
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or "none (CPU-only build)"
+            raise DeviceError(
+                f"device '{self.name}' (kind cuda) needs an NVIDIA GPU, but none is present: "
+                f"torch.cuda.is_available() is False (torch {torch.__version__}, CUDA build {built}, "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}). "
+                "Run this device's stage on a GPU machine, or remove it from params.yaml `devices:`."
+            )
+        if self.params.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise DeviceError(f"device '{self.name}': dtype bfloat16 is not supported on "
+                              f"{torch.cuda.get_device_name(0)}; accepted here: float32, float16")
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            d["gpu"] = props.name
+            d["gpu_capability"] = f"{props.major}.{props.minor}"
+            d["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+            d["cudnn"] = torch.backends.cudnn.version()
+        return d
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with torch.inference_mode():
+            yield
+
+    def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
+        dev = torch.device("cuda", 0)
+        dtype = getattr(torch, self.params.dtype)
+        x = random_input(item.input_shape).to(dev, dtype)
+        module = module.to(dev, dtype)
+        if self.params.runtime == "torchscript":
+            module = _script(module, x)
+        return Prepared(module, x)
+
+    def _time_loop(self, p: Prepared, k: int) -> float:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()  # nothing queued before the start event
+        start.record()
+        for _ in range(k):
+            p.step(p.x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def _time_chain(self, chain: Sequence[Prepared]) -> list[float]:
+        """Events between consecutive modules; one synchronisation per pass, not per module."""
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(chain) + 1)]
+        torch.cuda.synchronize()
+        x = chain[0].x
+        events[0].record()
+        for p, ev in zip(chain, events[1:]):
+            x = p.step(x)
+            ev.record()
+        events[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_PLACEHOLDERS = ("model", "input_shape", "resolution", "batch_size", "threads", "warmup", "repeats")
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:]) or "<empty>"
+
+
+class CommandDevice(Device):
+    """An external benchmark command: ONNX file in, one latency in ms printed on stdout."""
+
+    per_call_overhead = True
+    supports_chains = False
+
+    def check_available(self) -> None:
+        template = self.params.command or ""
+        try:
+            self._render(Path("model.onnx"), (1, 3, 32, 32))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DeviceError(
+                f"device '{self.name}': command template {template!r} has a bad placeholder ({exc}); "
+                f"accepted placeholders: {', '.join('{' + p + '}' for p in _PLACEHOLDERS)}"
+            ) from None
+        try:
+            argv0 = shlex.split(template)[0]
+        except (ValueError, IndexError):
+            raise DeviceError(f"device '{self.name}': command template {template!r} is not a valid shell "
+                              "command line") from None
+        if not any(ch in argv0 for ch in "{$=") and shutil.which(argv0) is None:
+            raise DeviceError(f"device '{self.name}': program {argv0!r} of its command was not found "
+                              "(not on PATH and not an executable file)")
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["command"] = self.params.command
+        return d
+
+    def _render(self, model: Path, input_shape: Sequence[int]) -> str:
+        dp = self.params
+        values = {
+            "model": shlex.quote(str(model)),
+            "input_shape": ",".join(str(s) for s in input_shape),
+            "resolution": str(input_shape[-1]),
+            "batch_size": str(dp.batch_size),
+            "threads": str(dp.threads),
+            "warmup": str(dp.warmup),
+            "repeats": str(dp.repeats),
+        }
+        return (dp.command or "").format(**values)
+
+    def run_command(self, model: Path, input_shape: Sequence[int]) -> float:
+        """Run the template on one ONNX file; the last number on stdout is the latency (ms)."""
+        cmd = self._render(model, input_shape)
+        timeout = self.params.command_timeout_s
+        try:
+            proc = subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            raise DeviceError(f"device '{self.name}': command timed out after {timeout:g} s "
+                              f"(devices[].command_timeout_s): {cmd}\nstderr (last lines):\n{_tail(err)}") from None
+        if proc.returncode != 0:
+            raise DeviceError(f"device '{self.name}': command exited with status {proc.returncode}: {cmd}\n"
+                              f"stderr (last lines):\n{_tail(proc.stderr)}")
+        numbers = _NUMBER.findall(proc.stdout)
+        value = float(numbers[-1]) if numbers else float("nan")
+        if not math.isfinite(value) or value <= 0:
+            raise DeviceError(
+                f"device '{self.name}': command printed no positive latency (expected the last number on stdout "
+                f"to be milliseconds): {cmd}\nstdout (last lines):\n{_tail(proc.stdout)}\n"
+                f"stderr (last lines):\n{_tail(proc.stderr)}"
+            )
+        return value
+
+    def measure_many(self, items: Sequence[Item]) -> list[Measurement]:
+        """One command run per module (the command does its own warm-up and repeats)."""
+        out = []
+        for it in items:
+            p = self.prepare(it)
+            out.append(Measurement.from_samples([p.step(p.x)]))
+        return out
+
+    def measure_chains(self, chains: Sequence[Sequence[Item]]) -> list[list[Measurement]]:
+        """An external runner cannot time a module inside a sequence: each is timed on its own."""
+        return [self.measure_many(chain) for chain in chains]
+
+    def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
+        path = item.onnx_path or export_onnx_file(module, item.input_shape, workdir / "model.onnx", self.opset)
+        shape = item.input_shape
+        return Prepared(lambda _x: self.run_command(path, shape), None)
+
+
+_KINDS: dict[str, type[Device]] = {
+    "torch-cpu": TorchCPUDevice,
+    "onnxruntime-cpu": OnnxRuntimeCPUDevice,
+    "cuda": CudaDevice,
+    "command": CommandDevice,
+}
+
+ONNX_KINDS = frozenset({"onnxruntime-cpu", "command"})
+"""Kinds that time an ONNX export (so validation times the pipeline's own export)."""
+
+
+def get_device(dp: DeviceParams, *, opset: int = 17) -> Device:
+    """The `Device` for one validated `devices:` entry (`opset` for kinds that export ONNX)."""
+    try:
+        cls = _KINDS[dp.kind]
+    except KeyError:  # pragma: no cover - DeviceParams already restricts the kinds
+        raise DeviceError(f"device '{dp.name}': unknown kind {dp.kind!r}; accepted: {sorted(_KINDS)}") from None
+    return cls(dp, opset=opset)

@@ -1,0 +1,169 @@
+"""Training checkpoints: atomic writes, safe loads, clear errors.
+
+Two kinds, one format (a dict of tensors and plain containers, loadable with
+`torch.load(weights_only=True)`; no pickled modules or classes):
+
+- `models/last.pt` (rolling, every `train.checkpoint_every` steps): everything needed to
+  continue bit-for-bit: supernet weights, optimizer, scheduler, EMA weights, sampler
+  state (RNG streams, level, memory banks), the global RNG states (Python, NumPy,
+  torch CPU/CUDA), the data position (epoch + batch inside it; each epoch's order is a
+  pure function of (seed, epoch), see `evit.data.loader.SeededSampler`), the metric
+  history, and the hash of the params that shaped the run.
+- `models/supernet.pt` (final, what search/export use): `model` holds the weights to use
+  downstream (`meta["weights"]` says whether they are the EMA or the raw weights: the
+  better of the two on the per-level evaluation), plus the banks, the space, the data
+  manifest's content_hash and the final evaluation.
+
+A file from another search space, written with other params (on resume), or truncated /
+corrupt raises `CheckpointError` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evit.arch import Arch
+from evit.errors import CheckpointError
+from evit.io import atomic_path, sha256_json
+from evit.space import SearchSpace, get_space
+
+log = logging.getLogger(__name__)
+
+FORMAT = "evit-supernet-checkpoint/1"
+
+_HASH_EXCLUDED = frozenset({"out_dir", "checkpoint_every", "eval_every_epochs", "workers", "device"})
+"""Train knobs that cannot change the trained weights (workers: augmentation is seeded per sample)."""
+
+
+def params_hash(params: Any, data_hash: str) -> str:
+    """Hash of everything that shapes the trained weights: train (less bookkeeping), space, data."""
+    train = {k: v for k, v in params.section("train").items() if k not in _HASH_EXCLUDED}
+    return sha256_json({"train": train, "space": params.section("space"), "data": data_hash})
+
+
+# --- RNG states ----------------------------------------------------------------------------------
+
+def capture_rng() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"kind": str(np_state[0]), "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- space ------------------------------------------------------------------------------------------
+
+def space_from_dict(d: dict[str, Any]) -> SearchSpace:
+    """Rebuild a preset space from its `to_dict` (checking every structural field matches)."""
+    space = get_space(str(d["name"]), levels=list(d.get("levels") or []) or None, tolerance=d.get("tolerance"),
+                      num_classes=int(d["num_classes"]))
+    if space.structure_dict() != {k: v for k, v in d.items() if k not in ("levels", "tolerance")}:
+        raise CheckpointError(f"the checkpoint's search space '{d['name']}' differs from this version's preset "
+                              "of that name; it was written by an incompatible evit version")
+    return space
+
+
+def check_space(found: dict[str, Any], space: SearchSpace, path: Path) -> None:
+    want = space.structure_dict()
+    got = {k: v for k, v in found.items() if k not in ("levels", "tolerance")}
+    if got != want:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise CheckpointError(
+            f"{path} was trained on another search space (space '{found.get('name')}' with "
+            f"{found.get('num_classes')} classes; differs in {diff}) than the configured one "
+            f"('{space.name}', {space.num_classes} classes); use a checkpoint of this space, or "
+            "train anew (`evit train --fresh`)")
+
+
+# --- save / load -----------------------------------------------------------------------------------
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Atomically write `payload` (tensors and plain containers only) to `path`."""
+    payload = {"format": FORMAT, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, *, space: SearchSpace | None = None,
+                    expect_hash: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only) and check its format, space and params hash."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "corrupt"
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt: {type(exc).__name__}: "
+            f"{str(exc)[:200]}); delete it and re-run `evit train`") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not an evit supernet checkpoint (format {fmt!r}, expected {FORMAT!r})")
+    if space is not None:
+        check_space(ckpt["space"], space, path)
+    if expect_hash is not None and ckpt.get("params_hash") != expect_hash:
+        raise CheckpointError(
+            f"{path} was written by a run with other train/space params or other data "
+            f"(hash {str(ckpt.get('params_hash'))[:12]} != {expect_hash[:12]}); resuming it would mix "
+            "two configurations. Restore those params, or start over with `evit train --fresh`")
+    return ckpt
+
+
+def load_supernet(path: str | Path, space: SearchSpace | None = None,
+                  map_location: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+    """The final supernet of a checkpoint, and its metadata (everything but the weights).
+
+    meta keys: space (dict), weights ("ema" | "raw"), data_hash, params_hash, step,
+    evaluation, banks (JSON form) and sampler.
+    """
+    from evit.nn.supernet import Supernet
+
+    ckpt = load_checkpoint(path, space=space)
+    sp = space if space is not None else space_from_dict(ckpt["space"])
+    net = Supernet(sp)
+    try:
+        net.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the supernet of space '{sp.name}': {str(exc)[:300]}") from None
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng")}
+    meta.setdefault("weights", "raw")
+    return net.to(map_location).eval(), meta
+
+
+def load_banks(path: str | Path) -> dict[int, list[tuple[Arch, float]]]:
+    """level -> [(arch, score)], best first, from a checkpoint's elastic sampler state.
+
+    KeyError when the run kept no banks (uniform / complexity samplers).
+    """
+    from evit.train.samplers import banks_to_json
+
+    ckpt = load_checkpoint(path)
+    sampler = ckpt.get("sampler") or {}
+    if "banks" not in sampler:
+        raise KeyError(f"{path} has no memory banks (sampler {sampler.get('name')!r})")
+    space = space_from_dict(ckpt["space"])
+    table = banks_to_json(sampler, space)
+    return {int(lv): [(Arch.from_dict(r["arch_json"]), float(r["score"])) for r in rows] for lv, rows in table.items()}

@@ -1,0 +1,479 @@
+"""Which subnets a training step trains: the three samplers behind one interface.
+
+    sampler = make_sampler(params.train, space, total_steps)
+    draws = sampler.step(step_idx)          # [Draw(role, arch, distill, level), ...]
+    ... forward/backward every draw ...
+    sampler.observe(step_idx, [(draw, hard_ce), ...])
+
+- `uniform`: the sandwich rule (largest + smallest + 2 uniform subnets per step); the
+  largest learns from the labels (or the teacher), the others by in-place distillation
+  from the largest. The baseline the paper improves on.
+- `complexity`: complexity-aware sampling. A level index walks by -1/0/+1 per step
+  (uniform among the moves that stay in range; at either end staying is twice as
+  likely, as in the reference's `get_bank_id`); each step trains 3 subnets drawn in
+  the current level plus that level's min subnet (distilled from the mean of the 3).
+- `elastic` (default): complexity-aware + performance-aware sampling with one memory
+  bank of (arch, score) per level (see `MemoryBank` and `ElasticSampler`).
+
+Every draw comes from the sampler's own `random.Random` streams, seeded from
+`train.seed` alone: every DDP rank draws the same subnets, and nothing rank-dependent
+(data, losses) reaches the streams. Bank scores do depend on data, so the training loop
+all-reduces them before `observe` (the banks stay identical on all ranks). The level
+walk has its own stream, so `complexity` and `elastic` visit the same levels at the same
+steps for one seed (their step times and ablations compare like with like).
+
+Scores and staleness (our choice; the reference spends extra forward passes instead):
+- score = -CE of the subnet on its training batch with hard labels, taken from the
+  logits the training forward already computed (no extra pass). Under mixup the hard
+  target is the unsmoothed mixed one-hot; with a teacher it is still the label.
+- Raw -CE is not comparable across time: the loss of every subnet falls as training
+  goes on, so raw replace-worst would evict old entries for being old, not for being
+  worse, and softmax draws would favour recent entries. Each level therefore keeps an
+  EMA baseline of the mean -CE of the subnets it trained, and a bank ranks entries by
+  their *advantage* = score - baseline(at the time of the score): how much better the
+  subnet was than its level's typical subnet on the same weights. Softmax is
+  shift-invariant, so softmax(advantage) equals softmax over scores all moved to "now"
+  (advantage + current baseline, which is also what `banks` exports as the score).
+- Freshness: an entry's score is refreshed whenever that arch is trained again (every
+  exploit draw re-measures it for free), and `rescore_per_epoch` times per epoch the
+  loop re-measures the `rescore_entries` stalest entries of the current level on the
+  step's batch with the step's weights (a few forward passes, no backward;
+  `stale_entries` / `rescore`). Those re-measurements share the batch and the weights
+  with the step's level draws, whose mean has just updated the level's baseline, so
+  their advantages are measured against exactly the subnets they compete with.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+from evit import flops
+from evit.arch import Arch, MBStage
+from evit.space import SearchSpace
+
+SAMPLERS = ("uniform", "complexity", "elastic")
+LEVEL_SUBNETS = 3
+"""Subnets drawn per step in the current level (the spec's 3), besides the level's min."""
+BASELINE_MOMENTUM = 0.8
+"""EMA momentum of a level's mean -CE baseline, per step that trains the level."""
+
+
+class LevelSamplerLike(Protocol):
+    def sample(self, level: int, rng: random.Random) -> Arch: ...
+
+    def min_arch(self, level: int) -> Arch: ...
+
+
+class Draw(NamedTuple):
+    """One subnet to train in a step.
+
+    role: "max" | "min" | "rand<i>" | "level<i>"; distill: trained against the detached
+    mean prediction of the step's non-distilled draws (which always come first) instead
+    of the labels/teacher; level: the FLOPs level the sampler drew it for (None: uniform).
+    """
+
+    role: str
+    arch: Arch
+    distill: bool
+    level: int | None
+
+
+# --- helpers shared by the samplers -------------------------------------------------------------
+
+def _rng_state(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(rng: random.Random, state: Sequence[Any]) -> None:
+    version, internal, gauss = state
+    rng.setstate((int(version), tuple(int(v) for v in internal), gauss))
+
+
+def walk_level(level: int, n_levels: int, rng: random.Random) -> int:
+    """One step of the level walk: -1/0/+1, uniform among moves in range, ends stay 2x likely."""
+    if n_levels <= 1:
+        return 0
+    if level <= 0:
+        moves = (0, 0, 1)
+    elif level >= n_levels - 1:
+        moves = (-1, 0, 0)
+    else:
+        moves = (-1, 0, 1)
+    return level + rng.choice(moves)
+
+
+def with_transformer(arch: Arch, donor: Arch, field_name: str) -> Arch:
+    """`arch` with `donor`'s `field_name` ("width" or "depth") in every transformer stage."""
+    stages = tuple(
+        st if isinstance(st, MBStage) else replace(st, **{field_name: getattr(d, field_name)})
+        for st, d in zip(arch.stages, donor.stages, strict=True)
+    )
+    return replace(arch, stages=stages)
+
+
+def preference_diff(candidate: Arch, anchor: Arch, space: SearchSpace) -> float:
+    """The reference's preference rule; smaller is preferred.
+
+    FLOPs(candidate with the anchor's transformer widths) - FLOPs(candidate with the
+    anchor's transformer depths). A wide, shallow candidate loses many FLOPs when it
+    takes the (narrow) anchor's widths and few when it takes the anchor's depths, so
+    the difference is small (negative): the rule prefers wider, shallower transformer
+    stages at equal FLOPs. The hybrids may break the width rule between stages; the
+    counter does not care, as in the reference.
+    """
+    wide = flops.flops_m(with_transformer(candidate, anchor, "width"), space)
+    deep = flops.flops_m(with_transformer(candidate, anchor, "depth"), space)
+    return wide - deep
+
+
+# --- memory bank -------------------------------------------------------------------------------
+
+@dataclass
+class BankEntry:
+    score: float
+    """-CE (hard labels) when last measured."""
+    advantage: float
+    """score minus the level's baseline when measured (what the bank ranks by)."""
+    step: int
+    """Training step of the last measurement."""
+
+
+class MemoryBank:
+    """(arch, score) entries of one FLOPs level, at most `capacity`; insertion-ordered."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: dict[Arch, BankEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, arch: object) -> bool:
+        return arch in self.entries
+
+    def more_than_half_full(self) -> bool:
+        return len(self.entries) > self.capacity // 2
+
+    def at_least_half_full(self) -> bool:
+        return len(self.entries) >= self.capacity // 2
+
+    def offer(self, arch: Arch, entry: BankEntry) -> bool:
+        """Insert, refresh (arch already in), or replace the worst entry if better; True if kept."""
+        if arch in self.entries or len(self.entries) < self.capacity:
+            self.entries[arch] = entry
+            return True
+        worst = min(self.entries, key=lambda a: self.entries[a].advantage)
+        if entry.advantage > self.entries[worst].advantage:
+            del self.entries[worst]
+            self.entries[arch] = entry
+            return True
+        return False
+
+    def best(self) -> Arch | None:
+        if not self.entries:
+            return None
+        return max(self.entries, key=lambda a: self.entries[a].advantage)
+
+    def draw(self, rng: random.Random) -> Arch:
+        """One arch with probability softmax(advantage) (= softmax of the scores moved to now)."""
+        archs = list(self.entries)
+        adv = [self.entries[a].advantage for a in archs]
+        top = max(adv)
+        weights = [math.exp(v - top) for v in adv]
+        return rng.choices(archs, weights=weights, k=1)[0]
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [{"arch": a.key, "score": e.score, "advantage": e.advantage, "step": e.step}
+                for a, e in self.entries.items()]
+
+    @classmethod
+    def from_list(cls, capacity: int, items: Sequence[dict[str, Any]]) -> MemoryBank:
+        bank = cls(capacity)
+        for it in items:
+            bank.entries[Arch.from_key(str(it["arch"]))] = BankEntry(
+                float(it["score"]), float(it["advantage"]), int(it["step"]))
+        return bank
+
+
+# --- the interface -------------------------------------------------------------------------------
+
+class SubnetSampler(ABC):
+    """Chooses the subnets of every training step; state round-trips through `state_dict`."""
+
+    name: str = ""
+
+    def __init__(self, space: SearchSpace, seed: int) -> None:
+        self.space = space
+        self.seed = seed
+        self.rng = random.Random(f"evit-sampler-draw:{seed}")
+
+    @abstractmethod
+    def step(self, step_idx: int) -> list[Draw]:
+        """The draws of step `step_idx`; non-distilled draws first."""
+
+    def observe(self, step_idx: int, results: Sequence[tuple[Draw, float]]) -> None:
+        """Per-draw hard-label CE of the step just trained (identical on every rank)."""
+
+    @property
+    def banks(self) -> dict[int, MemoryBank]:
+        return {}
+
+    def stale_entries(self, level: int | None, k: int) -> list[Arch]:
+        """Up to `k` bank entries of `level`, stalest first (none for bankless samplers)."""
+        return []
+
+    def rescore(self, step_idx: int, level: int, arch: Arch, hard_ce: float) -> None:
+        """A fresh measurement of a bank entry (see the module docstring)."""
+
+    def stats(self, step_idx: int) -> dict[str, float]:
+        """Scalars worth logging for this step (exploit probability, bank fill...)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rng": _rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"sampler state is for {state.get('name')!r}, not {self.name!r}")
+        _set_rng_state(self.rng, state["rng"])
+
+
+class UniformSampler(SubnetSampler):
+    """Sandwich rule: largest (labels/teacher) + smallest + 2 uniform, distilled from the largest."""
+
+    name = "uniform"
+
+    def step(self, step_idx: int) -> list[Draw]:
+        return [
+            Draw("max", self.space.largest(), False, None),
+            Draw("min", self.space.smallest(), True, None),
+            *(Draw(f"rand{i}", self.space.sample_uniform(self.rng), True, None) for i in range(2)),
+        ]
+
+
+class ComplexitySampler(SubnetSampler):
+    """Level walk; 3 subnets in the current level + the level's min subnet; no largest."""
+
+    name = "complexity"
+
+    def __init__(self, space: SearchSpace, seed: int, level_sampler: LevelSamplerLike) -> None:
+        super().__init__(space, seed)
+        if not space.levels:
+            raise ValueError(f"space '{space.name}' has no FLOPs levels; the '{self.name}' sampler needs them")
+        self.level_sampler = level_sampler
+        self.walk_rng = random.Random(f"evit-sampler-walk:{seed}")
+        self.level = 0
+        """Level of the last step (the reference starts its walk at level 0)."""
+
+    def next_level(self) -> int:
+        self.level = walk_level(self.level, len(self.space.levels), self.walk_rng)
+        return self.level
+
+    def level_draw(self, level: int, i: int) -> Draw:
+        return Draw(f"level{i}", self.level_sampler.sample(level, self.rng), False, level)
+
+    def step(self, step_idx: int) -> list[Draw]:
+        level = self.next_level()
+        draws = [self.level_draw(level, i) for i in range(LEVEL_SUBNETS)]
+        draws.append(Draw("min", self.level_sampler.min_arch(level), True, level))
+        return draws
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "walk_rng": _rng_state(self.walk_rng), "level": self.level}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        _set_rng_state(self.walk_rng, state["walk_rng"])
+        self.level = int(state["level"])
+
+
+@dataclass(frozen=True)
+class ElasticSettings:
+    bank_capacity: int = 30
+    exploit_p_start: float = 0.2
+    exploit_p_step: float = 0.15
+    exploit_p_every: float = 1 / 6
+    explore_candidates: int = 5
+
+
+class ElasticSampler(ComplexitySampler):
+    """Complexity-aware walk + per-level memory banks (performance-aware sampling).
+
+    For each of the 3 level draws: with probability `exploit_p(step)` and only while the
+    level's bank is more than half full, draw from the bank with softmax(score)
+    (exploit); otherwise explore: draw `explore_candidates` subnets in the level and keep
+    the one the preference rule likes best against the anchor (the best subnet of the
+    lowest level's bank; the lowest level's min subnet while that bank is empty, or when
+    the current level is the lowest). As in the reference, the rule only runs once the
+    current bank is at least half full; before that the first candidate is kept, so the
+    banks fill with a plain, diverse sample of the level.
+    """
+
+    name = "elastic"
+
+    def __init__(self, space: SearchSpace, seed: int, level_sampler: LevelSamplerLike, total_steps: int,
+                 settings: ElasticSettings = ElasticSettings()) -> None:
+        super().__init__(space, seed, level_sampler)
+        self.settings = settings
+        self.total_steps = max(1, total_steps)
+        self._banks = {i: MemoryBank(settings.bank_capacity) for i in range(len(space.levels))}
+        self.baseline: dict[int, float] = {}
+        """Per level: EMA of the mean -CE of the level draws (see the module docstring)."""
+        self._explored: set[str] = set()
+        """Roles of the current step that were explored (only those are offered to the bank)."""
+        self._p = 0.0
+
+    @property
+    def banks(self) -> dict[int, MemoryBank]:
+        return self._banks
+
+    def exploit_p(self, step_idx: int) -> float:
+        s = self.settings
+        bumps = math.floor(step_idx / (s.exploit_p_every * self.total_steps) + 1e-9)
+        return min(1.0, s.exploit_p_start + s.exploit_p_step * bumps)
+
+    def anchor(self, level: int) -> Arch:
+        best = self._banks[0].best() if level > 0 else None
+        return best if best is not None else self.level_sampler.min_arch(0)
+
+    def explore(self, level: int) -> Arch:
+        bank = self._banks[level]
+        first = self.level_sampler.sample(level, self.rng)
+        if not bank.at_least_half_full() or self.settings.explore_candidates <= 1:
+            return first
+        anchor = self.anchor(level)
+        candidates = [first, *(self.level_sampler.sample(level, self.rng)
+                               for _ in range(self.settings.explore_candidates - 1))]
+        diffs = [preference_diff(c, anchor, self.space) for c in candidates]
+        return candidates[diffs.index(min(diffs))]
+
+    def level_draw(self, level: int, i: int) -> Draw:
+        role = f"level{i}"
+        bank = self._banks[level]
+        exploit = self.rng.random() < self._p and bank.more_than_half_full()
+        if exploit:
+            arch = bank.draw(self.rng)
+            self._explored.discard(role)
+        else:
+            arch = self.explore(level)
+            self._explored.add(role)
+        return Draw(role, arch, False, level)
+
+    def step(self, step_idx: int) -> list[Draw]:
+        self._p = self.exploit_p(step_idx)
+        self._explored = set()
+        return super().step(step_idx)
+
+    def observe(self, step_idx: int, results: Sequence[tuple[Draw, float]]) -> None:
+        level_results = [(d, ce) for d, ce in results if not d.distill and d.level is not None]
+        if not level_results:
+            return
+        level = level_results[0][0].level
+        assert level is not None
+        mean_score = -sum(ce for _, ce in level_results) / len(level_results)
+        old = self.baseline.get(level)
+        base = mean_score if old is None else BASELINE_MOMENTUM * old + (1 - BASELINE_MOMENTUM) * mean_score
+        self.baseline[level] = base
+        bank = self._banks[level]
+        for draw, ce in level_results:
+            entry = BankEntry(-ce, -ce - base, step_idx)
+            if draw.arch in bank:
+                bank.entries[draw.arch] = entry  # refresh a re-trained entry (exploit or re-draw)
+            elif draw.role in self._explored:
+                bank.offer(draw.arch, entry)
+
+    def stale_entries(self, level: int | None, k: int) -> list[Arch]:
+        if level is None or k <= 0:
+            return []
+        entries = self._banks[level].entries
+        return sorted(entries, key=lambda a: entries[a].step)[:k]
+
+    def rescore(self, step_idx: int, level: int, arch: Arch, hard_ce: float) -> None:
+        bank = self._banks[level]
+        if arch not in bank:
+            return
+        base = self.baseline.get(level, -hard_ce)
+        bank.entries[arch] = BankEntry(-hard_ce, -hard_ce - base, step_idx)
+
+    def stats(self, step_idx: int) -> dict[str, float]:
+        fill = [len(b) / b.capacity for b in self._banks.values()]
+        return {"exploit_p": self.exploit_p(step_idx), "bank_fill": sum(fill) / max(1, len(fill)),
+                "exploited": float(LEVEL_SUBNETS - len(self._explored))}
+
+    def export_banks(self) -> dict[int, list[tuple[Arch, float]]]:
+        """Per level: (arch, score moved to now = advantage + current baseline), best first."""
+        out: dict[int, list[tuple[Arch, float]]] = {}
+        for lv, bank in self._banks.items():
+            base = self.baseline.get(lv, 0.0)
+            items = sorted(bank.entries.items(), key=lambda kv: -kv[1].advantage)
+            out[lv] = [(a, e.advantage + base) for a, e in items]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(),
+                "banks": {str(lv): b.to_list() for lv, b in self._banks.items()},
+                "baseline": {str(lv): v for lv, v in self.baseline.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        cap = self.settings.bank_capacity
+        self._banks = {i: MemoryBank.from_list(cap, state["banks"].get(str(i), [])) for i in range(len(self.space.levels))}
+        self.baseline = {int(k): float(v) for k, v in state["baseline"].items()}
+
+
+def banks_to_json(sampler_state: dict[str, Any], space: SearchSpace) -> dict[str, list[dict[str, Any]]]:
+    """The banks of an elastic sampler state as JSON: level -> [{arch, arch_json, score, ...}], best first."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    baseline = {int(k): float(v) for k, v in sampler_state.get("baseline", {}).items()}
+    for lv, items in sampler_state.get("banks", {}).items():
+        base = baseline.get(int(lv), 0.0)
+        rows = []
+        for it in sorted(items, key=lambda it: -float(it["advantage"])):
+            arch = Arch.from_key(str(it["arch"]))
+            rows.append({"arch": arch.key, "arch_json": arch.to_dict(), "score": float(it["advantage"]) + base,
+                         "measured_score": float(it["score"]), "measured_step": int(it["step"]),
+                         "flops_m": round(flops.flops_m(arch, space), 4)})
+        out[str(lv)] = rows
+    return out
+
+
+def make_sampler(name: str, space: SearchSpace, seed: int, total_steps: int,
+                 settings: ElasticSettings = ElasticSettings(),
+                 level_sampler: LevelSamplerLike | None = None) -> SubnetSampler:
+    """The sampler `train.sampler` names, seeded by `seed` (the same on every rank)."""
+    if name == "uniform":
+        return UniformSampler(space, seed)
+    if level_sampler is None:
+        from evit.level_sampler import LevelSampler
+
+        level_sampler = LevelSampler(space)
+    if name == "complexity":
+        return ComplexitySampler(space, seed, level_sampler)
+    if name == "elastic":
+        return ElasticSampler(space, seed, level_sampler, total_steps, settings)
+    raise ValueError(f"unknown sampler {name!r}; accepted: {list(SAMPLERS)}")
+
+
+def settings_from_params(train: Any) -> ElasticSettings:
+    return ElasticSettings(bank_capacity=train.bank_capacity, exploit_p_start=train.exploit_p_start,
+                           exploit_p_step=train.exploit_p_step, exploit_p_every=train.exploit_p_every,
+                           explore_candidates=train.explore_candidates)
+
+
+def load_banks(checkpoint_path: str | Path) -> dict[int, list[tuple[Arch, float]]]:
+    """Memory banks of a training checkpoint: level -> [(arch, score)], best first.
+
+    Score = -CE moved to the end of training (see the module docstring). Raises
+    CheckpointError when the file is unreadable, KeyError when the run kept no banks
+    (the uniform and complexity samplers).
+    """
+    from evit.train.checkpoint import load_banks as _load
+
+    return _load(checkpoint_path)

@@ -1,0 +1,258 @@
+"""The MLflow registry: registration, idempotency, alias rules, retries + rollback, fetch.
+
+Against a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts) and
+against the default local store (`sqlite:///mlflow.db` in the project folder).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from fixtures_servers import MlflowServer, closed_port_url, mlflow_server, start_mlflow_server, stop_server  # noqa: F401
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from search_export_helpers import make_export, registry_params
+
+from evit import registry
+from evit.errors import RegistryError
+from evit.io import read_json, sha256_file
+from evit.search.budgets import Budget
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each test talks only to the store it names; nothing lands in the repository."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EVIT_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_ENABLE_TELEMETRY", "false")
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+
+
+def _versions(client: MlflowClient, name: str) -> list[int]:
+    return sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> int:
+    return int(client.get_model_version_by_alias(name, alias).version)
+
+
+# --- no server needed ----------------------------------------------------------------------
+
+def test_alias_labels_follow_mlflow_rules() -> None:
+    assert Budget("latency", 1.5).label == "1_5ms"
+    assert Budget("latency", 3.0).label == "3ms"
+    assert Budget("flops", 12.0).label == "12mflops"
+    assert Budget("latency", 0.25).label == "0_25ms"
+    assert registry.sanitize_alias("1.5ms") == "1_5ms"
+    assert registry.sanitize_alias("v3") == "budget-v3"
+    assert registry.sanitize_alias("latest") == "budget-latest"
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    for label in (Budget("latency", 1.5).label, Budget("flops", 7.25).label, registry.CHAMPION):
+        _validate_model_alias_name(label)
+        _validate_model_alias_name_reserved(label)
+
+
+def test_parse_ref() -> None:
+    assert registry.parse_ref("evit-cpu-1t@champion") == registry.ModelRef("evit-cpu-1t", alias="champion")
+    assert registry.parse_ref("models:/evit-cpu-1t/3") == registry.ModelRef("evit-cpu-1t", version="3")
+    for bad in ("evit-cpu-1t", "evit@", "a/b/c", "x@y@z"):
+        with pytest.raises(RegistryError, match="accepted: NAME@ALIAS"):
+            registry.parse_ref(bad)
+
+
+def test_unreachable_registry_retries_then_clear_error(tmp_path: Path) -> None:
+    folder, _ = make_export(tmp_path / "exp")
+    dead = closed_port_url()
+    params = registry_params(f"sqlite:///{tmp_path / 'track.db'}", registry_uri=dead, retries=2)
+    t0 = time.monotonic()
+    with pytest.raises(RegistryError) as info:
+        registry.register_export(params, folder)
+    elapsed = time.monotonic() - t0
+    msg = str(info.value)
+    assert dead in msg and "3 attempt(s)" in msg and "tracking.retries = 2" in msg
+    assert elapsed >= 0.5 + 1.0  # backoff 0.5 s, 1 s between the three attempts
+    # nothing half-registered: the tracking store holds no run and no logged model
+    client = MlflowClient(f"sqlite:///{tmp_path / 'track.db'}")
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    assert not client.search_runs(ids, run_view_type=ViewType.ALL)
+    assert not list(client.search_logged_models(ids))
+
+
+def test_fetch_unreachable_registry_is_a_registry_error(tmp_path: Path) -> None:
+    params = registry_params(closed_port_url(), retries=0)
+    with pytest.raises(RegistryError, match="did not answer after 1 attempt"):
+        registry.fetch_model(params, "evit-dev@champion", "onnx", tmp_path / "out")
+
+
+# --- a real mlflow server --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_register_is_idempotent_and_fetch_verifies(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    params = registry_params(mlflow_server.url)
+    folder, static = make_export(tmp_path / "exp", seed=1, val_top1=0.6)
+    first = registry.register_export(params, folder)
+    name = first["name"]
+    assert first["created"] and first["version"] == "1"
+    assert sorted(first["aliases"]) == ["1_5ms", "champion"]
+
+    again = registry.register_export(params, folder)
+    assert again == {**first, "created": False}
+    client = MlflowClient(mlflow_server.url)
+    assert _versions(client, name) == [1]
+
+    mv = client.get_model_version(name, "1")
+    card = read_json(folder / "card.json")
+    assert mv.tags["evit.val_top1"] == repr(0.6)
+    assert json.loads(mv.tags["evit.arch"]) == card["arch"]
+    assert mv.tags["evit.data_version"] == "data-v1"
+    for f in registry.EXTRA_FILES:
+        assert mv.tags[f"evit.sha256.{f}"] == sha256_file(folder / f)
+    assert mv.tags[registry.HASH_TAG] == registry.content_hash(card)
+
+    x = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        want = static(x)
+
+    # fetch each format; files verified against the tags
+    out = registry.fetch_model(params, f"{name}@champion", "torchscript", tmp_path / "ts")
+    assert out["version"] == "1" and out["card"]["arch_key"] == card["arch_key"]
+    ts = torch.jit.load(out["files"]["model.torchscript.pt"])
+    torch.testing.assert_close(ts(x), want, rtol=1e-5, atol=1e-5)
+
+    out = registry.fetch_model(params, f"{name}/1", "onnx", tmp_path / "onnx")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(out["files"]["model.onnx"], providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+    out = registry.fetch_model(params, f"{name}@1_5ms", "pytorch", tmp_path / "pt")
+    rebuilt = registry.load_static_from_folder(tmp_path / "pt")
+    torch.testing.assert_close(rebuilt(x), want)
+    assert (tmp_path / "pt" / "model.pt2").is_file()
+
+    # the plain MLflow way, as the README shows it
+    mlflow.set_tracking_uri(mlflow_server.url)
+    mlflow.set_registry_uri(mlflow_server.url)
+    loaded = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-5)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    np.testing.assert_allclose(pyfunc.predict(x.numpy()), want.numpy(), rtol=1e-4, atol=1e-4)
+
+    # a tampered artifact store is refused
+    stored = list(mlflow_server.artifacts.rglob("extra_files/model.onnx"))
+    target = [p for p in stored if sha256_file(p) == mv.tags["evit.sha256.model.onnx"]]
+    assert len(target) == 1
+    target[0].write_bytes(target[0].read_bytes() + b"\0")
+    with pytest.raises(RegistryError, match="model.onnx has sha256 .* was recorded"):
+        registry.fetch_model(params, f"{name}@champion", "onnx", tmp_path / "tampered")
+
+    with pytest.raises(RegistryError, match="has aliases \\['1_5ms', 'champion'\\] and versions \\[1\\]"):
+        registry.fetch_model(params, f"{name}@3ms", "onnx", tmp_path / "none")
+    with pytest.raises(RegistryError, match="accepted: onnx, torchscript, pytorch"):
+        registry.fetch_model(params, f"{name}@champion", "tflite", tmp_path / "none")
+
+
+@pytest.mark.slow
+def test_aliases_move_only_to_at_least_as_accurate(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    params = registry_params(mlflow_server.url)
+    fast, slow = Budget("latency", 1.5), Budget("latency", 3.0)
+    client = MlflowClient(mlflow_server.url)
+
+    r1 = registry.register_export(params, make_export(tmp_path, seed=1, val_top1=0.6, budget=fast)[0])
+    name = r1["name"]
+    # worse for the same budget: a new version, but neither alias moves
+    r2 = registry.register_export(params, make_export(tmp_path, seed=2, val_top1=0.5, budget=fast)[0])
+    assert (r2["version"], r2["created"], r2["aliases"]) == ("2", True, [])
+    assert _alias(client, name, "1_5ms") == 1 and _alias(client, name, "champion") == 1
+    # as accurate: ties go to the newer version
+    r3 = registry.register_export(params, make_export(tmp_path, seed=3, val_top1=0.6, budget=fast)[0])
+    assert sorted(r3["aliases"]) == ["1_5ms", "champion"]
+    assert _alias(client, name, "1_5ms") == 3 and _alias(client, name, "champion") == 3
+    # another budget, less accurate than the champion: gets its own alias only
+    r4 = registry.register_export(params, make_export(tmp_path, seed=4, val_top1=0.55, budget=slow)[0])
+    assert r4["aliases"] == ["3ms"]
+    assert _alias(client, name, "3ms") == 4 and _alias(client, name, "champion") == 3
+    # more accurate at the larger budget: becomes champion; the 1.5 ms alias stays
+    r5 = registry.register_export(params, make_export(tmp_path, seed=5, val_top1=0.7, budget=slow)[0])
+    assert sorted(r5["aliases"]) == ["3ms", "champion"]
+    assert _alias(client, name, "1_5ms") == 3 and _alias(client, name, "champion") == 5
+    assert _versions(client, name) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_registry_dying_mid_registration_leaves_nothing(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """Tracking (runs, logged models) on one server, registry on another that dies after the
+    model was logged: the run and the logged model are removed again, the registry keeps
+    only what was complete before, and the error says what happened."""
+    reg = start_mlflow_server(tmp_path / "registry")
+    try:
+        params = registry_params(mlflow_server.url, registry_uri=reg.url, retries=1)
+        first = registry.register_export(params, make_export(tmp_path, seed=1, val_top1=0.6)[0])
+        name = first["name"]
+        tracking = MlflowClient(mlflow_server.url)
+        exp = tracking.get_experiment_by_name("evit-tests")
+        runs_before = {r.info.run_id for r in tracking.search_runs([exp.experiment_id])}
+
+        def kill_registry(step: str) -> None:
+            if step == "logged-model":
+                stop_server(reg)
+
+        folder, _ = make_export(tmp_path, seed=2, val_top1=0.9)
+        with pytest.raises(RegistryError, match="did not answer after 2 attempt"):
+            registry.register_export(params, folder, on_step=kill_registry)
+    finally:
+        stop_server(reg)
+
+    new_runs = [r for r in tracking.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+                if r.info.run_id not in runs_before]
+    assert len(new_runs) == 1 and new_runs[0].info.lifecycle_stage == "deleted"
+    logged = tracking.search_logged_models([exp.experiment_id],
+                                           filter_string=f"source_run_id = '{new_runs[0].info.run_id}'")
+    assert not list(logged)
+    # the dead registry's own store: still exactly the first, complete version
+    store = MlflowClient(tracking_uri=reg.backend_uri, registry_uri=reg.backend_uri)
+    assert _versions(store, name) == [1]
+    assert _alias(store, name, "champion") == 1
+
+
+# --- the default local store -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_default_local_sqlite_store(tmp_path: Path) -> None:
+    """params.tracking.uri's default (sqlite:///mlflow.db, artifacts in ./mlruns) works as is."""
+    from evit.config import parse_params
+
+    params = parse_params({"export": {"model_name": "evit-{device}"}})
+    assert params.tracking.uri == "sqlite:///mlflow.db"
+    folder, static = make_export(tmp_path / "exp", seed=7, val_top1=0.4, device="cpu-1t")
+    out = registry.register_export(params, folder)
+    assert (out["name"], out["version"], out["created"]) == ("evit-cpu-1t", "1", True)
+    assert Path("mlflow.db").is_file()
+    assert registry.register_export(params, folder)["created"] is False
+
+    fetched = registry.fetch_model(params, "evit-cpu-1t@champion", "onnx", tmp_path / "onnx")
+    assert sha256_file(fetched["files"]["model.onnx"]) == sha256_file(folder / "model.onnx")
+    assert fetched["card"]["metrics"]["val_top1"] == 0.4
+
+    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    loaded = mlflow.pytorch.load_model("models:/evit-cpu-1t@champion")
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), static(x), rtol=1e-5, atol=1e-5)
+
+    # tamper with the stored safetensors: fetch refuses, in every format
+    stored = [p for p in Path("mlruns").rglob("extra_files/model.safetensors")]
+    assert len(stored) == 1
+    stored[0].write_bytes(stored[0].read_bytes()[:-1] + b"\1")
+    for fmt in ("pytorch", "torchscript", "onnx"):
+        with pytest.raises(RegistryError, match="model.safetensors has sha256"):
+            registry.fetch_model(params, "evit-cpu-1t/1", fmt, tmp_path / f"bad-{fmt}")
