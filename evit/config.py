@@ -11,6 +11,7 @@ one device's settings only invalidates that device's branch.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -322,14 +323,36 @@ class Params(_Section):
         return self.model_dump(mode="json")[name]
 
 
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The pydantic model class found by walking `loc` (field names / list indices) from Params."""
+    model: type[BaseModel] = Params
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        for c in candidates:  # list[Model] | None
+            nested += [a for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return model
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: {exc.error_count()} invalid setting(s):"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         inp = err.get("input")
         if err["type"] == "extra_forbidden":
-            parent = loc.rsplit(".", 1)[0] if "." in loc else "top level"
-            lines.append(f"  - {loc}: unknown key (value {inp!r}); check the spelling of the keys in '{parent}'")
+            accepted = sorted(_model_at(err["loc"][:-1]).model_fields)
+            close = difflib.get_close_matches(str(err["loc"][-1]), accepted, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(f"  - {loc}: unknown key (value {inp!r}){hint}; accepted keys here: {accepted}")
             continue
         msg = err["msg"]
         if err["type"] == "literal_error":

@@ -12,7 +12,8 @@ Convention (documented once, used by sampling, training levels, search and repor
 - Params: every `nn.Parameter` of the extracted static subnet, including norms and the
   relative-position-bias table cropped to the subnet's token map ((2H-1)^2 per head).
 
-`tests/test_flops.py` checks these numbers against forward hooks on the real modules.
+`tests/test_flops_hooks.py` checks these numbers, block by block, against forward hooks on
+the real static modules (`evit.nn.static`).
 
 The decomposition into `Block`s is shared with the latency lookup tables: a subnet's
 predicted latency is the sum over the same blocks that its FLOPs are the sum over.

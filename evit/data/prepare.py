@@ -15,7 +15,6 @@ Any error in 1-4 leaves the previous complete out_dir (or none) in place.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -62,7 +61,6 @@ def prepare_data(params: Params) -> dict[str, Any]:
             manifest = _write_output(tmp, images, items, classes, assignment, excluded, data, source, listing.has_val)
             del images
             buffer_path.unlink()
-            _default_permissions(tmp)
     finally:
         source.close()
     seconds = time.perf_counter() - t0
@@ -251,16 +249,6 @@ def _write_output(tmp: Path, images: np.ndarray, items: Sequence[Item], classes:
     }
     write_json_atomic(tmp / MANIFEST, manifest)
     return manifest
-
-
-def _default_permissions(directory: Path) -> None:
-    """mkdtemp/mkstemp create 0700/0600; give the finished output the umask's usual modes
-    so teammates, DVC's cache and services running as other users can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for p in directory.iterdir():
-        p.chmod(0o666 & ~umask)
 
 
 def _log_excluded(excluded: Sequence[Excluded]) -> None:

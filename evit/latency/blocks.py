@@ -11,37 +11,15 @@ the result against the blocks of every arch of a small space, enumerated exhaust
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
-from evit.arch import Arch
-from evit.flops import Block, arch_blocks, out_side
+from evit.arch import Arch, Stage, Stem
+from evit.flops import Block, arch_blocks, out_side, stage_blocks
 from evit.space import SearchSpace, StageSpace
-
-
-def _mb_blocks(ss: StageSpace, h: int, c_in: int, width: int, depth: int, space: SearchSpace) -> list[Block]:
-    """The blocks of one MBConv stage of `depth` layers (forward order), as arch_blocks builds them."""
-    out: list[Block] = []
-    for expansion, kernel in itertools.product(ss.expansions, ss.kernels):
-        hh, c = h, c_in
-        for j in range(depth):
-            stride = ss.stride if j == 0 else 1
-            out.append(Block("mbconv", hh, c, width, expansion=expansion, kernel=kernel, stride=stride, se=ss.se,
-                             se_reduction=space.se_reduction))
-            hh, c = out_side(hh, stride), width
-    return out
-
-
-def _vit_blocks(ss: StageSpace, h: int, c_in: int, width: int, depth: int, space: SearchSpace) -> list[Block]:
-    ds = Block("mbconv", h, c_in, width, expansion=space.ds_expansion, kernel=3, stride=ss.stride, se=True,
-               se_reduction=space.se_reduction)
-    out = [ds]
-    if depth > 0:
-        for mlp_ratio, v_scale in itertools.product(ss.mlp_ratios, ss.v_scales):
-            out.append(Block("attn", ds.h_out, width, width, mlp_ratio=mlp_ratio, v_scale=v_scale,
-                             head_dim=space.head_dim))
-    return out
 
 
 def _completable(space: SearchSpace) -> list[set[int]]:
@@ -57,38 +35,106 @@ def _completable(space: SearchSpace) -> list[set[int]]:
     return result
 
 
-def unique_blocks(space: SearchSpace) -> list[Block]:
-    """Every distinct block any valid arch of `space` contains, sorted (deterministic order)."""
-    blocks: set[Block] = set()
+def _stage_options(ss: StageSpace, width: int) -> list[Stage]:
+    """Every choice of one stage at `width`, at its largest depth (whose blocks include every
+    smaller depth's: a stage's layers after the first are identical)."""
+    depth = max(ss.depths)
+    if ss.kind == "mbconv":
+        return [ss.make(width=width, depth=depth, expansion=e, kernel=k)
+                for e, k in itertools.product(ss.expansions, ss.kernels)]
+    return [ss.make(width=width, depth=depth, mlp_ratio=m, v_scale=v)
+            for m, v in itertools.product(ss.mlp_ratios, ss.v_scales)]
+
+
+def block_witnesses(space: SearchSpace) -> dict[Block, Arch]:
+    """Every distinct block a valid arch of `space` can contain, each with one arch containing it.
+
+    Walks the stages with the reachable states (input side, input width, previous width),
+    keeping only widths that can still be completed into a valid arch. Blocks are produced
+    by `evit.flops.stage_blocks`, the function `arch_blocks` uses, so keys always agree.
+    """
     completable = _completable(space)
-    # states at a stage's input: (side, input width, previous stage width or 0 for stage 0)
-    states: set[tuple[int, int, int]] = set()
+    found: dict[Block, Arch] = {}
+
+    def complete(resolution: int, stem: Stem, stages: tuple[Stage, ...]) -> Arch:
+        """Cheapest valid completion: smallest usable width, first choices, largest depth."""
+        rest = list(stages)
+        prev = rest[-1].width if rest else 0
+        for j in range(len(rest), len(space.stages)):
+            ss = space.stages[j]
+            width = min(w for w in ss.widths if w >= prev and w in completable[j + 1])
+            rest.append(_stage_options(ss, width)[0])
+            prev = width
+        return Arch(resolution, stem, tuple(rest))
+
+    def note(blocks: Sequence[Block], witness: Arch) -> None:
+        for b in blocks:
+            found.setdefault(b, witness)
+
+    # prefix states: (side, input width, previous width) -> (resolution, stem, stages so far)
+    states: dict[tuple[int, int, int], tuple[int, Stem, tuple[Stage, ...]]] = {}
+    stem_depth = max(space.stem_depths)
     for r, c0 in itertools.product(space.resolutions, space.stem_widths):
-        first = Block("first_conv", r, 3, c0, stride=space.first_stride)
-        blocks.add(first)
-        if max(space.stem_depths) > 0:
-            for k in space.stem_kernels:
-                blocks.add(Block("mbconv", first.h_out, c0, c0, expansion=1, kernel=k, stride=1, se=False,
-                                 se_reduction=space.se_reduction))
-        states.add((first.h_out, c0, 0))
+        for k in space.stem_kernels:
+            stem = Stem(c0, stem_depth, k)
+            witness = complete(r, stem, ())
+            note(arch_blocks(witness, space)[: 1 + stem_depth], witness)
+            states.setdefault((out_side(r, space.first_stride), c0, 0), (r, stem, ()))
     for i, ss in enumerate(space.stages):
-        nxt: set[tuple[int, int, int]] = set()
-        for h, c_in, prev in states:
+        nxt: dict[tuple[int, int, int], tuple[int, Stem, tuple[Stage, ...]]] = {}
+        for (h, c_in, prev), (r, stem, done) in sorted(states.items()):
             for width in ss.widths:
                 if width < prev or width not in completable[i + 1]:
                     continue
-                for depth in ss.depths:
-                    maker = _mb_blocks if ss.kind == "mbconv" else _vit_blocks
-                    sb = maker(ss, h, c_in, width, depth, space)
-                    blocks.update(sb)
-                    # arch_blocks advances the side only when the stage has blocks
-                    h_next = out_side(h, ss.stride) if (ss.kind == "transformer" or depth > 0) else h
-                    nxt.add((h_next, width, width))
+                options = _stage_options(ss, width)
+                for st in options:
+                    blocks = stage_blocks(ss, h, c_in, st, space.head_dim, space.ds_expansion, space.se_reduction)
+                    if any(b not in found for b in blocks):
+                        note(blocks, complete(r, stem, (*done, st)))
+                h_out = stage_blocks(ss, h, c_in, options[0], space.head_dim, space.ds_expansion,
+                                     space.se_reduction)[0].h_out
+                nxt.setdefault((h_out, width, width), (r, stem, (*done, options[0])))
+                if ss.kind == "mbconv" and 0 in ss.depths:  # an empty stage keeps the side
+                    nxt.setdefault((h, width, width), (r, stem, (*done, replace(options[0], depth=0))))
         states = nxt
-    for h, c, _ in states:
-        blocks.add(Block("head", h, c, space.num_classes, expansion=space.head_expansion,
-                         head_width=space.head_width))
-    return sorted(blocks)
+    for (h, c, _), (r, stem, done) in sorted(states.items()):
+        arch = Arch(r, stem, done)
+        note(arch_blocks(arch, space)[-1:], arch)
+    return found
+
+
+def unique_blocks(space: SearchSpace) -> list[Block]:
+    """Every distinct block any valid arch of `space` contains, sorted (deterministic order)."""
+    return sorted(block_witnesses(space))
+
+
+def covering_archs(space: SearchSpace, blocks: Iterable[Block] | None = None) -> list[Arch]:
+    """A small set of valid archs that together contain every block (greedy set cover).
+
+    These are the "carriers" a LUT times blocks inside, so each block is measured in the
+    context of a real subnet. Candidates are the blocks' witnesses; lazy greedy picks the
+    one adding the most uncovered blocks first. Deterministic.
+    """
+    witnesses = block_witnesses(space)
+    todo = set(witnesses if blocks is None else blocks)
+    candidates = sorted({witnesses[b] for b in todo})
+    cover = {a: set(arch_blocks(a, space)) & todo for a in candidates}
+    heap = [(-len(bs), idx) for idx, (a, bs) in enumerate(cover.items())]
+    heapq.heapify(heap)
+    keys = list(cover)
+    chosen: list[Arch] = []
+    while todo and heap:
+        neg, idx = heapq.heappop(heap)
+        arch = keys[idx]
+        gain = len(cover[arch] & todo)
+        if gain == 0:
+            continue
+        if gain < -neg:  # stale count: re-queue with the current gain
+            heapq.heappush(heap, (-gain, idx))
+            continue
+        chosen.append(arch)
+        todo -= cover[arch]
+    return chosen
 
 
 def count_by_kind(blocks: Iterable[Block]) -> dict[str, int]:
