@@ -55,6 +55,7 @@ T = TypeVar("T")
 CHAMPION = "champion"
 TAG_PREFIX = "evit."
 HASH_TAG = "evit.content_hash"
+RUN_HASH_TAG = "evit.register_hash"
 FILE_TAG_PREFIX = "evit.sha256."
 EXTRA_FILES = ("model.onnx", "arch.json", "model.safetensors", "card.json", "card.md")
 FORMATS = ("onnx", "torchscript", "pytorch")
@@ -280,6 +281,22 @@ def _move_aliases(client: Any, name: str, mv: Any, budget_alias: str, undo: _Und
     return moved
 
 
+def _clean_orphans(client: Any, experiment_id: str, digest: str) -> None:
+    """Delete runs + logged models of earlier attempts for this model that never got a version.
+
+    A registry that dies between logging the model and creating the version leaves them
+    behind (the rollback cannot reach it); the next registration of the same model, with
+    no version carrying its hash, removes them before starting over.
+    """
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_HASH_TAG}` = '{digest}'")
+    for run in runs:
+        for lm in client.search_logged_models([experiment_id],
+                                              filter_string=f"source_run_id = '{run.info.run_id}'"):
+            client.delete_logged_model(lm.model_id)
+        client.delete_run(run.info.run_id)
+        log.info("removed run %s (and its logged model) of an earlier, unfinished registration", run.info.run_id)
+
+
 def _find_by_hash(client: Any, name: str, digest: str) -> Any | None:
     found = client.search_model_versions(f"name = '{name}' and tags.`{HASH_TAG}` = '{digest}'")
     return min(found, key=lambda v: int(v.version)) if found else None
@@ -348,12 +365,14 @@ def _register_once(client: Any, params: Params, name: str, folder: Path, card: d
         log.info("%s: same model already registered as version %s; no new version", name, existing.version)
         return {"version": str(existing.version), "created": False, "aliases": moved}
 
+    experiment = mlflow.set_experiment(params.tracking.experiment)
+    _clean_orphans(client, experiment.experiment_id, tags[HASH_TAG])
     _ensure_registered_model(client, name, card["device"]["name"], undo)
     on_step("registered-model")
     module = load_static_from_folder(folder)
     signature, example = _signature_and_example(card)
-    experiment = mlflow.set_experiment(params.tracking.experiment)
-    run_tags = {"evit.stage": "register", "evit.device": card["device"]["name"], "evit.budget": label}
+    run_tags = {"evit.stage": "register", "evit.device": card["device"]["name"], "evit.budget": label,
+                RUN_HASH_TAG: tags[HASH_TAG]}
     parent = os.environ.get("EVIT_PARENT_RUN_ID")
     if parent:
         run_tags["mlflow.parentRunId"] = parent

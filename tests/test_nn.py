@@ -22,9 +22,9 @@ from torch import nn
 
 from evit.arch import Arch, ArchError
 from evit.errors import CheckpointError
-from evit.flops import count
-from evit.nn.export import export_onnx, export_torchscript
-from evit.nn.static import StaticSubnet, extract, load_static
+from evit.flops import arch_blocks, count
+from evit.nn.export import export_onnx, export_onnx_input, export_torchscript
+from evit.nn.static import StaticSubnet, block_input_shape, build_block, extract, load_static
 from evit.nn.supernet import Supernet
 from evit.space import CPU, IMAGENET, SearchSpace
 
@@ -224,3 +224,20 @@ def test_supernet_rejects_bad_inputs(cpu_supernet: Supernet) -> None:
         cpu_supernet(torch.zeros(1, 3, 64, 64), replace(arch, resolution=64))
     with pytest.raises(ValueError, match="px"):
         cpu_supernet(torch.zeros(1, 3, 40, 40), arch)
+
+
+def test_blocks_stand_alone_for_latency_tables(tmp_path: Path) -> None:
+    """Each LUT block runs alone on `block_input_shape` and exports alone (ONNX = PyTorch)."""
+    arch = CPU.sample_uniform(random.Random(8))
+    for i, block in enumerate(arch_blocks(arch, CPU)):
+        module = build_block(block).eval()
+        x = torch.randn(block_input_shape(block, 2))
+        with torch.no_grad():
+            y = module(x)
+        expected = (2, block.c_out) if block.kind == "head" else (2, block.c_out, block.h_out, block.h_out)
+        assert tuple(y.shape) == expected, block.key
+        if block.kind == "attn":
+            path = export_onnx_input(module, x, tmp_path / f"{i}.onnx")
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            (got,) = sess.run(None, {"image": x.numpy()})
+            assert np.abs(got - y.numpy()).max() < 1e-4

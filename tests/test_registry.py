@@ -189,39 +189,47 @@ def test_aliases_move_only_to_at_least_as_accurate(mlflow_server: MlflowServer, 
 
 
 @pytest.mark.slow
-def test_registry_dying_mid_registration_leaves_nothing(mlflow_server: MlflowServer, tmp_path: Path) -> None:
-    """Tracking (runs, logged models) on one server, registry on another that dies after the
-    model was logged: the run and the logged model are removed again, the registry keeps
-    only what was complete before, and the error says what happened."""
-    reg = start_mlflow_server(tmp_path / "registry")
+def test_registry_dying_mid_registration(tmp_path: Path) -> None:
+    """The server dies after the model was logged, before the version exists: retries, then
+    a RegistryError naming what could not be cleaned up; no version exists, and the next
+    registration of the same model (server back) removes the orphaned run + logged model."""
+    root = tmp_path / "server"
+    folder, _ = make_export(tmp_path, seed=2, val_top1=0.9)
+    srv = start_mlflow_server(root)
     try:
-        params = registry_params(mlflow_server.url, registry_uri=reg.url, retries=1)
-        first = registry.register_export(params, make_export(tmp_path, seed=1, val_top1=0.6)[0])
-        name = first["name"]
-        tracking = MlflowClient(mlflow_server.url)
-        exp = tracking.get_experiment_by_name("evit-tests")
-        runs_before = {r.info.run_id for r in tracking.search_runs([exp.experiment_id])}
+        params = registry_params(srv.url, retries=1)
 
-        def kill_registry(step: str) -> None:
+        def kill_server(step: str) -> None:
             if step == "logged-model":
-                stop_server(reg)
+                stop_server(srv)
 
-        folder, _ = make_export(tmp_path, seed=2, val_top1=0.9)
-        with pytest.raises(RegistryError, match="did not answer after 2 attempt"):
-            registry.register_export(params, folder, on_step=kill_registry)
+        with pytest.raises(RegistryError, match="did not answer after 2 attempt") as info:
+            registry.register_export(params, folder, on_step=kill_server)
+        assert "Could not clean up" in str(info.value) and "logged model m-" in str(info.value)
     finally:
-        stop_server(reg)
+        stop_server(srv)
+    name = params.export.model_name.format(device="dev")
+    store = MlflowClient(tracking_uri=srv.backend_uri, registry_uri=srv.backend_uri)
+    assert _versions(store, name) == []
+    exp = store.get_experiment_by_name("evit-tests")
+    orphans = store.search_runs([exp.experiment_id])
+    assert len(orphans) == 1
 
-    new_runs = [r for r in tracking.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
-                if r.info.run_id not in runs_before]
-    assert len(new_runs) == 1 and new_runs[0].info.lifecycle_stage == "deleted"
-    logged = tracking.search_logged_models([exp.experiment_id],
-                                           filter_string=f"source_run_id = '{new_runs[0].info.run_id}'")
-    assert not list(logged)
-    # the dead registry's own store: still exactly the first, complete version
-    store = MlflowClient(tracking_uri=reg.backend_uri, registry_uri=reg.backend_uri)
-    assert _versions(store, name) == [1]
-    assert _alias(store, name, "champion") == 1
+    srv = start_mlflow_server(root)  # same store, new port
+    try:
+        params = registry_params(srv.url, model_name=params.export.model_name, retries=1)
+        out = registry.register_export(params, folder)
+        assert (out["version"], out["created"]) == ("1", True)
+        client = MlflowClient(srv.url)
+        assert _versions(client, name) == [1]
+        runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+        stages = {r.info.run_id: r.info.lifecycle_stage for r in runs}
+        assert stages[orphans[0].info.run_id] == "deleted"
+        assert sorted(stages.values()) == ["active", "deleted"]
+        models = list(client.search_logged_models([exp.experiment_id]))
+        assert [m.model_id for m in models] == [client.get_model_version(name, "1").model_id]
+    finally:
+        stop_server(srv)
 
 
 # --- the default local store -----------------------------------------------------------------

@@ -11,11 +11,11 @@ the result against the blocks of every arch of a small space, enumerated exhaust
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from evit.arch import Arch, Stage, Stem
 from evit.flops import Block, arch_blocks, out_side, stage_blocks
@@ -108,33 +108,91 @@ def unique_blocks(space: SearchSpace) -> list[Block]:
     return sorted(block_witnesses(space))
 
 
-def covering_archs(space: SearchSpace, blocks: Iterable[Block] | None = None) -> list[Arch]:
-    """A small set of valid archs that together contain every block (greedy set cover).
+@dataclass
+class _Edge:
+    """One choice in the layered graph of `covering_archs`: from a state, via a part, to a state."""
 
-    These are the "carriers" a LUT times blocks inside, so each block is measured in the
-    context of a real subnet. Candidates are the blocks' witnesses; lazy greedy picks the
-    one adding the most uncovered blocks first. Deterministic.
+    src: tuple[int, int, int] | None
+    dst: tuple[int, int, int] | None
+    part: Any
+    blocks: frozenset[Block]
+    gain: int = 0
+
+
+def _layers(space: SearchSpace) -> list[list[_Edge]]:
+    """Edges of the state graph: layer 0 = (resolution, stem), then one layer per stage, then heads."""
+    completable = _completable(space)
+    stem_depth = max(space.stem_depths)
+    first_layer: list[_Edge] = []
+    for r, c0, k in itertools.product(space.resolutions, space.stem_widths, space.stem_kernels):
+        stem = Stem(c0, stem_depth, k)
+        bs = arch_blocks(Arch(r, stem, ()), space)[: 1 + stem_depth]
+        first_layer.append(_Edge(None, (bs[0].h_out, c0, 0), (r, stem), frozenset(bs)))
+    layers = [first_layer]
+    states = sorted({e.dst for e in first_layer if e.dst is not None})
+    for i, ss in enumerate(space.stages):
+        layer: list[_Edge] = []
+        for h, c_in, prev in states:
+            for width in ss.widths:
+                if width < prev or width not in completable[i + 1]:
+                    continue
+                for st in _stage_options(ss, width):
+                    sb = stage_blocks(ss, h, c_in, st, space.head_dim, space.ds_expansion, space.se_reduction)
+                    layer.append(_Edge((h, c_in, prev), (sb[0].h_out, width, width), st, frozenset(sb)))
+        layers.append(layer)
+        states = sorted({e.dst for e in layer if e.dst is not None})
+    heads = [_Edge(st, None, None, frozenset([Block("head", st[0], st[1], space.num_classes,
+                                                    expansion=space.head_expansion, head_width=space.head_width)]))
+             for st in states]
+    layers.append(heads)
+    return layers
+
+
+def covering_archs(space: SearchSpace, blocks: Iterable[Block] | None = None) -> list[Arch]:
+    """A small set of valid archs that together contain every block of `blocks` (default: all).
+
+    These are the "carriers" a LUT times blocks inside, so that each block is measured in
+    the context of a real subnet. Each carrier is the valid arch containing the most
+    not-yet-covered blocks: a longest path through the layered graph of stage states
+    (side, input width, previous width) whose edges are stage choices (at their largest
+    depth) weighted by their uncovered blocks. Repeats until everything is covered; for
+    the cpu preset that meets the lower bound (the number of distinct first layers of
+    the busiest stage). Deterministic.
     """
-    witnesses = block_witnesses(space)
-    todo = set(witnesses if blocks is None else blocks)
-    candidates = sorted({witnesses[b] for b in todo})
-    cover = {a: set(arch_blocks(a, space)) & todo for a in candidates}
-    heap = [(-len(bs), idx) for idx, (a, bs) in enumerate(cover.items())]
-    heapq.heapify(heap)
-    keys = list(cover)
-    chosen: list[Arch] = []
-    while todo and heap:
-        neg, idx = heapq.heappop(heap)
-        arch = keys[idx]
-        gain = len(cover[arch] & todo)
-        if gain == 0:
-            continue
-        if gain < -neg:  # stale count: re-queue with the current gain
-            heapq.heappush(heap, (-gain, idx))
-            continue
-        chosen.append(arch)
-        todo -= cover[arch]
-    return chosen
+    layers = _layers(space)
+    todo = set(unique_blocks(space) if blocks is None else blocks)
+    by_block: dict[Block, list[_Edge]] = {}
+    for layer in layers:
+        for e in layer:
+            e.gain = len(e.blocks & todo)
+            for b in e.blocks:
+                by_block.setdefault(b, []).append(e)
+    carriers: list[Arch] = []
+    while todo:
+        # longest path: best[state] = (value, path of edges)
+        best: dict[Any, tuple[int, tuple[_Edge, ...]]] = {None: (0, ())}
+        for layer in layers:
+            nxt: dict[Any, tuple[int, tuple[_Edge, ...]]] = {}
+            for e in layer:
+                src = best.get(e.src)
+                if src is None:
+                    continue
+                value = src[0] + e.gain
+                cur = nxt.get(e.dst)
+                if cur is None or value > cur[0]:
+                    nxt[e.dst] = (value, (*src[1], e))
+            best = nxt
+        value, path = best[None]
+        if value <= 0:  # pragma: no cover - every block lies on some valid path
+            raise ValueError(f"{len(todo)} blocks are not produced by any arch of space '{space.name}'")
+        (r, stem), stages = path[0].part, tuple(e.part for e in path[1:-1])
+        arch = Arch(r, stem, stages)
+        carriers.append(arch)
+        for b in set(arch_blocks(arch, space)) & todo:
+            todo.discard(b)
+            for e in by_block.get(b, ()):
+                e.gain -= 1
+    return carriers
 
 
 def count_by_kind(blocks: Iterable[Block]) -> dict[str, int]:

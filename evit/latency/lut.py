@@ -4,8 +4,9 @@ A finished table (`luts/<device>.json`) looks like::
 
     {"format": 1, "complete": true, "device": {...describe()...}, "versions": {...},
      "created": "2026-11-29T00:30:00+00:00", "space": {...structure_dict()...},
-     "num_classes": 10, "mode": "full", "overhead_ms": 0.004,
-     "entries": {"mbconv|h16|i16|o24|e3|k5|s2|se0": {"median_ms": 0.051, "p10_ms": ..., "n": 60}, ...},
+     "num_classes": 10, "mode": "full", "method": "in-context", "overhead_ms": 0.004,
+     "entries": {"mbconv|h16|i16|o24|e3|k5|s2|se0": {"median_ms": 0.051, "p10_ms": ..., "n": 60,
+                                                    "contexts": 2}, ...},
      "correction": {"used": true, "a": 1.02, "b": -0.01, ...}, "fallback": null, ...}
 
 Keys are `Block.key` strings, so a person can read which configuration an entry times.
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evit.errors import LUTError
 from evit.io import write_json_atomic
 from evit.latency.devices import Measurement
@@ -42,14 +45,19 @@ def partial_path(lut_path: Path) -> Path:
 
 
 class PartialLUT:
-    """Measurements of an unfinished build, flushed atomically so a kill loses seconds, not hours."""
+    """Measurements of an unfinished build, flushed atomically so a kill loses seconds, not hours.
+
+    `samples` maps a block key to one measurement per context it was timed in (a carrier
+    subnet, or on its own); `done` names the measurement units (carriers, blocks) already
+    finished; `validation` maps an arch key to its end-to-end measurement.
+    """
 
     def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
         self.path = path
         self.fingerprint = fingerprint
-        self.entries: dict[str, dict[str, Any]] = {}
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.done: set[str] = set()
         self.validation: dict[str, dict[str, Any]] = {}
-        self.overhead: dict[str, Any] | None = None
         self.measure_seconds = 0.0
         self._dirty = 0
         self._last_flush = time.monotonic()
@@ -69,24 +77,23 @@ class PartialLUT:
             log.warning("partial LUT %s was measured with other settings (device, host, versions or space); "
                         "starting over", path)
             return state
-        state.entries = dict(data.get("entries", {}))
+        state.samples = {k: list(v) for k, v in data.get("samples", {}).items()}
+        state.done = set(data.get("done", []))
         state.validation = dict(data.get("validation", {}))
-        state.overhead = data.get("overhead")
         state.measure_seconds = float(data.get("measure_seconds", 0.0))
-        log.info("resuming %s: %d block entries and %d validation subnets already measured", path,
-                 len(state.entries), len(state.validation))
+        log.info("resuming %s: %d units (%d block entries) and %d validation subnets already measured", path,
+                 len(state.done), len(state.samples), len(state.validation))
         return state
 
-    def add_entry(self, key: str, m: Measurement) -> None:
-        self.entries[key] = m.to_dict()
+    def add_unit(self, unit: str, measured: dict[str, Measurement]) -> None:
+        """Record one finished unit: its measurement of every block key it timed."""
+        for key, m in measured.items():
+            self.samples.setdefault(key, []).append(m.to_dict())
+        self.done.add(unit)
         self._dirty += 1
 
     def add_validation(self, key: str, m: Measurement) -> None:
         self.validation[key] = m.to_dict()
-        self._dirty += 1
-
-    def set_overhead(self, m: Measurement) -> None:
-        self.overhead = m.to_dict()
         self._dirty += 1
 
     def maybe_flush(self) -> None:
@@ -98,8 +105,8 @@ class PartialLUT:
             "format": FORMAT,
             "complete": False,
             "fingerprint": self.fingerprint,
-            "overhead": self.overhead,
-            "entries": self.entries,
+            "done": sorted(self.done),
+            "samples": self.samples,
             "validation": self.validation,
             "measure_seconds": round(self.measure_seconds, 3),
         }, indent=None)
@@ -108,6 +115,22 @@ class PartialLUT:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def combine(contexts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table entry from a block's measurements in several contexts (medians of the stats)."""
+    def med(key: str) -> float:
+        return round(float(np.median([c[key] for c in contexts])), 6)
+
+    return {
+        "median_ms": med("median_ms"),
+        "p10_ms": med("p10_ms"),
+        "p90_ms": med("p90_ms"),
+        "mean_ms": round(float(np.mean([c["mean_ms"] for c in contexts])), 6),
+        "std_ms": med("std_ms"),
+        "n": int(sum(c["n"] for c in contexts)),
+        "contexts": len(contexts),
+    }
 
 
 def load_lut(path: str | Path) -> dict[str, Any]:

@@ -1,1 +1,8 @@
-"""evit.nn."""
+"""evit.nn: the elastic supernet and the static subnets cut out of it.
+
+- `evit.nn.supernet.Supernet(space)(x, arch)`: all subnets on shared, sliced weights.
+- `evit.nn.static`: `build_block(block)` (one module per `evit.flops.Block`), `StaticSubnet`,
+  `extract(supernet, arch)`, `load_static(arch, space, state_dict)`.
+- `evit.nn.export`: `export_onnx`, `export_torchscript`.
+- `evit.nn.elastic`: the elastic blocks; `evit.nn.common`: what both sides share.
+"""

@@ -18,7 +18,6 @@ every runtime as one op.
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -32,8 +31,6 @@ from evit.errors import CheckpointError
 from evit.flops import Block, arch_blocks, mbconv_mid, se_channels
 from evit.nn.common import BN_EPS, BN_MOMENTUM, LN_EPS, MatMul, init_module, rel_pos_index
 from evit.space import SearchSpace
-
-log = logging.getLogger(__name__)
 
 
 class ConvBNAct(nn.Sequential):
@@ -169,8 +166,17 @@ class Head(nn.Module):
         return self.classifier(self.drop(self.act(self.fc(x))))
 
 
+def block_input_shape(block: Block, batch: int = 1) -> tuple[int, int, int, int]:
+    """NCHW shape that `build_block(block)` expects (first conv: 3 channels at the resolution)."""
+    return (batch, block.c_in, block.h, block.h)
+
+
 def build_block(block: Block, head_dropout: float = 0.0) -> nn.Module:
-    """The plain module for one block of the FLOPs decomposition (NCHW in, NCHW/logits out)."""
+    """The plain module for one block of the FLOPs decomposition.
+
+    Input: `block_input_shape(block)`; output: NCHW at `block.h_out` side and `block.c_out`
+    channels, or (B, classes) logits for the head. `head_dropout` only matters in training.
+    """
     b = block
     if b.kind == "first_conv":
         return ConvBNAct(b.c_in, b.c_out, 3, b.stride)

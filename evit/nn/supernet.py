@@ -22,7 +22,6 @@ reported subnet size is exact for this implementation.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -38,8 +37,6 @@ from evit.nn.elastic import (
     ElasticTransformerLayer,
 )
 from evit.space import SearchSpace
-
-log = logging.getLogger(__name__)
 
 _ACTIVE_CACHE = 4096
 

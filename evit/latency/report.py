@@ -1,0 +1,157 @@
+"""How good a latency table is: end-to-end measurements vs predictions, and vs FLOPs.
+
+Metrics follow nn-Meter: RMSE, mean absolute percentage error and the share of subnets
+predicted within +-10% of the measured latency. FLOPs are reported as a latency proxy on
+the same subnets (scaled to ms by the least-squares ms-per-MFLOP factor on relative
+error, fitted on these very points, which flatters FLOPs) with the same +-10% share and
+the Spearman rank correlation, so the table's gain over FLOPs is visible.
+
+The optional linear correction is chosen here: `choose_correction` fits `a*raw + b`
+with K-fold cross-validation and keeps it only if the held-out error beats the raw sum's.
+When kept, the reported metrics are the held-out (cross-fitted) predictions, never
+predictions of points the correction was fitted on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from evit.io import atomic_path, write_text_atomic
+from evit.latency.predictor import Correction, fit_affine
+
+log = logging.getLogger(__name__)
+
+FOLDS = 5
+
+
+def error_metrics(pred: np.ndarray, measured: np.ndarray) -> dict[str, float]:
+    rel = (pred - measured) / measured
+    return {
+        "rmse_ms": float(np.sqrt(np.mean((pred - measured) ** 2))),
+        "mape_pct": float(np.mean(np.abs(rel)) * 100),
+        "within_10pct": float(np.mean(np.abs(rel) <= 0.10)),
+        "within_5pct": float(np.mean(np.abs(rel) <= 0.05)),
+        "max_abs_pct": float(np.max(np.abs(rel)) * 100),
+        "bias_pct": float(np.mean(rel) * 100),
+    }
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def cross_fitted(raw: np.ndarray, measured: np.ndarray, seed: int = 0, folds: int = FOLDS) -> np.ndarray:
+    """Each point predicted by a correction fitted on the other folds (held-out predictions)."""
+    idx = list(range(len(raw)))
+    random.Random(seed).shuffle(idx)
+    out = np.empty_like(raw)
+    for f in range(folds):
+        test = np.array(idx[f::folds])
+        train = np.setdiff1d(np.arange(len(raw)), test)
+        a, b = fit_affine(raw[train], measured[train])
+        out[test] = a * raw[test] + b
+    return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    correction: Correction
+    predicted: np.ndarray
+    """What the metrics report: cross-fitted predictions if the correction is used, else raw."""
+    details: dict[str, Any]
+
+
+def choose_correction(raw: np.ndarray, measured: np.ndarray, seed: int = 0) -> Choice:
+    """Keep `a*raw + b` only if its cross-validated MAPE beats the raw sum's."""
+    raw_err = error_metrics(raw, measured)["mape_pct"]
+    if len(raw) < 2 * FOLDS:
+        return Choice(Correction(), raw, {"cv_mape_raw_pct": raw_err, "reason": "too few points to cross-validate"})
+    cv = cross_fitted(raw, measured, seed)
+    cv_err = error_metrics(cv, measured)["mape_pct"]
+    a, b = fit_affine(raw, measured)
+    used = cv_err < raw_err
+    details = {"cv_mape_raw_pct": round(raw_err, 4), "cv_mape_corrected_pct": round(cv_err, 4), "folds": FOLDS,
+               "fitted_on": int(len(raw)), "objective": "least squares on relative error"}
+    log.info("correction a=%.4f b=%.4f: held-out MAPE %.2f%% vs raw %.2f%% -> %s", a, b, cv_err, raw_err,
+             "used" if used else "not used")
+    return Choice(Correction(a, b, used), cv if used else raw, details)
+
+
+def flops_proxy(flops: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """FLOPs scaled to ms by the factor k minimising sum(((k*f - m)/m)^2)."""
+    k = float(np.sum(flops / measured) / np.sum((flops / measured) ** 2))
+    return k * flops
+
+
+def validation_metrics(predicted: np.ndarray, raw: np.ndarray, measured: np.ndarray, flops: np.ndarray,
+                       choice: Choice) -> dict[str, Any]:
+    proxy = flops_proxy(flops, measured)
+    m = error_metrics(predicted, measured)
+    fm = error_metrics(proxy, measured)
+    rawm = error_metrics(raw, measured)
+    out: dict[str, Any] = {"n": int(len(measured)), **{k: round(v, 6) for k, v in m.items()}}
+    out["spearman"] = round(_spearman(predicted, measured), 6)
+    out["flops_within_10pct"] = round(fm["within_10pct"], 6)
+    out["flops_mape_pct"] = round(fm["mape_pct"], 6)
+    out["flops_rmse_ms"] = round(fm["rmse_ms"], 6)
+    out["flops_spearman"] = round(_spearman(flops, measured), 6)
+    out.update({f"raw_{k}": round(v, 6) for k, v in rawm.items() if k in ("rmse_ms", "mape_pct", "within_10pct")})
+    out["correction_used"] = bool(choice.correction.used)
+    out["correction_a"] = round(choice.correction.a, 6)
+    out["correction_b_ms"] = round(choice.correction.b, 6)
+    out["measured_min_ms"] = round(float(measured.min()), 6)
+    out["measured_max_ms"] = round(float(measured.max()), 6)
+    return out
+
+
+def write_points_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The predicted-vs-measured points, for `dvc plots` (x: measured_ms, y: predicted_ms)."""
+    buf = io.StringIO()
+    fields = ["measured_ms", "predicted_ms", "flops_m", "flops_proxy_ms", "raw_ms", "level", "arch"]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in fields})
+    write_text_atomic(path, buf.getvalue())
+
+
+def plot_points(path: Path, device: str, measured: np.ndarray, predicted: np.ndarray, proxy: np.ndarray,
+                metrics: dict[str, Any]) -> None:
+    """Predicted (LUT and FLOPs proxy) vs measured latency, with the +-10% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    lo = float(min(measured.min(), predicted.min(), proxy.min())) * 0.9
+    hi = float(max(measured.max(), predicted.max(), proxy.max())) * 1.1
+    xs = np.array([lo, hi])
+    ax.plot(xs, xs, color="black", lw=1, label="exact")
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="grey", alpha=0.2, label="+-10%")
+    ax.scatter(measured, proxy, s=12, alpha=0.6, marker="x", color="tab:orange",
+               label=f"FLOPs proxy ({metrics['flops_within_10pct'] * 100:.0f}% within 10%)")
+    ax.scatter(measured, predicted, s=14, alpha=0.8, color="tab:blue",
+               label=f"LUT ({metrics['within_10pct'] * 100:.0f}% within 10%)")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(f"lut@{device}: n={metrics['n']}, MAPE {metrics['mape_pct']:.1f}%, "
+                 f"RMSE {metrics['rmse_ms']:.3g} ms", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,386 @@
+"""The `lut@<device>` stage: build a device's latency table, validate it, report.
+
+    evit lut --device cpu-1t      (dvc.yaml: lut@cpu-1t; Prefect: the lut task)
+
+1. Plan: every unique block the search space can produce (`blocks.unique_blocks`,
+   derived from the space's choices), or in `lut_mode: sampled` the blocks of
+   `sample_subnets` subnets across the FLOPs levels. A full table larger than
+   `max_entries` is refused with the count and the way out (sampled mode).
+2. Measure, resumably: on devices that run modules in-process (torch-cpu,
+   onnxruntime-cpu, cuda) each block is timed *in context*, inside "carrier" subnets
+   (`blocks.covering_archs`: few valid archs that together contain every block), as the
+   chain of its block modules with each block timed separately. In isolation a block
+   runs with its weights and code hot in the caches and looks up to ~20% faster than it
+   is inside a subnet; in context the sum of the blocks matches the subnet. `command`
+   devices time each block on its own (an external runner sees one file at a time).
+   Every few seconds the measurements are flushed to `luts/<device>.partial.json`.
+3. Validate: `validate_subnets` random subnets across the levels, timed end to end as
+   static subnets (for ONNX devices: the pipeline's own ONNX export), interleaved;
+   compare with the prediction and with FLOPs; fit the optional linear correction.
+4. Write `luts/<device>.json` (complete), `metrics/lut-<device>.json`,
+   `plots/lut-<device>.png` and `.csv`, and log them to MLflow (`lut@<device>` run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from evit import paths
+from evit.arch import Arch
+from evit.config import DeviceParams, Params
+from evit.errors import LUTError
+from evit.flops import Block, arch_blocks, flops_m
+from evit.io import write_json_atomic
+from evit.latency.blocks import count_by_kind, covering_archs, sample_subnets, sampled_blocks, unique_blocks
+from evit.latency.devices import ONNX_KINDS, Device, Item, Measurement, get_device
+from evit.latency.lut import FORMAT, PartialLUT, combine, partial_path
+from evit.latency.predictor import BlockRegression, LatencyPredictor
+from evit.latency.report import choose_correction, flops_proxy, plot_points, validation_metrics, write_points_csv
+from evit.latency.spaces import space_for
+from evit.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+OVERHEAD_KEY = "overhead|null"
+CHAIN_GROUP = 4
+"""Carriers timed together, round robin (interleaving)."""
+VALIDATE_GROUP = 8
+ETA_WARN_S = 3600.0
+
+
+class NullModule(nn.Module):
+    """The cheapest module a runtime must still execute: times the fixed cost of one call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    blocks: list[Block]
+    """Blocks the table will hold (sampled mode: plus any extra a carrier happens to contain)."""
+    carriers: list[Arch]
+    """In-context devices: the subnets the blocks are timed inside. Empty for isolated devices."""
+
+    def units(self) -> list[str]:
+        if self.carriers:
+            return [f"carrier|{a.key}" for a in self.carriers]
+        return [f"block|{b.key}" for b in self.blocks]
+
+
+def block_input_shape(b: Block, batch: int) -> tuple[int, int, int, int]:
+    return (batch, b.c_in, b.h, b.h)
+
+
+def plan_lut(space: SearchSpace, dp: DeviceParams, *, in_context: bool) -> Plan:
+    """What to measure for this device; LUTError if a full table would exceed `max_entries`."""
+    if dp.lut_mode == "full":
+        blocks = unique_blocks(space)
+        if len(blocks) > dp.max_entries:
+            carriers = len(covering_archs(space, blocks)) if in_context else None
+            how = f" timed inside {carriers} carrier subnets" if carriers else ""
+            raise LUTError(
+                f"device '{dp.name}': a full latency table of the '{space.name}' space needs {len(blocks)} entries "
+                f"({', '.join(f'{k} {v}' for k, v in count_by_kind(blocks).items())}){how}, more than its "
+                f"max_entries={dp.max_entries}. Set `lut_mode: sampled` on this device (times the blocks of "
+                f"sample_subnets={dp.sample_subnets} subnets across the FLOPs levels and predicts the rest with a "
+                "per-kind regression fitted on them), or raise `max_entries` if the device is fast enough"
+            )
+    else:
+        rng = random.Random(f"lut-sample-{dp.seed}")
+        blocks = sampled_blocks(space, dp.sample_subnets, dp.max_entries, rng)
+    carriers = covering_archs(space, blocks) if in_context else []
+    return Plan(dp.lut_mode, blocks, carriers)
+
+
+def fingerprint(dp: DeviceParams, device: Device, space: SearchSpace, plan: Plan) -> dict[str, Any]:
+    """What measurements depend on; a partial table is resumed only if all of it still matches."""
+    settings = dp.model_dump(mode="json")
+    for k in ("name", "budgets_ms", "validate_subnets", "command_timeout_s"):
+        settings.pop(k, None)
+    desc = device.describe()
+    host = {k: desc.get(k) for k in ("hostname", "cpu", "torch", "onnxruntime", "gpu", "cuda", "clock")}
+    return {"format": FORMAT, "device": settings, "host": host, "space": space.structure_dict(),
+            "opset": device.opset, "method": "in-context" if plan.carriers else "isolated"}
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence per-file INFO logs (one per exported block) for the duration of a build."""
+    loggers = [logging.getLogger(n) for n in names]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, old):
+            lg.setLevel(lvl)
+
+
+def _progress(total: int, initial: int, desc: str, unit: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, mininterval=1.0,
+                dynamic_ncols=True, leave=False)
+
+
+def _block_item(b: Block, space: SearchSpace, batch: int, occurrence: int = 0) -> Item:
+    """A block to time; the n-th repeat of a block inside one subnet gets its own module (own weights)."""
+    from evit.nn.static import build_block
+
+    key = b.key if occurrence == 0 else f"{b.key}#{occurrence}"
+    return Item(functools.partial(build_block, b, space.head_dropout), block_input_shape(b, batch), key=key)
+
+
+def _null_item(shape: tuple[int, ...]) -> Item:
+    return Item(NullModule(), shape, key=f"{OVERHEAD_KEY}|{'x'.join(map(str, shape))}")
+
+
+def measure_table(device: Device, space: SearchSpace, plan: Plan, state: PartialLUT, *,
+                  progress: bool = True) -> None:
+    """Measure every unit of `plan` not yet in `state`, flushing as it goes."""
+    dp = device.params
+    batch = dp.batch_size
+    units = plan.units()
+    todo = [i for i, u in enumerate(units) if u not in state.done]
+    if not todo:
+        return
+    bar = _progress(len(units), len(units) - len(todo), f"lut@{device.name}",
+                    "carrier" if plan.carriers else "block", progress)
+    t0 = time.monotonic()
+    done_here = 0
+    warned = False
+    try:
+        if plan.carriers:
+            null = _null_item((batch, space.num_classes)) if device.per_call_overhead else None
+            for g in range(0, len(todo), CHAIN_GROUP):
+                group = [plan.carriers[i] for i in todo[g:g + CHAIN_GROUP]]
+                chains, keys = [], []
+                for arch in group:
+                    blocks = arch_blocks(arch, space)
+                    chain = [_block_item(b, space, batch, occurrence=blocks[:j].count(b))
+                             for j, b in enumerate(blocks)]
+                    ks = [b.key for b in blocks]
+                    if null is not None:  # the per-call cost, timed in the same context
+                        chain.append(null)
+                        ks.append(OVERHEAD_KEY)
+                    chains.append(chain)
+                    keys.append(ks)
+                t = time.monotonic()
+                results = device.measure_chains(chains)
+                state.measure_seconds += time.monotonic() - t
+                for arch, ks, ms in zip(group, keys, results):
+                    per_key: dict[str, list[Measurement]] = {}
+                    for k, m in zip(ks, ms):
+                        per_key.setdefault(k, []).append(m)
+                    # a block repeated in a stage: its layers are timed separately; keep their median
+                    state.add_unit(f"carrier|{arch.key}", {k: _median_of(v) for k, v in per_key.items()})
+                state.maybe_flush()
+                bar.update(len(group))
+                done_here += len(group)
+                warned = warned or _eta_warning(device, t0, done_here, len(todo), warned)
+        else:
+            if device.per_call_overhead and OVERHEAD_KEY not in state.samples:
+                m = device.measure_many([_null_item((batch, 1, 1, 1))])[0]
+                state.add_unit("overhead", {OVERHEAD_KEY: m})
+            for i in todo:
+                b = plan.blocks[i]
+                t = time.monotonic()
+                m = device.measure_many([_block_item(b, space, batch)])[0]
+                state.measure_seconds += time.monotonic() - t
+                state.add_unit(f"block|{b.key}", {b.key: m})
+                state.maybe_flush()
+                bar.update(1)
+                done_here += 1
+                warned = warned or _eta_warning(device, t0, done_here, len(todo), warned)
+    finally:
+        state.flush()
+        bar.close()
+
+
+def _median_of(ms: Sequence[Measurement]) -> Measurement:
+    if len(ms) == 1:
+        return ms[0]
+    d = combine([m.to_dict() for m in ms])
+    return Measurement(d["median_ms"], d["p10_ms"], d["p90_ms"], d["mean_ms"], d["std_ms"], d["n"])
+
+
+def _eta_warning(device: Device, t0: float, done: int, total: int, warned: bool) -> bool:
+    if warned or done < max(2, total // 50):
+        return False
+    eta = (time.monotonic() - t0) / done * (total - done)
+    if eta > ETA_WARN_S:
+        log.warning("lut@%s: about %.0f min left for %d more units; a smaller table: `lut_mode: sampled` on "
+                    "this device (or fewer `repeats`)", device.name, eta / 60, total - done)
+        return True
+    return False
+
+
+def _export_subnet(module: nn.Module, resolution: int, path: Path, opset: int, batch: int) -> Path:
+    """The pipeline's own ONNX export (what `evit export` ships), so validation times the real file."""
+    from evit.nn.export import export_onnx
+
+    return export_onnx(module, resolution, path, opset=opset, batch_size=batch)
+
+
+def measure_validation(device: Device, space: SearchSpace, archs: Sequence[Arch], state: PartialLUT, *,
+                       progress: bool = True) -> None:
+    """End-to-end latency of each static subnet (interleaved in groups), resumable via `state`."""
+    from evit.nn.static import StaticSubnet
+
+    dp = device.params
+    todo = [a for a in archs if a.key not in state.validation]
+    if not todo:
+        return
+    bar = _progress(len(archs), len(archs) - len(todo), f"validate@{device.name}", "subnet", progress)
+    try:
+        with tempfile.TemporaryDirectory(prefix="evit-val-") as tmp:
+            for g in range(0, len(todo), VALIDATE_GROUP):
+                group = todo[g:g + VALIDATE_GROUP]
+                items = []
+                for arch in group:
+                    net = StaticSubnet(arch, space).eval()
+                    shape = (dp.batch_size, 3, arch.resolution, arch.resolution)
+                    onnx = None
+                    if dp.kind in ONNX_KINDS:
+                        onnx = _export_subnet(net, arch.resolution, Path(tmp) / f"{arch.key}.onnx", device.opset,
+                                              dp.batch_size)
+                    items.append(Item(net, shape, onnx_path=onnx))
+                for arch, m in zip(group, device.measure_many(items)):
+                    state.add_validation(arch.key, m)
+                state.maybe_flush()
+                bar.update(len(group))
+    finally:
+        state.flush()
+        bar.close()
+
+
+def _entries(state: PartialLUT) -> tuple[dict[str, dict[str, Any]], float]:
+    entries = {k: combine(v) for k, v in state.samples.items() if k != OVERHEAD_KEY}
+    overhead = combine(state.samples[OVERHEAD_KEY])["median_ms"] if OVERHEAD_KEY in state.samples else 0.0
+    return entries, overhead
+
+
+def build_lut(params: Params, device: str, *, track: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Build, validate and write the latency table of one device (resuming a partial build)."""
+    t_start = time.monotonic()
+    dp = params.device(device)
+    space = space_for(params)
+    dev = get_device(dp, opset=params.export.onnx_opset)
+    dev.check_available()
+    out = paths.lut_path(params, device)
+    plan = plan_lut(space, dp, in_context=dev.supports_chains)
+    log.info("lut@%s: %s table of the '%s' space (%d classes): %d blocks (%s)%s", device, plan.mode, space.name,
+             space.num_classes, len(plan.blocks), ", ".join(f"{k} {v}" for k, v in count_by_kind(plan.blocks).items()),
+             f", timed in context inside {len(plan.carriers)} carrier subnets" if plan.carriers else ", each on its own")
+    state = PartialLUT.open(partial_path(out), fingerprint(dp, dev, space, plan))
+    try:
+        with _quiet("evit.nn.export"):
+            measure_table(dev, space, plan, state, progress=progress)
+            entries, overhead = _entries(state)
+            missing = [b.key for b in plan.blocks if b.key not in entries]
+            if missing:  # pragma: no cover - guarded by the planner
+                raise LUTError(f"lut@{device}: {len(missing)} planned blocks were not measured, e.g. {missing[:3]}")
+            archs = sample_subnets(space, dp.validate_subnets, random.Random(f"lut-validate-{dp.seed}"))
+            t_val = time.monotonic()
+            measure_validation(dev, space, archs, state, progress=progress)
+            validate_s = time.monotonic() - t_val
+    finally:
+        dev.close()
+
+    all_blocks = {b.key: b for b in unique_blocks(space)} if plan.mode == "sampled" else {}
+    fallback = None
+    if plan.mode == "sampled":
+        keys = [k for k in entries if k in all_blocks]
+        fallback = BlockRegression.fit([all_blocks[k] for k in keys],
+                                       [max(entries[k]["median_ms"] - overhead, 1e-6) for k in keys])
+    lut: dict[str, Any] = {
+        "format": FORMAT,
+        "complete": True,
+        "device": {**dev.describe(), "params": dp.model_dump(mode="json")},
+        "versions": {k: dev.describe().get(k) for k in ("torch", "onnxruntime", "numpy", "python")},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "space": space.structure_dict(),
+        "num_classes": space.num_classes,
+        "mode": plan.mode,
+        "method": "in-context" if plan.carriers else "isolated",
+        "carriers": [a.key for a in plan.carriers],
+        "overhead_ms": round(overhead, 6),
+        "entries": dict(sorted(entries.items())),
+        "enumerated_blocks": len(unique_blocks(space)) if plan.mode == "sampled" else len(plan.blocks),
+        "fallback": fallback.to_dict() if fallback else None,
+        "correction": None,
+        "measure_seconds": round(state.measure_seconds, 1),
+    }
+
+    # validation: raw predictions, correction choice, metrics
+    base = LatencyPredictor.from_lut(lut, space, use_correction=False, source=str(out))
+    measured = np.array([state.validation[a.key]["median_ms"] for a in archs])
+    raw = base.raw_many(archs)
+    flops = np.array([flops_m(a, space) for a in archs])
+    choice = choose_correction(raw, measured, seed=dp.seed)
+    lut["correction"] = {**choice.correction.to_dict(), **choice.details}
+    metrics = validation_metrics(choice.predicted, raw, measured, flops, choice)
+    build_s = time.monotonic() - t_start
+    metrics.update({"lut_entries": len(entries), "carriers": len(plan.carriers), "overhead_ms": round(overhead, 6),
+                    "measure_seconds": round(state.measure_seconds, 1), "validate_seconds": round(validate_s, 1),
+                    "build_seconds": round(build_s, 1)})
+    lut["validation"] = {k: metrics[k] for k in ("n", "rmse_ms", "mape_pct", "within_10pct", "spearman")}
+
+    write_json_atomic(out, lut)
+    metrics_path = paths.lut_metrics_path(device)
+    write_json_atomic(metrics_path, {"device": device, **metrics})
+    plots = paths.plots_dir()
+    png, csv_path = plots / f"lut-{device}.png", plots / f"lut-{device}.csv"
+    proxy = flops_proxy(flops, measured)
+    levels = [space.level_of(f) for f in flops]
+    write_points_csv(csv_path, [
+        {"measured_ms": round(m, 6), "predicted_ms": round(p, 6), "flops_m": round(f, 4),
+         "flops_proxy_ms": round(x, 6), "raw_ms": round(r, 6), "level": "" if lv is None else lv, "arch": a.key}
+        for a, m, p, f, x, r, lv in zip(archs, measured, choice.predicted, flops, proxy, raw, levels)
+    ])
+    plot_points(png, device, measured, choice.predicted, proxy, metrics)
+    state.remove()
+    log.info("lut@%s: %d entries, %d/%d subnets within +-10%% (FLOPs: %.0f%%), MAPE %.2f%%, %.0f s", device,
+             len(entries), round(metrics["within_10pct"] * metrics["n"]), metrics["n"],
+             metrics["flops_within_10pct"] * 100, metrics["mape_pct"], build_s)
+    if track:
+        _track(params, device, metrics, [out, metrics_path, png, csv_path])
+    return {"device": device, "lut": str(out), "metrics": str(metrics_path), "entries": len(entries),
+            "mode": plan.mode, "carriers": len(plan.carriers), "within_10pct": metrics["within_10pct"],
+            "mape_pct": metrics["mape_pct"], "flops_within_10pct": metrics["flops_within_10pct"],
+            "build_seconds": metrics["build_seconds"]}
+
+
+def _track(params: Params, device: str, metrics: dict[str, Any], files: list[Path]) -> None:
+    """Log the stage to MLflow; a tracking failure must not throw away a finished table."""
+    try:
+        import mlflow
+
+        from evit.tracking import flat_params, stage_run
+
+        with stage_run(params, f"lut@{device}", tags={"evit.device": device}, log_sections=("space",)):
+            mlflow.log_params(flat_params(params.device(device).model_dump(mode="json"), "device."))
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                                if isinstance(v, (int, float)) and np.isfinite(float(v))})
+            for f in files:
+                mlflow.log_artifact(str(f), artifact_path="lut")
+    except Exception as exc:  # noqa: BLE001 - tracking is best effort by design
+        log.warning("lut@%s: could not log to MLflow (%s: %s); the table and report are written", device,
+                    type(exc).__name__, exc)

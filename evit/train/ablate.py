@@ -1,0 +1,233 @@
+"""`evit ablate`: does conflict-aware sampling help? Same budget, three samplers, several seeds.
+
+For every seed in `ablate.seeds` and sampler in `ablate.samplers`, a supernet is trained
+with the `train` recipe for `ablate.epochs` epochs (checkpoints under
+`<train.out_dir>/ablate/<sampler>-seed<seed>/`; a killed ablation resumes, a finished run
+with the same params is reused). Every supernet is then evaluated on the SAME subnets:
+per FLOPs level its min subnet plus `ablate.subnets_per_level` fixed seeded draws, BN
+recalibrated, no retraining, on the `val` split.
+
+Gradient conflict (see `evit.train.conflict`): for each sampler, the cosine similarity of
+shared-weight gradients of subnets drawn in the same step and in adjacent steps, measured
+for `CONFLICT_STEPS` steps (a) on the sampler's own trained supernet ("as_trained") and
+(b) on one common supernet per seed, the `uniform` one when it is in the list
+("shared_weights"), which isolates the effect of *which* subnets a sampler pairs.
+
+Outputs: results/ablation.json (sampler -> level -> top-1 mean, std, per-seed values,
+plus conflict numbers) and results/ablation.png (top-1 vs FLOPs per sampler).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evit import flops, paths
+from evit.arch import Arch
+from evit.config import Params
+from evit.io import write_json_atomic
+from evit.space import SearchSpace, space_from_params
+from evit.train import checkpoint as ckpt_mod
+from evit.train.conflict import measure_conflict
+from evit.train.evaluate import evaluate_subnet, isolated_rng, split_tensors
+from evit.train.samplers import make_sampler, settings_from_params
+
+log = logging.getLogger(__name__)
+
+CONFLICT_STEPS = 6
+EVAL_SPLIT = "val"
+EVAL_SEED = 0
+
+
+def ablation_archs(space: SearchSpace, per_level: int, seed: int = 0) -> dict[int, dict[str, Arch]]:
+    """level -> {name: arch}: the level's min subnet and `per_level` fixed seeded draws."""
+    from evit.level_sampler import LevelSampler
+
+    ls = LevelSampler(space)
+    out: dict[int, dict[str, Arch]] = {}
+    for lv in range(len(space.levels)):
+        rng = random.Random(f"evit-ablate-archs:{seed}:{lv}")
+        archs = {"min": ls.min_arch(lv)}
+        for i in range(per_level):
+            archs[f"draw{i}"] = ls.sample(lv, rng)
+        out[lv] = archs
+    return out
+
+
+def run_params(params: Params, sampler: str, seed: int) -> tuple[Params, Path]:
+    out_dir = paths.train_dir(params) / "ablate" / f"{sampler}-seed{seed}"
+    train = params.train.model_copy(update={"sampler": sampler, "seed": seed, "epochs": params.ablate.epochs,
+                                            "out_dir": str(out_dir)})
+    return params.model_copy(update={"train": train}), out_dir
+
+
+def _finished(final: Path, expect_hash: str) -> bool:
+    if not final.is_file():
+        return False
+    try:
+        ck = ckpt_mod.load_checkpoint(final)
+    except ckpt_mod.CheckpointError:
+        return False
+    return ck.get("params_hash") == expect_hash and ck.get("kind") == "final"
+
+
+def conflict_batches(data: Any, space: SearchSpace, batch_size: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` fixed train batches (seeded, no augmentation) at the largest resolution."""
+    x, y = split_tensors(data, "train", max(space.resolutions))
+    g = torch.Generator().manual_seed(1234)
+    idx = torch.randperm(len(x), generator=g)
+    n = min(batch_size, len(x) // max(1, steps)) or 1
+    return [(x[idx[i * n:(i + 1) * n]], y[idx[i * n:(i + 1) * n]]) for i in range(steps)]
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for sampler, res in report["samplers"].items():
+        lv = sorted(res["levels"], key=int)
+        xs = [res["levels"][k]["flops_m"] for k in lv]
+        ys = [100 * res["levels"][k]["top1_mean"] for k in lv]
+        es = [100 * res["levels"][k]["top1_std"] for k in lv]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=sampler)
+    ax.set_xlabel("MFLOPs (mean of the level's evaluated subnets)")
+    ax.set_ylabel(f"top-1 on {report['split']} (%), mean ± std over seeds")
+    ax.set_title(f"sampler ablation: {report['epochs']} epochs, seeds {report['seeds']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_ablation(params: Params) -> dict[str, Any]:
+    """Stage entry point (`evit ablate`); returns a compact table of the results."""
+    import mlflow
+
+    from evit.data.loader import PreparedData
+    from evit.tracking import stage_run
+    from evit.train.loop import Trainer
+
+    a = params.ablate
+    data = PreparedData(paths.prepared_dir(params))
+    space = space_from_params(params.space, data.num_classes)
+    archs = ablation_archs(space, a.subnets_per_level)
+    arch_flops = {lv: {n: flops.flops_m(ar, space) for n, ar in d.items()} for lv, d in archs.items()}
+    per_run: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in a.samplers}
+    shared_sampler = "uniform" if "uniform" in a.samplers else a.samplers[0]
+
+    with stage_run(params, "ablate", log_sections=("ablate", "train", "space")) as parent:
+        for seed in a.seeds:
+            supernets: dict[str, Any] = {}
+            states: dict[str, dict[str, Any]] = {}
+            for sampler in a.samplers:
+                p, out_dir = run_params(params, sampler, seed)
+                final = out_dir / paths.checkpoint_path(p).name
+                info: dict[str, Any] = {}
+                if _finished(final, ckpt_mod.params_hash(p, data.content_hash)):
+                    log.info("ablation %s seed %d: reusing %s", sampler, seed, final)
+                else:
+                    with mlflow.start_run(run_name=f"ablate-{sampler}-seed{seed}", nested=True,
+                                          tags={"evit.stage": "ablate-run", "evit.sampler": sampler}) as child:
+                        res = Trainer(p, out_dir=out_dir, resume=True, data=data,
+                                      mlflow_run_id=child.info.run_id).fit()
+                        info = {k: res.summary.get(k) for k in ("train_seconds", "images_per_s", "top1_mean")}
+                supernet, meta = ckpt_mod.load_supernet(final, space=space)
+                supernets[sampler], states[sampler] = supernet, meta["sampler"]
+                levels: dict[int, Any] = {}
+                for lv, named in archs.items():
+                    accs = {n: evaluate_subnet(supernet, ar, data, EVAL_SPLIT, p.train.bn_calib_batches,
+                                               p.train.batch_size, EVAL_SEED) for n, ar in named.items()}
+                    levels[lv] = {"mean": statistics.fmean(accs.values()), "subnets": accs}
+                per_run[sampler][seed] = {"levels": levels, "train": info, "weights": meta.get("weights"),
+                                          "steps": meta.get("step")}
+                log.info("ablation %s seed %d: val top-1 per level %s", sampler, seed,
+                         {lv: round(v["mean"], 4) for lv, v in levels.items()})
+            batches = conflict_batches(data, space, params.train.batch_size, CONFLICT_STEPS)
+            for sampler in a.samplers:
+                for key, weights_of in (("as_trained", sampler), ("shared_weights", shared_sampler)):
+                    start = int(per_run[sampler][seed]["steps"] or 0)
+                    smp = make_sampler(sampler, space, seed, max(1, start) + CONFLICT_STEPS,
+                                       settings_from_params(params.train))
+                    smp.load_state_dict(states[sampler])
+                    with isolated_rng():
+                        c = measure_conflict(supernets[weights_of], smp, batches, start_step=start)
+                    per_run[sampler][seed].setdefault("conflict", {})[key] = c
+                    log.info("conflict %s (%s, seed %d): same-step %.4f, adjacent-step %.4f", sampler, key, seed,
+                             c["same_step"]["mean"] or float("nan"), c["adjacent_step"]["mean"] or float("nan"))
+
+        report = _report(params, per_run, archs, arch_flops)
+        out = paths.ablation_dir(params)
+        write_json_atomic(out / "ablation.json", report)
+        _plot(report, out / "ablation.png")
+        metrics = {}
+        for s, r in report["samplers"].items():
+            metrics[f"{s}_top1_mean"] = r["top1_mean"]
+            for key in ("as_trained", "shared_weights"):
+                for kind in ("same_step", "adjacent_step"):
+                    v = r["conflict"][key][kind]["mean"]
+                    if v is not None:
+                        metrics[f"{s}_cos_{key}_{kind}"] = v
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(out / "ablation.json"))
+        mlflow.log_artifact(str(out / "ablation.png"))
+        _ = parent
+    return {"ablation": str(out / "ablation.json"), "plot": str(out / "ablation.png"),
+            "top1": {s: {lv: round(v["top1_mean"], 4) for lv, v in r["levels"].items()}
+                     for s, r in report["samplers"].items()},
+            "conflict": {s: {k: {kind: r["conflict"][k][kind]["mean"] for kind in ("same_step", "adjacent_step")}
+                             for k in ("as_trained", "shared_weights")} for s, r in report["samplers"].items()}}
+
+
+def _report(params: Params, per_run: dict[str, dict[int, dict[str, Any]]], archs: dict[int, dict[str, Arch]],
+            arch_flops: dict[int, dict[str, float]]) -> dict[str, Any]:
+    a = params.ablate
+    samplers: dict[str, Any] = {}
+    for s, runs in per_run.items():
+        seeds = sorted(runs)
+        levels: dict[str, Any] = {}
+        for lv in archs:
+            vals = [runs[sd]["levels"][lv]["mean"] for sd in seeds]
+            st = _stats(vals)
+            levels[str(lv)] = {"top1_mean": st["mean"], "top1_std": st["std"], "per_seed": vals,
+                               "flops_m": statistics.fmean(arch_flops[lv].values()),
+                               "per_subnet": {n: [runs[sd]["levels"][lv]["subnets"][n] for sd in seeds]
+                                              for n in archs[lv]}}
+        conflict: dict[str, Any] = {}
+        for key in ("as_trained", "shared_weights"):
+            conflict[key] = {}
+            for kind in ("same_step", "adjacent_step"):
+                vals = [runs[sd]["conflict"][key][kind]["mean"] for sd in seeds
+                        if runs[sd]["conflict"][key][kind]["mean"] is not None]
+                conflict[key][kind] = _stats(vals)
+        overall = [statistics.fmean(runs[sd]["levels"][lv]["mean"] for lv in archs) for sd in seeds]
+        samplers[s] = {"levels": levels, "top1_mean": statistics.fmean(overall), "top1_mean_per_seed": overall,
+                       "conflict": conflict, "train": {str(sd): runs[sd]["train"] for sd in seeds},
+                       "weights": {str(sd): runs[sd]["weights"] for sd in seeds}}
+    return {
+        "split": EVAL_SPLIT,
+        "epochs": a.epochs,
+        "seeds": list(a.seeds),
+        "subnets_per_level": a.subnets_per_level,
+        "conflict_steps": CONFLICT_STEPS,
+        "archs": {str(lv): {n: {"arch": ar.key, "flops_m": round(arch_flops[lv][n], 4)} for n, ar in d.items()}
+                  for lv, d in archs.items()},
+        "samplers": samplers,
+    }
