@@ -201,6 +201,12 @@ class DeviceParams(_Section):
     rounds: PosInt = 3
     """Modules are timed in groups, round-robin over this many passes, so that a burst of
     load on a shared machine spreads over the whole group instead of biasing one entry."""
+    estimator: Literal["median", "p10"] = "median"
+    """The statistic a LUT entry, an end-to-end validation run and so the predictor use
+    (every measurement records median, p10, p90, mean and std). median: the typical
+    latency on a dedicated device. p10: on a machine shared with other jobs, where a
+    sample is inflated whenever another process has just evicted the caches, the 10th
+    percentile estimates the undisturbed latency far more stably than the median."""
     clock: Literal["auto", "wall", "thread"] = "auto"
     """wall: elapsed time. thread: CPU time of the timing thread, which equals the wall
     latency of a single-threaded run on an idle machine but leaves out the time other

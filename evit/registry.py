@@ -56,6 +56,8 @@ CHAMPION = "champion"
 TAG_PREFIX = "evit."
 HASH_TAG = "evit.content_hash"
 RUN_HASH_TAG = "evit.register_hash"
+PT2_TAG = "evit.pt2_sha256"
+"""sha256 of the logged `data/model.pt2` (MLflow writes it, so it is hashed after logging)."""
 FILE_TAG_PREFIX = "evit.sha256."
 EXTRA_FILES = ("model.onnx", "arch.json", "model.safetensors", "card.json", "card.md")
 FORMATS = ("onnx", "torchscript", "pytorch")
@@ -348,6 +350,16 @@ def load_static_from_folder(folder: Path) -> Any:
     return module.eval()
 
 
+def _logged_pt2_sha256(client: Any, model_id: str) -> str:
+    """Hash the pt2 graph as stored (downloaded back), so fetch can verify it like the rest."""
+    import mlflow
+
+    location = client.get_logged_model(model_id).artifact_location.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="evit-pt2-") as tmp:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/data/model.pt2", dst_path=tmp)
+        return sha256_file(path)
+
+
 def _register_once(client: Any, params: Params, name: str, folder: Path, card: dict[str, Any],
                    tags: dict[str, str], undo: _Undo, on_step: Callable[[str], None]) -> dict[str, Any]:
     import mlflow
@@ -391,6 +403,7 @@ def _register_once(client: Any, params: Params, name: str, folder: Path, card: d
         )
         undo.model_id = info.model_id
         on_step("logged-model")
+    tags = {**tags, PT2_TAG: _logged_pt2_sha256(client, info.model_id)}
     mv = client.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, tags=tags,
                                      model_id=info.model_id,
                                      description=f"{card['device']['name']} {card['budget']['text']}: "
@@ -581,6 +594,11 @@ def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str])
             verify_files(extra, mv.tags, where)
             card = read_json(extra / "card.json")
             out.mkdir(parents=True, exist_ok=True)
+            if fmt == "pytorch" and PT2_TAG in mv.tags:
+                got = sha256_file(model_dir / "data" / "model.pt2")
+                if got != mv.tags[PT2_TAG]:
+                    raise RegistryError(f"{where}: data/model.pt2 has sha256 {got} but {mv.tags[PT2_TAG]} was "
+                                        "recorded at registration; the stored artifact is corrupt or was modified")
             files = _write_format(fmt, extra, model_dir, out)
     aliases = sorted(getattr(mv, "aliases", []) or [])
     summary = {"model": mv.name, "version": str(mv.version), "aliases": aliases, "format": fmt,

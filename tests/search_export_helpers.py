@@ -81,3 +81,26 @@ def make_export(root: Path, *, seed: int = 0, val_top1: float = 0.5, budget: Bud
     folder = root / f"{budget.label}-s{seed}-v{val_top1}"
     export_subnet(static, arch, folder, card=card, opset=17)
     return folder, static
+
+
+def tiny_space(num_classes: int) -> SearchSpace:
+    return TINY.with_classes(num_classes)
+
+
+def tiny_predictor(space: SearchSpace, device: Any) -> Any:
+    """A latency predictor of `space` from blocks really timed on `device` (a DeviceParams).
+
+    What `evit lut` does for a preset space, in miniature: each distinct block is built and
+    timed on its own; a subnet's prediction is the sum over its blocks.
+    """
+    import functools
+
+    from evit.latency.devices import Item, get_device
+    from evit.latency.blocks import unique_blocks
+    from evit.latency.predictor import LatencyPredictor
+    from evit.nn.static import build_block
+
+    blocks = unique_blocks(space)
+    items = [Item(functools.partial(build_block, b, 0.0), (1, b.c_in, b.h, b.h), key=b.key) for b in blocks]
+    measured = get_device(device).measure_many(items)
+    return LatencyPredictor(space, {b.key: m.median_ms for b, m in zip(blocks, measured)}, device=device.name)

@@ -147,7 +147,12 @@ def test_register_is_idempotent_and_fetch_verifies(mlflow_server: MlflowServer, 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     np.testing.assert_allclose(pyfunc.predict(x.numpy()), want.numpy(), rtol=1e-4, atol=1e-4)
 
-    # a tampered artifact store is refused
+    # a tampered artifact store is refused: the pt2 graph MLflow wrote, and our own files
+    pt2 = [p for p in mlflow_server.artifacts.rglob("data/model.pt2") if sha256_file(p) == mv.tags[registry.PT2_TAG]]
+    assert len(pt2) == 1
+    pt2[0].write_bytes(pt2[0].read_bytes() + b"\0")
+    with pytest.raises(RegistryError, match="data/model.pt2 has sha256"):
+        registry.fetch_model(params, f"{name}@champion", "pytorch", tmp_path / "tampered-pt2")
     stored = list(mlflow_server.artifacts.rglob("extra_files/model.onnx"))
     target = [p for p in stored if sha256_file(p) == mv.tags["evit.sha256.model.onnx"]]
     assert len(target) == 1
@@ -189,7 +194,7 @@ def test_aliases_move_only_to_at_least_as_accurate(mlflow_server: MlflowServer, 
 
 
 @pytest.mark.slow
-def test_registry_dying_mid_registration(tmp_path: Path) -> None:
+def test_registry_dying_mid_registration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server dies after the model was logged, before the version exists: retries, then
     a RegistryError naming what could not be cleaned up; no version exists, and the next
     registration of the same model (server back) removes the orphaned run + logged model."""
@@ -216,6 +221,9 @@ def test_registry_dying_mid_registration(tmp_path: Path) -> None:
     assert len(orphans) == 1
 
     srv = start_mlflow_server(root)  # same store, new port
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which evit.tracking lets win over params
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
     try:
         params = registry_params(srv.url, model_name=params.export.model_name, retries=1)
         out = registry.register_export(params, folder)
@@ -227,7 +235,7 @@ def test_registry_dying_mid_registration(tmp_path: Path) -> None:
         assert stages[orphans[0].info.run_id] == "deleted"
         assert sorted(stages.values()) == ["active", "deleted"]
         models = list(client.search_logged_models([exp.experiment_id]))
-        assert [m.model_id for m in models] == [client.get_model_version(name, "1").model_id]
+        assert [f"models:/{m.model_id}" for m in models] == [client.get_model_version(name, "1").source]
     finally:
         stop_server(srv)
 

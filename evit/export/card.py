@@ -43,7 +43,7 @@ def host_description() -> dict[str, str]:
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": platform.processor() or _cpu_model(),
+        "cpu": _cpu_model(),
         "cpu_count": str(os.cpu_count()),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -122,7 +122,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- git commit: `{prov['git_commit']}`",
         f"- evit version: `{prov['evit_version']}`",
         f"- device: `{_json(card['device']['params'], indent=None)}`",
-        f"- measured on: {card['device']['host'].get('processor', 'unknown')} "
+        f"- measured on: {card['device']['host'].get('cpu') or card['device']['host'].get('processor', 'unknown')} "
         f"({card['device']['host'].get('platform', '')})",
         "",
         "## Files (sha256)",

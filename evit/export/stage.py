@@ -8,7 +8,7 @@ Per feasible budget in `<search_dir>/result.json`, under `<export_dir>/<budget-l
 - `card.json` + `card.md`: the model card (evit.export.card), with the sha256 of the
   three model files.
 A budget folder is built under a temporary name and swapped in whole, so an interrupted
-export never leaves a half-written model. Then, when `export.register` is set, every
+export never leaves a half-written model. Then, when `export.register_model` is set, every
 exported subnet is registered in MLflow (evit.registry).
 
 Outputs: `<export_dir>/<label>/...`, `<export_dir>/index.json`, `metrics/export-<device>.json`.
@@ -16,7 +16,6 @@ Outputs: `<export_dir>/<label>/...`, `<export_dir>/index.json`, `metrics/export-
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,24 +33,21 @@ from evit.search.stage import RESULT_FILE
 log = logging.getLogger(__name__)
 
 ONNX_TOLERANCE = 1e-3
+VAL_DRIFT_LIMIT = 0.01
+"""Largest val top-1 difference between search and export tolerated (GPU vs CPU rounding)."""
 
 
 class ExportError(UserError):
     """The search result to export is missing, or an exported file fails its check."""
 
 
-def _input_info(params: Params) -> dict[str, Any]:
-    """How inputs must be prepared (the data manifest's normalisation when it records one)."""
-    info: dict[str, Any] = {"dtype": "float32", "layout": "NCHW", "normalization": "see the data manifest"}
-    manifest = paths.manifest_path(params)
-    if manifest.is_file():
-        m = read_json(manifest)
-        for key in ("mean", "std"):
-            if key in m:
-                info[key] = m[key]
-        if "mean" in m and "std" in m:
-            info["normalization"] = f"RGB in [0, 1], minus mean {m['mean']}, divided by std {m['std']}"
-    return info
+def _input_info() -> dict[str, Any]:
+    """How inputs must be prepared: what `evit.data.loader`'s eval transform does."""
+    from evit.data.loader import MEAN, STD
+
+    return {"dtype": "float32", "layout": "NCHW", "mean": list(MEAN), "std": list(STD),
+            "normalization": f"RGB resized (bilinear) to the input side, scaled to [0, 1], minus mean "
+                             f"{[round(m, 4) for m in MEAN]}, divided by std {[round(x, 4) for x in STD]}"}
 
 
 def check_onnx(onnx_path: Path, module: Any, resolution: int, seed: int = 0) -> float:
@@ -144,12 +140,76 @@ def _budget_text(budget: dict[str, Any]) -> str:
     return f"{value:g} ms" if budget["kind"] == "latency" else f"{value:g} MFLOPs"
 
 
+def export_result(
+    params: Params,
+    device: str,
+    result: dict[str, Any],
+    supernet: Any,
+    data: Any,
+    *,
+    supernet_sha256: str,
+    out_root: Path,
+) -> list[dict[str, Any]]:
+    """Export every feasible budget of a search `result` (the parsed result.json).
+
+    The exported weights are the BN-calibrated static subnet (evit.search.fitness), checked
+    to reproduce the search's val top-1 before anything is written.
+    """
+    from evit.search.fitness import calibrated_static, split_top1
+
+    sp = params.search
+    name = params.export.model_name.format(device=device)
+    sources = result.get("sources", {})
+    provenance = {
+        "data_version": sources.get("data_version", "unknown"),
+        "supernet_sha256": supernet_sha256,
+        "lut_sha256": sources.get("lut_sha256", "unknown"),
+        "git_commit": git_commit(),
+        "evit_version": __version__,
+    }
+    device_info = {"name": device, "params": result.get("device_params", params.device(device).model_dump(mode="json")),
+                   "host": result.get("device_description") or host_description()}
+    exported: list[dict[str, Any]] = []
+    for entry in result["budgets"]:
+        if not entry.get("feasible"):
+            log.warning("skipping budget %s of %s: %s", entry["label"], device, entry.get("reason"))
+            continue
+        arch = supernet.space.validate(Arch.from_dict(entry["arch"]))
+        static = calibrated_static(supernet, arch, data, bn_batches=sp.bn_calib_batches,
+                                   batch_size=sp.eval_batch_size, seed=sp.seed)
+        val = split_top1(static, data, "val", arch.resolution, sp.eval_batch_size)
+        drift = abs(val - float(entry["val_top1"]))
+        if drift > VAL_DRIFT_LIMIT:
+            raise ExportError(
+                f"the exported {device} {entry['label']} subnet scores {val:.4f} on val, but the search recorded "
+                f"{entry['val_top1']:.4f}; the checkpoint, data or search settings changed since "
+                f"`evit search -d {device}`: re-run it")
+        if drift > 0:
+            log.warning("%s %s: val top-1 %.4f at export vs %.4f at search (another compute device?); the card "
+                        "records the exported model's %.4f", device, entry["label"], val, entry["val_top1"], val)
+        entry = {**entry, "val_top1": val}
+        card = build_card(name=name, arch=arch, space_dict=supernet.space.to_dict(), budget=entry["budget"],
+                          entry=entry, device=device_info, provenance=provenance, input_info=_input_info(),
+                          opset=params.export.onnx_opset)
+        folder = out_root / entry["label"]
+        full = export_subnet(static, arch, folder, card=card, opset=params.export.onnx_opset)
+        log.info("exported %s %s -> %s (val top-1 %.4f, %.3f ms measured)", device, entry["label"], folder,
+                 val, entry["measured_latency_ms"])
+        exported.append({"label": entry["label"], "folder": str(folder), "card": full})
+    index = {"device": device, "model_name": name,
+             "subnets": [{"label": e["label"], "folder": e["folder"], "arch_key": e["card"]["arch_key"],
+                          "files": e["card"]["files"]} for e in exported]}
+    write_json_atomic(out_root / "index.json", index)
+    return exported
+
+
 def export_device(params: Params, device: str, *, register: bool | None = None) -> dict[str, Any]:
-    """Stage entry point (evit.stages.export). `register` overrides `export.register`."""
-    from evit.nn.static import extract
+    """Stage entry point (evit.stages.export). `register` overrides `export.register_model`."""
+    from evit.data.loader import PreparedData
+    from evit.latency.spaces import space_for
     from evit.train.checkpoint import load_supernet
 
-    dev = params.device(device)
+    params.device(device)
     result_path = paths.search_dir(params, device) / RESULT_FILE
     if not result_path.is_file():
         raise ExportError(f"search result {str(result_path)!r} not found; run `evit search -d {device}` first")
@@ -161,47 +221,25 @@ def export_device(params: Params, device: str, *, register: bool | None = None) 
     if result.get("sources", {}).get("checkpoint_sha256") not in (None, ckpt_sha):
         raise ExportError(f"{result_path} was searched on another supernet checkpoint than {ckpt} "
                           f"(sha256 {ckpt_sha[:12]}...); re-run `evit search -d {device}`")
-    supernet, _meta = load_supernet(ckpt)
-    supernet = supernet.to("cpu").eval()
-    name = params.export.model_name.format(device=device)
-    provenance = {
-        "data_version": result.get("sources", {}).get("data_version", "unknown"),
-        "supernet_sha256": ckpt_sha,
-        "lut_sha256": result.get("sources", {}).get("lut_sha256", "unknown"),
-        "git_commit": git_commit(),
-        "evit_version": __version__,
-    }
-    device_info = {"name": device, "params": dev.model_dump(mode="json"), "host": host_description()}
-    input_info = _input_info(params)
+    supernet, _meta = load_supernet(ckpt, space=space_for(params))
+    data = PreparedData(paths.prepared_dir(params))
     out_root = paths.export_dir(params, device)
-    exported: list[dict[str, Any]] = []
-    for entry in result["budgets"]:
-        if not entry.get("feasible"):
-            log.warning("skipping budget %s of %s: %s", entry["label"], device, entry.get("reason"))
-            continue
-        arch = supernet.space.validate(Arch.from_dict(entry["arch"]))
-        static = extract(supernet, arch)
-        card = build_card(name=name, arch=arch, space_dict=supernet.space.to_dict(), budget=entry["budget"],
-                          entry=entry, device=device_info, provenance=provenance, input_info=input_info,
-                          opset=params.export.onnx_opset)
-        folder = out_root / entry["label"]
-        full = export_subnet(static, arch, folder, card=card, opset=params.export.onnx_opset)
-        log.info("exported %s %s -> %s (val top-1 %.4f, %.3f ms measured)", device, entry["label"], folder,
-                 entry["val_top1"], entry["measured_latency_ms"])
-        exported.append({"label": entry["label"], "folder": str(folder), "card": full})
-
-    index = {"device": device, "model_name": name,
-             "subnets": [{"label": e["label"], "folder": e["folder"], "arch_key": e["card"]["arch_key"],
-                          "files": e["card"]["files"]} for e in exported]}
-    write_json_atomic(out_root / "index.json", index)
-
+    exported = export_result(params, device, result, supernet.eval(), data, supernet_sha256=ckpt_sha,
+                             out_root=out_root)
     registered: list[dict[str, Any]] = []
-    if params.export.register if register is None else register:
+    if params.export.register_model if register is None else register:
         from evit.registry import register_export
 
         for e in exported:
             registered.append(register_export(params, Path(e["folder"])))
-    metrics = {
+    metrics = export_metrics(exported, registered)
+    write_json_atomic(paths.export_metrics_path(device), metrics)
+    return {"device": device, "model_name": params.export.model_name.format(device=device),
+            "exported": [e["folder"] for e in exported], "registered": registered, "metrics": metrics}
+
+
+def export_metrics(exported: list[dict[str, Any]], registered: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
         "exported": len(exported),
         "budgets": {e["label"]: {"val_top1": e["card"]["metrics"]["val_top1"],
                                  "measured_latency_ms": e["card"]["latency"]["measured_ms"],
@@ -212,6 +250,3 @@ def export_device(params: Params, device: str, *, register: bool | None = None) 
         "registered": {r["label"]: {"version": r["version"], "created": r["created"], "aliases": r["aliases"]}
                        for r in registered},
     }
-    write_json_atomic(paths.export_metrics_path(device), metrics)
-    return {"device": device, "model_name": name, "exported": [e["folder"] for e in exported],
-            "registered": registered, "metrics": json.loads(json.dumps(metrics))}

@@ -41,7 +41,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class Measurement:
     mean_ms: float
     std_ms: float
     n: int
+    samples: tuple[float, ...] = field(default=(), repr=False, compare=False)
+    """The raw samples (ms), so measurements of one module at several times can be pooled."""
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> Measurement:
@@ -81,10 +83,12 @@ class Measurement:
             mean_ms=float(a.mean()),
             std_ms=float(a.std()),
             n=int(a.size),
+            samples=tuple(float(x) for x in a),
         )
 
     def to_dict(self) -> dict[str, float | int]:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        """The statistics (not the raw samples), rounded to nanoseconds."""
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items() if k != "samples"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Measurement:
@@ -129,25 +133,14 @@ def random_input(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
 
 
 def export_onnx_file(module: nn.Module, input_shape: Sequence[int], path: Path, opset: int = 17) -> Path:
-    """Export `module` for one fixed input shape (input 'input', output 'output').
+    """Export `module` for `input_shape` with the pipeline's own exporter (`evit.nn.export`).
 
-    Uses the TorchScript-based exporter (about 10x faster than the dynamo exporter, which
-    matters for a few hundred LUT blocks); onnxruntime's graph optimiser normalises both.
-    Falls back to the dynamo exporter if the TorchScript one is unavailable.
+    So a block, or a whole static subnet, is timed from exactly the kind of file that
+    `evit export` ships (same exporter, opset and options).
     """
-    x = random_input(input_shape)
-    module = module.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["output"])
-        except (TypeError, RuntimeError, NotImplementedError) as exc:  # pragma: no cover - future torch
-            log.debug("TorchScript ONNX export failed (%s); using the dynamo exporter", exc)
-            torch.onnx.export(module, (x,), str(path), dynamo=True, opset_version=opset, external_data=False,
-                              input_names=["input"], output_names=["output"])
-    return path
+    from evit.nn.export import export_onnx_input
+
+    return export_onnx_input(module, random_input(input_shape), path, opset)
 
 
 @contextlib.contextmanager
@@ -187,7 +180,9 @@ class Device(abc.ABC):
     per_call_overhead: bool = False
     """True where each separately timed call pays a runtime cost (an onnxruntime
     `session.run`, a command's invocation) that a whole subnet pays only once."""
-    supports_chains: bool = True
+    in_process: bool = True
+    """False for kinds that hand a file to an external runner (no in-context timing, and
+    one invocation per module: the runner does its own repeats)."""
     _CACHE_SIZE = 1024
 
     def __init__(self, dp: DeviceParams, *, opset: int = 17) -> None:
@@ -240,26 +235,33 @@ class Device(abc.ABC):
     def measure(self, module: nn.Module, input_shape: Sequence[int], *, onnx_path: Path | None = None) -> Measurement:
         return self.measure_many([Item(module, tuple(input_shape), onnx_path)])[0]
 
-    def measure_many(self, items: Sequence[Item]) -> list[Measurement]:
-        """Time each module on its own: warm-up, inner count, `repeats` samples interleaved over `rounds`."""
+    def measure_many(self, items: Sequence[Item], *, repeats: int | None = None, warmup: int | None = None,
+                     rounds: int | None = None) -> list[Measurement]:
+        """Time each module on its own: warm-up, inner count, `repeats` samples interleaved over `rounds`.
+
+        `repeats`/`warmup`/`rounds` default to the device's params.
+        """
         dp = self.params
+        repeats = dp.repeats if repeats is None else repeats
+        warmup = dp.warmup if warmup is None else warmup
         with self._context():
             prepared = [self.prepare(it) for it in items]
             inner: list[int] = []
             for p in prepared:
-                if dp.warmup:
-                    self._time_loop(p, dp.warmup)
+                if warmup:
+                    self._time_loop(p, warmup)
                 probe = max(self._time_loop(p, 3) / 3, 1e-7)
                 inner.append(int(min(_MAX_INNER, max(1, math.ceil(_MIN_SAMPLE_S / probe)))))
             samples: list[list[float]] = [[] for _ in prepared]
-            for count in _rounds(dp.repeats, dp.rounds):
+            for count in _rounds(repeats, dp.rounds if rounds is None else rounds):
                 for i, p in enumerate(prepared):
                     k = inner[i]
                     for _ in range(count):
                         samples[i].append(self._time_loop(p, k) / k * 1e3)
         return [Measurement.from_samples(s) for s in samples]
 
-    def measure_chains(self, chains: Sequence[Sequence[Item]]) -> list[list[Measurement]]:
+    def measure_chains(self, chains: Sequence[Sequence[Item]], *, repeats: int | None = None,
+                       warmup: int | None = None, rounds: int | None = None) -> list[list[Measurement]]:
         """Time every module of every chain in context (see the class docstring).
 
         A pass runs a chain once, timing each module separately; each chain gets `warmup`
@@ -267,13 +269,15 @@ class Device(abc.ABC):
         through all chains (one untimed pass whenever the cycle comes back to a chain).
         """
         dp = self.params
+        repeats = dp.repeats if repeats is None else repeats
+        warmup = dp.warmup if warmup is None else warmup
         with self._context():
             prepared = [[self.prepare(it) for it in chain] for chain in chains]
             for ch in prepared:
-                for _ in range(dp.warmup):
+                for _ in range(warmup):
                     self._time_chain(ch)
-            samples = [[[] for _ in ch] for ch in prepared]
-            for count in _rounds(dp.repeats, dp.rounds):
+            samples: list[list[list[float]]] = [[[] for _ in ch] for ch in prepared]
+            for count in _rounds(repeats, dp.rounds if rounds is None else rounds):
                 for ci, ch in enumerate(prepared):
                     self._time_chain(ch)
                     for _ in range(count):
@@ -472,7 +476,9 @@ class CudaDevice(Device):
         return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_NUMBER = re.compile(r"(?<![\w.\-/])([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?:ms)?(?![\w.])")
+"""A stand-alone number (optionally with an 'ms' suffix): digits inside words or paths
+(`/tmp/m1/model.onnx`, `abc123`) are not latencies."""
 _PLACEHOLDERS = ("model", "input_shape", "resolution", "batch_size", "threads", "warmup", "repeats")
 
 
@@ -484,7 +490,7 @@ class CommandDevice(Device):
     """An external benchmark command: ONNX file in, one latency in ms printed on stdout."""
 
     per_call_overhead = True
-    supports_chains = False
+    in_process = False
 
     def check_available(self) -> None:
         template = self.params.command or ""
@@ -545,7 +551,8 @@ class CommandDevice(Device):
             )
         return value
 
-    def measure_many(self, items: Sequence[Item]) -> list[Measurement]:
+    def measure_many(self, items: Sequence[Item], *, repeats: int | None = None, warmup: int | None = None,
+                     rounds: int | None = None) -> list[Measurement]:
         """One command run per module (the command does its own warm-up and repeats)."""
         out = []
         for it in items:
@@ -553,7 +560,8 @@ class CommandDevice(Device):
             out.append(Measurement.from_samples([p.step(p.x)]))
         return out
 
-    def measure_chains(self, chains: Sequence[Sequence[Item]]) -> list[list[Measurement]]:
+    def measure_chains(self, chains: Sequence[Sequence[Item]], *, repeats: int | None = None,
+                       warmup: int | None = None, rounds: int | None = None) -> list[list[Measurement]]:
         """An external runner cannot time a module inside a sequence: each is timed on its own."""
         return [self.measure_many(chain) for chain in chains]
 
@@ -569,10 +577,6 @@ _KINDS: dict[str, type[Device]] = {
     "cuda": CudaDevice,
     "command": CommandDevice,
 }
-
-ONNX_KINDS = frozenset({"onnxruntime-cpu", "command"})
-"""Kinds that time an ONNX export (so validation times the pipeline's own export)."""
-
 
 def get_device(dp: DeviceParams, *, opset: int = 17) -> Device:
     """The `Device` for one validated `devices:` entry (`opset` for kinds that export ONNX)."""

@@ -6,7 +6,7 @@ A finished table (`luts/<device>.json`) looks like::
      "created": "2026-11-29T00:30:00+00:00", "space": {...structure_dict()...},
      "num_classes": 10, "mode": "full", "method": "in-context", "overhead_ms": 0.004,
      "entries": {"mbconv|h16|i16|o24|e3|k5|s2|se0": {"median_ms": 0.051, "p10_ms": ..., "n": 60,
-                                                    "contexts": 2}, ...},
+                                                    "carriers": 2}, ...},
      "correction": {"used": true, "a": 1.02, "b": -0.01, ...}, "fallback": null, ...}
 
 Keys are `Block.key` strings, so a person can read which configuration an entry times.
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from evit.errors import LUTError
 from evit.io import write_json_atomic
@@ -36,7 +35,7 @@ from evit.space import SearchSpace
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-FLUSH_SECONDS = 5.0
+FLUSH_SECONDS = 10.0
 FLUSH_ENTRIES = 32
 
 
@@ -47,17 +46,17 @@ def partial_path(lut_path: Path) -> Path:
 class PartialLUT:
     """Measurements of an unfinished build, flushed atomically so a kill loses seconds, not hours.
 
-    `samples` maps a block key to one measurement per context it was timed in (a carrier
-    subnet, or on its own); `done` names the measurement units (carriers, blocks) already
-    finished; `validation` maps an arch key to its end-to-end measurement.
+    `samples` maps a block key to all its raw samples (ms) so far, pooled over the carrier
+    subnets it was timed in and over the measurement rounds; `validation` does the same for
+    whole subnets (arch key). `done` names the finished units of work ("<unit>@<round>").
     """
 
     def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
         self.path = path
         self.fingerprint = fingerprint
-        self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.samples: dict[str, list[float]] = {}
+        self.validation: dict[str, list[float]] = {}
         self.done: set[str] = set()
-        self.validation: dict[str, dict[str, Any]] = {}
         self.measure_seconds = 0.0
         self._dirty = 0
         self._last_flush = time.monotonic()
@@ -78,22 +77,19 @@ class PartialLUT:
                         "starting over", path)
             return state
         state.samples = {k: list(v) for k, v in data.get("samples", {}).items()}
+        state.validation = {k: list(v) for k, v in data.get("validation", {}).items()}
         state.done = set(data.get("done", []))
-        state.validation = dict(data.get("validation", {}))
         state.measure_seconds = float(data.get("measure_seconds", 0.0))
-        log.info("resuming %s: %d units (%d block entries) and %d validation subnets already measured", path,
+        log.info("resuming %s: %d units of work done (%d blocks, %d validation subnets measured so far)", path,
                  len(state.done), len(state.samples), len(state.validation))
         return state
 
-    def add_unit(self, unit: str, measured: dict[str, Measurement]) -> None:
-        """Record one finished unit: its measurement of every block key it timed."""
+    def add(self, unit: str, measured: dict[str, Measurement], *, validation: bool = False) -> None:
+        """Record one finished unit of work: the samples of every key it timed."""
+        target = self.validation if validation else self.samples
         for key, m in measured.items():
-            self.samples.setdefault(key, []).append(m.to_dict())
+            target.setdefault(key, []).extend(round(x, 6) for x in m.samples)
         self.done.add(unit)
-        self._dirty += 1
-
-    def add_validation(self, key: str, m: Measurement) -> None:
-        self.validation[key] = m.to_dict()
         self._dirty += 1
 
     def maybe_flush(self) -> None:
@@ -115,22 +111,6 @@ class PartialLUT:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
-
-
-def combine(contexts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One table entry from a block's measurements in several contexts (medians of the stats)."""
-    def med(key: str) -> float:
-        return round(float(np.median([c[key] for c in contexts])), 6)
-
-    return {
-        "median_ms": med("median_ms"),
-        "p10_ms": med("p10_ms"),
-        "p90_ms": med("p90_ms"),
-        "mean_ms": round(float(np.mean([c["mean_ms"] for c in contexts])), 6),
-        "std_ms": med("std_ms"),
-        "n": int(sum(c["n"] for c in contexts)),
-        "contexts": len(contexts),
-    }
 
 
 def load_lut(path: str | Path) -> dict[str, Any]:

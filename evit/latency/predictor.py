@@ -135,7 +135,8 @@ class LatencyPredictor:
     @classmethod
     def from_lut(cls, lut: dict[str, Any], space: SearchSpace, *, use_correction: bool = True,
                  source: str = "<memory>") -> LatencyPredictor:
-        entries = {k: float(v["median_ms"]) for k, v in lut["entries"].items()}
+        stat = lut.get("statistic", "median_ms")
+        entries = {k: float(v[stat]) for k, v in lut["entries"].items()}
         fallback = BlockRegression(lut["fallback"]) if lut.get("fallback") else None
         correction = Correction.from_dict(lut.get("correction")) if use_correction else Correction()
         device = lut.get("device", {}).get("name", "")

@@ -28,7 +28,6 @@ import datetime as dt
 import functools
 import logging
 import random
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,8 +45,8 @@ from evit.errors import LUTError
 from evit.flops import Block, arch_blocks, flops_m
 from evit.io import write_json_atomic
 from evit.latency.blocks import count_by_kind, covering_archs, sample_subnets, sampled_blocks, unique_blocks
-from evit.latency.devices import ONNX_KINDS, Device, Item, Measurement, get_device
-from evit.latency.lut import FORMAT, PartialLUT, combine, partial_path
+from evit.latency.devices import Device, Item, Measurement, get_device
+from evit.latency.lut import FORMAT, PartialLUT, partial_path
 from evit.latency.predictor import BlockRegression, LatencyPredictor
 from evit.latency.report import choose_correction, flops_proxy, plot_points, validation_metrics, write_points_csv
 from evit.latency.spaces import space_for
@@ -152,220 +151,222 @@ def _null_item(shape: tuple[int, ...]) -> Item:
     return Item(NullModule(), shape, key=f"{OVERHEAD_KEY}|{'x'.join(map(str, shape))}")
 
 
-def measure_table(device: Device, space: SearchSpace, plan: Plan, state: PartialLUT, *,
-                  progress: bool = True) -> None:
-    """Measure every unit of `plan` not yet in `state`, flushing as it goes."""
+def _rounds_plan(dp: DeviceParams, in_process: bool) -> tuple[list[int], int]:
+    """Samples per round and untimed warm-up runs per round (one round for external runners)."""
+    if not in_process:
+        return [dp.repeats], dp.warmup
+    rounds = max(1, min(dp.rounds, dp.repeats))
+    per_round = [dp.repeats // rounds + (1 if r < dp.repeats % rounds else 0) for r in range(rounds)]
+    return per_round, -(-dp.warmup // rounds)
+
+
+def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[Arch], state: PartialLUT, *,
+                progress: bool = True) -> None:
+    """Measure the table's units and the validation subnets, in rounds, resumably.
+
+    Every round visits every carrier (or block) and then every validation subnet, taking
+    `repeats / rounds` samples of each; samples are pooled over rounds. So the table and
+    the end-to-end runs it is checked against are spread over the same stretch of time,
+    and a burst of load from another job inflates a few samples of everything rather than
+    all samples of a few entries.
+    """
+    from evit.nn.static import StaticSubnet
+
     dp = device.params
     batch = dp.batch_size
+    per_round, warm = _rounds_plan(dp, device.in_process)
     units = plan.units()
-    todo = [i for i, u in enumerate(units) if u not in state.done]
-    if not todo:
-        return
-    bar = _progress(len(units), len(units) - len(todo), f"lut@{device.name}",
-                    "carrier" if plan.carriers else "block", progress)
-    t0 = time.monotonic()
-    done_here = 0
-    warned = False
+    null_shape = (batch, space.num_classes) if plan.carriers else (batch, 1, 1, 1)
+    null = _null_item(null_shape) if device.per_call_overhead else None
+    total = len(per_round) * (len(units) + len(archs) + (0 if plan.carriers or null is None else 1))
+    bar = _progress(total, len(state.done), f"lut@{device.name}", "unit", progress)
+    t0, done_here, warned = time.monotonic(), 0, False
+
+    def finish(n: int, seconds: float) -> None:
+        nonlocal done_here, warned
+        state.measure_seconds += seconds
+        state.maybe_flush()
+        bar.update(n)
+        done_here += n
+        warned = warned or _eta_warning(device, t0, done_here, total - len(state.done))
+
     try:
-        if plan.carriers:
-            null = _null_item((batch, space.num_classes)) if device.per_call_overhead else None
-            for g in range(0, len(todo), CHAIN_GROUP):
-                group = [plan.carriers[i] for i in todo[g:g + CHAIN_GROUP]]
-                chains, keys = [], []
-                for arch in group:
-                    blocks = arch_blocks(arch, space)
-                    chain = [_block_item(b, space, batch, occurrence=blocks[:j].count(b))
-                             for j, b in enumerate(blocks)]
-                    ks = [b.key for b in blocks]
-                    if null is not None:  # the per-call cost, timed in the same context
-                        chain.append(null)
-                        ks.append(OVERHEAD_KEY)
-                    chains.append(chain)
-                    keys.append(ks)
+        for r, count in enumerate(per_round):
+            # 1. the table: carriers in context, or single blocks
+            todo = [i for i, u in enumerate(units) if f"{u}@{r}" not in state.done]
+            if plan.carriers:
+                for g in range(0, len(todo), CHAIN_GROUP):
+                    group = [plan.carriers[i] for i in todo[g:g + CHAIN_GROUP]]
+                    chains, keys = [], []
+                    for arch in group:
+                        blocks = arch_blocks(arch, space)
+                        chains.append([_block_item(b, space, batch, occurrence=blocks[:j].count(b))
+                                       for j, b in enumerate(blocks)] + ([null] if null else []))
+                        keys.append([b.key for b in blocks] + ([OVERHEAD_KEY] if null else []))
+                    t = time.monotonic()
+                    results = device.measure_chains(chains, repeats=count, warmup=warm, rounds=1)
+                    seconds = time.monotonic() - t
+                    for arch, ks, ms in zip(group, keys, results):
+                        pooled: dict[str, list[float]] = {}
+                        for k, m in zip(ks, ms):  # a block repeated within a subnet: pool its layers
+                            pooled.setdefault(k, []).extend(m.samples)
+                        state.add(f"carrier|{arch.key}@{r}", {k: Measurement.from_samples(v)
+                                                              for k, v in pooled.items()})
+                    finish(len(group), seconds)
+            else:
+                if null is not None and f"overhead@{r}" not in state.done:
+                    m = device.measure_many([null], repeats=count, warmup=warm, rounds=1)[0]
+                    state.add(f"overhead@{r}", {OVERHEAD_KEY: m})
+                    finish(1, 0.0)
+                for i in todo:
+                    b = plan.blocks[i]
+                    t = time.monotonic()
+                    m = device.measure_many([_block_item(b, space, batch)], repeats=count, warmup=warm, rounds=1)[0]
+                    state.add(f"block|{b.key}@{r}", {b.key: m})
+                    finish(1, time.monotonic() - t)
+            # 2. validation: whole static subnets (ONNX kinds: the pipeline's own export of them)
+            todo_v = [a for a in archs if f"e2e|{a.key}@{r}" not in state.done]
+            for g in range(0, len(todo_v), VALIDATE_GROUP):
+                group_a = todo_v[g:g + VALIDATE_GROUP]
+                items = [Item(functools.partial(StaticSubnet, a, space), (batch, 3, a.resolution, a.resolution),
+                              key=f"e2e|{a.key}") for a in group_a]
                 t = time.monotonic()
-                results = device.measure_chains(chains)
-                state.measure_seconds += time.monotonic() - t
-                for arch, ks, ms in zip(group, keys, results):
-                    per_key: dict[str, list[Measurement]] = {}
-                    for k, m in zip(ks, ms):
-                        per_key.setdefault(k, []).append(m)
-                    # a block repeated in a stage: its layers are timed separately; keep their median
-                    state.add_unit(f"carrier|{arch.key}", {k: _median_of(v) for k, v in per_key.items()})
-                state.maybe_flush()
-                bar.update(len(group))
-                done_here += len(group)
-                warned = warned or _eta_warning(device, t0, done_here, len(todo), warned)
-        else:
-            if device.per_call_overhead and OVERHEAD_KEY not in state.samples:
-                m = device.measure_many([_null_item((batch, 1, 1, 1))])[0]
-                state.add_unit("overhead", {OVERHEAD_KEY: m})
-            for i in todo:
-                b = plan.blocks[i]
-                t = time.monotonic()
-                m = device.measure_many([_block_item(b, space, batch)])[0]
-                state.measure_seconds += time.monotonic() - t
-                state.add_unit(f"block|{b.key}", {b.key: m})
-                state.maybe_flush()
-                bar.update(1)
-                done_here += 1
-                warned = warned or _eta_warning(device, t0, done_here, len(todo), warned)
+                for a, m in zip(group_a, device.measure_many(items, repeats=count, warmup=warm, rounds=1)):
+                    state.add(f"e2e|{a.key}@{r}", {a.key: m}, validation=True)
+                finish(len(group_a), time.monotonic() - t)
     finally:
         state.flush()
         bar.close()
 
 
-def _median_of(ms: Sequence[Measurement]) -> Measurement:
-    if len(ms) == 1:
-        return ms[0]
-    d = combine([m.to_dict() for m in ms])
-    return Measurement(d["median_ms"], d["p10_ms"], d["p90_ms"], d["mean_ms"], d["std_ms"], d["n"])
-
-
-def _eta_warning(device: Device, t0: float, done: int, total: int, warned: bool) -> bool:
-    if warned or done < max(2, total // 50):
+def _eta_warning(device: Device, t0: float, done: int, remaining: int) -> bool:
+    if done < 8:
         return False
-    eta = (time.monotonic() - t0) / done * (total - done)
+    eta = (time.monotonic() - t0) / done * max(remaining, 0)
     if eta > ETA_WARN_S:
-        log.warning("lut@%s: about %.0f min left for %d more units; a smaller table: `lut_mode: sampled` on "
-                    "this device (or fewer `repeats`)", device.name, eta / 60, total - done)
+        log.warning("lut@%s: about %.0f min left (%d units of work); for a smaller table set `lut_mode: sampled` "
+                    "on this device (or fewer `repeats`)", device.name, eta / 60, remaining)
         return True
     return False
 
 
-def _export_subnet(module: nn.Module, resolution: int, path: Path, opset: int, batch: int) -> Path:
-    """The pipeline's own ONNX export (what `evit export` ships), so validation times the real file."""
-    from evit.nn.export import export_onnx
-
-    return export_onnx(module, resolution, path, opset=opset, batch_size=batch)
+def statistic(dp: DeviceParams) -> str:
+    """The Measurement field the table and its validation use (DeviceParams.estimator)."""
+    return f"{dp.estimator}_ms"
 
 
-def measure_validation(device: Device, space: SearchSpace, archs: Sequence[Arch], state: PartialLUT, *,
-                       progress: bool = True) -> None:
-    """End-to-end latency of each static subnet (interleaved in groups), resumable via `state`."""
-    from evit.nn.static import StaticSubnet
-
-    dp = device.params
-    todo = [a for a in archs if a.key not in state.validation]
-    if not todo:
-        return
-    bar = _progress(len(archs), len(archs) - len(todo), f"validate@{device.name}", "subnet", progress)
-    try:
-        with tempfile.TemporaryDirectory(prefix="evit-val-") as tmp:
-            for g in range(0, len(todo), VALIDATE_GROUP):
-                group = todo[g:g + VALIDATE_GROUP]
-                items = []
-                for arch in group:
-                    net = StaticSubnet(arch, space).eval()
-                    shape = (dp.batch_size, 3, arch.resolution, arch.resolution)
-                    onnx = None
-                    if dp.kind in ONNX_KINDS:
-                        onnx = _export_subnet(net, arch.resolution, Path(tmp) / f"{arch.key}.onnx", device.opset,
-                                              dp.batch_size)
-                    items.append(Item(net, shape, onnx_path=onnx))
-                for arch, m in zip(group, device.measure_many(items)):
-                    state.add_validation(arch.key, m)
-                state.maybe_flush()
-                bar.update(len(group))
-    finally:
-        state.flush()
-        bar.close()
+def _entries(state: PartialLUT, plan: Plan, space: SearchSpace, stat: str) -> tuple[dict[str, dict[str, Any]], float]:
+    """Table entries from the pooled samples (+ how many carriers each block was timed in)."""
+    carriers: dict[str, int] = {}
+    for arch in plan.carriers:
+        for b in set(arch_blocks(arch, space)):
+            carriers[b.key] = carriers.get(b.key, 0) + 1
+    entries: dict[str, dict[str, Any]] = {}
+    for k, v in sorted(state.samples.items()):
+        if k == OVERHEAD_KEY:
+            continue
+        entries[k] = Measurement.from_samples(v).to_dict()
+        if plan.carriers:
+            entries[k]["carriers"] = carriers.get(k, 0)
+    overhead = Measurement.from_samples(state.samples[OVERHEAD_KEY]).to_dict()[stat] \
+        if OVERHEAD_KEY in state.samples else 0.0
+    return entries, float(overhead)
 
 
-def _entries(state: PartialLUT) -> tuple[dict[str, dict[str, Any]], float]:
-    entries = {k: combine(v) for k, v in state.samples.items() if k != OVERHEAD_KEY}
-    overhead = combine(state.samples[OVERHEAD_KEY])["median_ms"] if OVERHEAD_KEY in state.samples else 0.0
-    return entries, overhead
+def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, track: bool = True,
+              progress: bool = True) -> dict[str, Any]:
+    """Build, validate and write the latency table of one device (resuming a partial build).
 
-
-def build_lut(params: Params, device: str, *, track: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Build, validate and write the latency table of one device (resuming a partial build)."""
+    `space` defaults to `params.space` with the prepared data's classes (`space_for`); pass
+    one to build a table for a custom space. `track=False` skips MLflow.
+    """
     t_start = time.monotonic()
     dp = params.device(device)
-    space = space_for(params)
+    space = space or space_for(params)
     dev = get_device(dp, opset=params.export.onnx_opset)
     dev.check_available()
     out = paths.lut_path(params, device)
-    plan = plan_lut(space, dp, in_context=dev.supports_chains)
+    plan = plan_lut(space, dp, in_context=dev.in_process)
     log.info("lut@%s: %s table of the '%s' space (%d classes): %d blocks (%s)%s", device, plan.mode, space.name,
              space.num_classes, len(plan.blocks), ", ".join(f"{k} {v}" for k, v in count_by_kind(plan.blocks).items()),
              f", timed in context inside {len(plan.carriers)} carrier subnets" if plan.carriers else ", each on its own")
+    archs = sample_subnets(space, dp.validate_subnets, random.Random(f"lut-validate-{dp.seed}"))
     state = PartialLUT.open(partial_path(out), fingerprint(dp, dev, space, plan))
     try:
         with _quiet("evit.nn.export"):
-            measure_table(dev, space, plan, state, progress=progress)
-            entries, overhead = _entries(state)
-            missing = [b.key for b in plan.blocks if b.key not in entries]
-            if missing:  # pragma: no cover - guarded by the planner
-                raise LUTError(f"lut@{device}: {len(missing)} planned blocks were not measured, e.g. {missing[:3]}")
-            archs = sample_subnets(space, dp.validate_subnets, random.Random(f"lut-validate-{dp.seed}"))
-            t_val = time.monotonic()
-            measure_validation(dev, space, archs, state, progress=progress)
-            validate_s = time.monotonic() - t_val
+            measure_all(dev, space, plan, archs, state, progress=progress)
     finally:
         dev.close()
+    stat = statistic(dp)
+    entries, overhead = _entries(state, plan, space, stat)
+    missing = [b.key for b in plan.blocks if b.key not in entries]
+    if missing:  # pragma: no cover - guarded by the planner
+        raise LUTError(f"lut@{device}: {len(missing)} planned blocks were not measured, e.g. {missing[:3]}")
 
-    all_blocks = {b.key: b for b in unique_blocks(space)} if plan.mode == "sampled" else {}
     fallback = None
+    n_enumerated = len(plan.blocks)
     if plan.mode == "sampled":
+        all_blocks = {b.key: b for b in unique_blocks(space)}
+        n_enumerated = len(all_blocks)
         keys = [k for k in entries if k in all_blocks]
         fallback = BlockRegression.fit([all_blocks[k] for k in keys],
-                                       [max(entries[k]["median_ms"] - overhead, 1e-6) for k in keys])
+                                       [max(entries[k][stat] - overhead, 1e-6) for k in keys])
+    desc = dev.describe()
     lut: dict[str, Any] = {
         "format": FORMAT,
         "complete": True,
-        "device": {**dev.describe(), "params": dp.model_dump(mode="json")},
-        "versions": {k: dev.describe().get(k) for k in ("torch", "onnxruntime", "numpy", "python")},
+        "device": {**desc, "params": dp.model_dump(mode="json")},
+        "versions": {k: desc.get(k) for k in ("torch", "onnxruntime", "numpy", "python", "cuda")},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "space": space.structure_dict(),
         "num_classes": space.num_classes,
         "mode": plan.mode,
         "method": "in-context" if plan.carriers else "isolated",
-        "carriers": [a.key for a in plan.carriers],
+        "statistic": stat,
         "overhead_ms": round(overhead, 6),
-        "entries": dict(sorted(entries.items())),
-        "enumerated_blocks": len(unique_blocks(space)) if plan.mode == "sampled" else len(plan.blocks),
+        "enumerated_blocks": n_enumerated,
+        "entries": entries,
+        "carriers": [a.key for a in plan.carriers],
         "fallback": fallback.to_dict() if fallback else None,
         "correction": None,
         "measure_seconds": round(state.measure_seconds, 1),
     }
 
-    # validation: raw predictions, correction choice, metrics
+    # validation: raw predictions, correction choice (held out), metrics
     base = LatencyPredictor.from_lut(lut, space, use_correction=False, source=str(out))
-    measured = np.array([state.validation[a.key]["median_ms"] for a in archs])
+    measured = np.array([Measurement.from_samples(state.validation[a.key]).to_dict()[stat] for a in archs])
     raw = base.raw_many(archs)
     flops = np.array([flops_m(a, space) for a in archs])
     choice = choose_correction(raw, measured, seed=dp.seed)
     lut["correction"] = {**choice.correction.to_dict(), **choice.details}
     metrics = validation_metrics(choice.predicted, raw, measured, flops, choice)
-    build_s = time.monotonic() - t_start
-    metrics.update({"lut_entries": len(entries), "carriers": len(plan.carriers), "overhead_ms": round(overhead, 6),
-                    "measure_seconds": round(state.measure_seconds, 1), "validate_seconds": round(validate_s, 1),
-                    "build_seconds": round(build_s, 1)})
+    metrics.update({"lut_entries": len(entries), "enumerated_blocks": n_enumerated, "carriers": len(plan.carriers),
+                    "overhead_ms": round(overhead, 6), "measure_seconds": round(state.measure_seconds, 1),
+                    "build_seconds": round(time.monotonic() - t_start, 1)})
     lut["validation"] = {k: metrics[k] for k in ("n", "rmse_ms", "mape_pct", "within_10pct", "spearman")}
-
     write_json_atomic(out, lut)
+
     metrics_path = paths.lut_metrics_path(device)
-    write_json_atomic(metrics_path, {"device": device, **metrics})
-    plots = paths.plots_dir()
-    png, csv_path = plots / f"lut-{device}.png", plots / f"lut-{device}.csv"
+    write_json_atomic(metrics_path, {"device": device, "statistic": stat, **metrics})
+    png, csv_path = paths.plots_dir() / f"lut-{device}.png", paths.plots_dir() / f"lut-{device}.csv"
     proxy = flops_proxy(flops, measured)
-    levels = [space.level_of(f) for f in flops]
     write_points_csv(csv_path, [
         {"measured_ms": round(m, 6), "predicted_ms": round(p, 6), "flops_m": round(f, 4),
          "flops_proxy_ms": round(x, 6), "raw_ms": round(r, 6), "level": "" if lv is None else lv, "arch": a.key}
-        for a, m, p, f, x, r, lv in zip(archs, measured, choice.predicted, flops, proxy, raw, levels)
+        for a, m, p, f, x, r, lv in zip(archs, measured, choice.predicted, flops, proxy, raw,
+                                        (space.level_of(f) for f in flops))
     ])
     plot_points(png, device, measured, choice.predicted, proxy, metrics)
     state.remove()
-    log.info("lut@%s: %d entries, %d/%d subnets within +-10%% (FLOPs: %.0f%%), MAPE %.2f%%, %.0f s", device,
+    log.info("lut@%s: %d entries; %d/%d subnets within +-10%% (FLOPs proxy: %.0f%%), MAPE %.2f%%, %.0f s", device,
              len(entries), round(metrics["within_10pct"] * metrics["n"]), metrics["n"],
-             metrics["flops_within_10pct"] * 100, metrics["mape_pct"], build_s)
+             metrics["flops_within_10pct"] * 100, metrics["mape_pct"], metrics["build_seconds"])
     if track:
         _track(params, device, metrics, [out, metrics_path, png, csv_path])
     return {"device": device, "lut": str(out), "metrics": str(metrics_path), "entries": len(entries),
-            "mode": plan.mode, "carriers": len(plan.carriers), "within_10pct": metrics["within_10pct"],
-            "mape_pct": metrics["mape_pct"], "flops_within_10pct": metrics["flops_within_10pct"],
-            "build_seconds": metrics["build_seconds"]}
+            "mode": plan.mode, "carriers": len(plan.carriers), "n": metrics["n"],
+            "within_10pct": metrics["within_10pct"], "mape_pct": metrics["mape_pct"],
+            "flops_within_10pct": metrics["flops_within_10pct"], "build_seconds": metrics["build_seconds"]}
 
 
 def _track(params: Params, device: str, metrics: dict[str, Any], files: list[Path]) -> None:

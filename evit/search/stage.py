@@ -36,7 +36,7 @@ from evit.errors import CheckpointError, DataError, LUTError, UserError
 from evit.io import read_json, sha256_file, write_json_atomic
 from evit.search.budgets import Budget, device_budgets
 from evit.search.evolution import EvolutionResult, EvolutionSettings, GenerationStats, evolve
-from evit.search.fitness import FitnessCache
+from evit.search.fitness import FitnessCache, calibrated_static, split_top1
 from evit.search.pareto import pareto_front, plot_search, write_front_csv
 from evit.search.seeding import match_level, proposal
 from evit.space import SearchSpace
@@ -72,8 +72,11 @@ class SearchInputs:
 
 
 def load_inputs(params: Params, device: str) -> SearchInputs:
+    import torch
+
     from evit.data.loader import PreparedData
     from evit.latency.predictor import LatencyPredictor
+    from evit.latency.spaces import space_for
     from evit.train.checkpoint import load_supernet
 
     dev = params.device(device)
@@ -88,23 +91,24 @@ def load_inputs(params: Params, device: str) -> SearchInputs:
         raise DataError(f"prepared data manifest {str(manifest)!r} not found; run `evit prepare` first")
     data_version = str(read_json(manifest).get("content_hash", "unknown"))
 
-    supernet, meta = load_supernet(ckpt)
+    compute = "cuda" if torch.cuda.is_available() and params.train.device in ("auto", "cuda") else "cpu"
+    supernet, _meta = load_supernet(ckpt, space=space_for(params), map_location=compute)
     space: SearchSpace = supernet.space
     predictor = LatencyPredictor.load(lut, space)
     data = PreparedData(paths.prepared_dir(params))
-    banks = _banks_from_meta(meta, ckpt)
+    banks = _load_banks(ckpt)
     ckpt_sha = sha256_file(ckpt)
     sp = params.search
     context = {"supernet_sha256": ckpt_sha, "data_version": data_version, "split": "search",
                "bn_calib_batches": sp.bn_calib_batches, "eval_batch_size": sp.eval_batch_size,
-               "seed": sp.seed}
+               "seed": sp.seed, "compute": compute}
     sources = {"checkpoint": str(ckpt), "checkpoint_sha256": ckpt_sha, "data_version": data_version,
                "lut": str(lut), "lut_sha256": sha256_file(lut)}
     return SearchInputs(space=space, supernet=supernet, predictor=predictor, data=data, banks=banks,
                         device=dev, fitness_context=context, sources=sources)
 
 
-def _banks_from_meta(meta: dict[str, Any], ckpt: Path) -> dict[int, list[tuple[Arch, float]]]:
+def _load_banks(ckpt: Path) -> dict[int, list[tuple[Arch, float]]]:
     from evit.train.samplers import load_banks
 
     try:
@@ -161,7 +165,7 @@ def _fitness_fn(inputs: SearchInputs, params: Params):  # noqa: ANN202
 def _level_sampler(space: SearchSpace) -> object | None:
     if not space.levels:
         return None
-    from evit.space import LevelSampler  # type: ignore[attr-defined]
+    from evit.level_sampler import LevelSampler  # type: ignore[import-not-found]
 
     return LevelSampler(space)
 
@@ -229,30 +233,31 @@ def _progress(desc: str, total: int):  # noqa: ANN202
 
 
 def _measurement_dict(m: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(m) and not isinstance(m, type):
-        return {k: v for k, v in dataclasses.asdict(m).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    return {"median_ms": float(m.median_ms)}
+    return m.to_dict() if hasattr(m, "to_dict") else {"median_ms": float(m.median_ms)}
 
 
-def final_evaluation(inputs: SearchInputs, params: Params, archs: Sequence[Arch]) -> dict[Arch, dict[str, Any]]:
-    """val top-1 and measured latency of each distinct chosen subnet (each measured once)."""
+def final_evaluation(inputs: SearchInputs, params: Params,
+                     archs: Sequence[Arch]) -> tuple[dict[Arch, dict[str, Any]], dict[str, Any]]:
+    """val top-1 and measured latency of each distinct chosen subnet (each measured once).
+
+    Both use the BN-calibrated static subnet that export will ship (evit.search.fitness).
+    """
     from evit.latency.devices import get_device
-    from evit.nn.static import extract
-    from evit.train.evaluate import evaluate_subnet
 
     sp = params.search
-    runner = get_device(inputs.device)
+    runner = get_device(inputs.device, opset=params.export.onnx_opset)
+    runner.check_available()
     out: dict[Arch, dict[str, Any]] = {}
     for arch in dict.fromkeys(archs):
-        val = float(evaluate_subnet(inputs.supernet, arch, inputs.data, "val", sp.bn_calib_batches,
-                                    sp.eval_batch_size, sp.seed))
-        static = extract(inputs.supernet, arch)
+        static = calibrated_static(inputs.supernet, arch, inputs.data, bn_batches=sp.bn_calib_batches,
+                                   batch_size=sp.eval_batch_size, seed=sp.seed)
+        val = split_top1(static, inputs.data, "val", arch.resolution, sp.eval_batch_size)
         static = static.to("cpu").eval()
         shape = (inputs.device.batch_size, 3, arch.resolution, arch.resolution)
         m = runner.measure(static, shape)
         out[arch] = {"val_top1": val, "measured_latency_ms": float(m.median_ms), "measurement": _measurement_dict(m)}
         log.info("final %s: val top-1 %.4f, measured %.4f ms", arch.key, val, m.median_ms)
-    return out
+    return out, runner.describe()
 
 
 def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path) -> dict[str, Any]:
@@ -281,7 +286,7 @@ def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path) -> di
         reasons = "; ".join(f"{s['label']}: {s['reason']}" for s in summaries)
         raise SearchError(f"every budget of device {dev.name!r} is infeasible ({reasons}); raise the budgets")
 
-    final = final_evaluation(inputs, params, [r.best for r in results.values()])
+    final, device_description = final_evaluation(inputs, params, [r.best for r in results.values()])
     for s in summaries:
         r = results.get(s["label"])
         if r is None:
@@ -299,6 +304,7 @@ def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path) -> di
     result_doc = {
         "device": dev.name,
         "device_params": dev.model_dump(mode="json"),
+        "device_description": device_description,
         "space": inputs.space.to_dict(),
         "sources": inputs.sources,
         "settings": dataclasses.asdict(settings),

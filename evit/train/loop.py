@@ -85,7 +85,10 @@ class FitResult:
 
 
 def fixed_eval_archs(space: SearchSpace, seed: int) -> dict[str, Arch]:
-    """The subnets evaluated every epoch and at the end: per level its min arch and one fixed draw.
+    """The subnets of the final report: per level its min arch and one fixed seeded draw.
+
+    Every epoch (and to choose between EMA and raw weights) only the min archs are
+    evaluated ("level<i>/min"), to keep the per-epoch cost at one subnet per level.
 
     Spaces without levels fall back to the smallest and the largest subnet.
     """
@@ -206,7 +209,8 @@ class Trainer:
         self.runner = StepRunner(self.model, self.space, cfg, self.device, teacher=teacher,
                                  mixup=make_mixup(t.mixup_alpha, t.label_smoothing, self.space.num_classes),
                                  scaler=self.scaler)
-        self.eval_archs = fixed_eval_archs(self.space, t.seed)
+        self.report_archs = fixed_eval_archs(self.space, t.seed)
+        self.eval_archs = {k: a for k, a in self.report_archs.items() if not k.endswith("/draw")}
         self.mlflow_run_id = mlflow_run_id
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -273,10 +277,11 @@ class Trainer:
         return True
 
     # --- evaluation -------------------------------------------------------------------------
-    def evaluate(self, module: nn.Module, split: str = "search") -> dict[str, float]:
+    def evaluate(self, module: nn.Module, archs: dict[str, Arch] | None = None,
+                 split: str = "search") -> dict[str, float]:
         t = self.t
         return {name: evaluate_subnet(module, arch, self.data, split, t.bn_calib_batches, t.batch_size, t.seed)
-                for name, arch in self.eval_archs.items()}
+                for name, arch in (archs if archs is not None else self.eval_archs).items()}
 
     # --- the loop ---------------------------------------------------------------------------
     def _optimizer_step(self) -> None:
@@ -425,10 +430,13 @@ class Trainer:
             ema_mean = sum(ema.values()) / max(1, len(ema))
             use_ema = ema_mean > raw_mean
             chosen = self.ema.module if use_ema else self.module
+            rest = {k: a for k, a in self.report_archs.items() if k not in self.eval_archs}
+            top1 = {**(ema if use_ema else raw), **self.evaluate(chosen, rest)}
+            top1 = {k: top1[k] for k in self.report_archs}
             sampler_state = self.sampler.state_dict()
             banks = banks_to_json(sampler_state, self.space) if "banks" in sampler_state else {}
             evaluation = {"split": "search", "raw": raw, "ema": ema, "raw_mean": raw_mean, "ema_mean": ema_mean,
-                          "archs": {k: a.to_dict() for k, a in self.eval_archs.items()}}
+                          "top1": top1, "archs": {k: a.to_dict() for k, a in self.report_archs.items()}}
             payload = {
                 "kind": "final",
                 "space": self.space.to_dict(),
@@ -445,7 +453,6 @@ class Trainer:
                 "train": self.params.section("train"),
             }
             ckpt_mod.save_checkpoint(self.final_path, payload)
-            top1 = ema if use_ema else raw
             summary = {
                 "sampler": self.t.sampler,
                 "steps": self.step,
@@ -454,7 +461,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "weights": "ema" if use_ema else "raw",
                 "top1": top1,
-                "top1_mean": max(raw_mean, ema_mean) if use_ema else raw_mean,
+                "top1_mean": sum(top1.values()) / max(1, len(top1)),
                 "top1_raw_mean": raw_mean,
                 "top1_ema_mean": ema_mean,
                 "images_per_s": trained_images / train_seconds if train_seconds > 0 and trained_images else None,
