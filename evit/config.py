@@ -169,6 +169,9 @@ class AblateParams(_Section):
     seeds: list[int] = [0, 1]
     epochs: PosInt = 3
     subnets_per_level: PosInt = 3
+    """Fixed seeded draws per FLOPs level evaluated for every sampler (plus the level's min subnet)."""
+    conflict_steps: Annotated[int, Field(ge=2)] = 6
+    """Steps over which gradient cosines (same step, adjacent steps) are measured per sampler."""
     out_dir: str = "results"
 
 
@@ -192,7 +195,8 @@ class DeviceParams(_Section):
     command: str | None = None
     """For kind=command: a shell command template with {model} (ONNX file), {input_shape}
     (e.g. 1,3,32,32) and {resolution} (input side); also {batch_size}, {threads}, {warmup},
-    {repeats}. It must print the latency in ms (the last number printed on stdout)."""
+    {repeats}. It must print the latency in ms as the last stand-alone number on stdout
+    (e.g. `python -m evit.latency.ort_runner {model} --input-shape {input_shape}`)."""
     command_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     """kind=command: one invocation running longer than this is an error."""
     warmup: NonNegInt = 10
@@ -246,16 +250,19 @@ class DeviceParams(_Section):
 # --- search ----------------------------------------------------------------------------------
 
 class SearchParams(_Section):
+    """Evolutionary search per device budget (evit.search); fitness is cached per arch."""
+
     out_dir: str = "results"
-    population: PosInt = 64
-    generations: PosInt = 6
-    top_k: PosInt = 32
-    mutations: NonNegInt = 16
-    crossovers: NonNegInt = 16
+    population: PosInt = 32
+    generations: PosInt = 4
+    top_k: PosInt = 16
+    mutations: NonNegInt = 8
+    crossovers: NonNegInt = 8
     mutate_prob: Annotated[float, Field(ge=0, le=1)] = 0.2
     depth_mutate_prob: Annotated[float, Field(ge=0, le=1)] = 0.4
     flops_budgets_m: list[Annotated[float, Field(gt=0)]] = []
-    bn_calib_batches: PosInt = 4
+    """FLOPs budgets (MMACs) searched for every device, besides its latency budgets."""
+    bn_calib_batches: PosInt = 2
     eval_batch_size: PosInt = 256
     seed: int = 0
 

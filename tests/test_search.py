@@ -142,6 +142,8 @@ def tiny_search(prepared_digits: Path, tmp_path: Path, monkeypatch: pytest.Monke
 
     torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EVIT_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
     data = PreparedData(prepared_digits)
     space = tiny_space(data.num_classes)
     dev = {"name": "cpu-1t", "kind": "torch-cpu", "threads": 1, "warmup": 1, "repeats": 3, "rounds": 1}
@@ -208,6 +210,17 @@ def test_device_search_end_to_end_and_resumes_from_cache(tiny_search, tmp_path: 
     assert Path("plots/search-cpu-1t.png").stat().st_size > 1000
     metrics = read_json("metrics/search-cpu-1t.json")
     assert metrics["budgets"][lat_label]["val_top1"] == pytest.approx(lat["val_top1"], abs=1e-6)
+
+    # the stage's MLflow run (default local store)
+    from mlflow import MlflowClient
+
+    from evit.search.stage import _track
+
+    _track(params, "cpu-1t", summary["metrics"], [out_dir / "result.json", Path("plots/search-cpu-1t.png")])
+    client = MlflowClient("sqlite:///mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("evit").experiment_id])
+    assert run.data.metrics[f"{lat_label}.val_top1"] == pytest.approx(lat["val_top1"], abs=1e-6)
+    assert run.data.params["search.population"] == "8" and run.data.tags["evit.device"] == "cpu-1t"
 
     # a re-run evaluates nothing again and chooses the same subnets
     again = run_device_search(params, inputs, out_dir)

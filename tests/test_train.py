@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+@pytest.mark.slow
 def test_train_stage_outputs_mlflow_and_downstream_loaders(tiny_params, small_digits, mlflow_uri, tmp_path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -90,6 +90,7 @@ def test_train_stage_outputs_mlflow_and_downstream_loaders(tiny_params, small_di
     assert again["steps"] == 6 and again["resumed_from_step"] == 6
 
 
+@pytest.mark.slow
 def test_checkpoint_errors_are_clear(tiny_params, small_digits, mlflow_uri, tmp_path) -> None:
     from evit.train.checkpoint import load_checkpoint, load_supernet, save_checkpoint
     from evit.train.loop import Trainer
@@ -201,6 +202,7 @@ def test_one_step_accumulates_every_backward_into_the_same_gradients() -> None:
         assert torch.allclose(total[n], together[n], rtol=1e-9, atol=1e-12), n
 
 
+@pytest.mark.slow
 def test_mixup_and_teacher_train(tiny_params, small_digits, mlflow_uri, tmp_path) -> None:
     import timm
 

@@ -1,26 +1,33 @@
 """Latency devices: one small interface over every runtime a subnet can be timed on.
 
-`get_device(dp)` turns a validated `DeviceParams` into a `Device` with three methods:
-`describe()` (what the numbers were measured on, stored in every LUT), `check_available()`
-(raises `DeviceError` up front, e.g. a cuda device on a machine without a GPU) and
-`measure(module, input_shape)` / `measure_many(items)` (a `Measurement` per module).
+`get_device(dp)` turns a validated `DeviceParams` into a `Device`:
+- `describe()`: what the numbers were measured on (kind, threads, clock, host, CPU/GPU
+  model, torch/onnxruntime versions), stored in every LUT;
+- `check_available()`: raises `DeviceError` up front (a cuda device without a GPU, a
+  command whose program is missing or whose template has an unknown placeholder);
+- `measure(module, input_shape)` / `measure_many(items)`: each module timed on its own;
+- `measure_chains(chains)`: each module timed while it runs inside a sequence of others
+  fed the previous output (how the LUT times blocks in the context of a real subnet).
+Each returns `Measurement`s (median, p10, p90, mean, std, n and the raw samples).
 
 Benchmark practice, shared by the in-process kinds (torch-cpu, onnxruntime-cpu, cuda):
 - threads pinned for the measurement (torch.set_num_threads, restored afterwards;
   onnxruntime: intra-op threads = `threads`, inter-op 1, sequential execution);
-- `warmup` untimed runs, then `repeats` timed samples; a sample runs the module back to
-  back until it lasts at least `_MIN_SAMPLE_S` (so timer resolution and per-call jitter do
-  not dominate blocks of a few microseconds) and records the mean time per run;
-- the modules of one `measure_many` call are timed round robin over `rounds` passes
-  (interleaving), so a burst of load from another process on a shared machine spreads
-  over all of them instead of inflating one;
-- the median is the reported latency, with p10/p90/mean/std as spread;
-- inputs are seeded standard-normal tensors of the block's own shape, batch from params.
+- `warmup` untimed runs, then `repeats` timed samples; on its own, a sample runs the
+  module back to back until it lasts at least `_MIN_SAMPLE_S` (so timer resolution and
+  per-call jitter do not dominate blocks of a few microseconds) and records the mean;
+- samples of the modules of one call are taken round robin over `rounds` passes
+  (interleaving), so a burst of load from another process spreads over all of them;
+- the clock: wall time, or for single-threaded CPU devices the calling thread's CPU
+  time (`DeviceParams.clock`), which other processes taking the core cannot inflate;
+  CUDA uses CUDA events, synchronised once per sample;
+- inputs are seeded standard-normal tensors of the module's own shape (batch from params).
 
 The `command` kind runs an external benchmark (adb + TFLite `benchmark_model`, a remote
-board, ...) once per module: the module is exported to ONNX and the command template
-gets {model}, {input_shape}, {resolution} (and {batch_size}, {threads}, {warmup},
-{repeats}); it does its own warm-up/repeats and prints one latency in ms.
+board, ...) once per module: the module is exported to ONNX with the pipeline's exporter
+and the command template gets {model}, {input_shape}, {resolution} (and {batch_size},
+{threads}, {warmup}, {repeats}); it does its own warm-up/repeats and prints the latency
+in ms as the last stand-alone number on stdout (`evit.latency.ort_runner` is an example).
 """
 
 from __future__ import annotations

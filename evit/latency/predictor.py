@@ -1,7 +1,8 @@
 """Predicted latency of a subnet on one device: the sum of its blocks' table entries.
 
     raw(arch) = overhead + sum over b in arch_blocks(arch) of (entry[b.key] - overhead)
-    predict(arch) = a * raw(arch) + b     if the table's fitted correction is used, else raw
+    predict(arch) = a * raw(arch) + b      if the table's fitted correction is used, else raw
+                    (form 'affine+resolution': b depends on the input resolution)
 
 Why the overhead term: every entry is timed as a separate call (an onnxruntime
 `session.run`, a Python module call), so each carries the runtime's fixed per-call cost,
@@ -10,10 +11,12 @@ and the sum counts that cost once instead of once per block.
 
 Why the linear correction: what the table cannot see (cache effects between blocks,
 fused ops across block borders in an exported graph, a machine that got busier between
-the LUT build and the end-to-end runs) shows up as a scale and an offset. The LUT stage
-fits `a, b` by least squares on relative error over end-to-end measurements, and keeps
-them (`correction.used`) only if they lower the cross-validated (held-out) error; the
-table file records both errors so the choice can be checked.
+the LUT build and the end-to-end runs) shows up as a scale and an offset; part of it
+depends on the input size (e.g. onnxruntime's whole-graph run at the smallest inputs),
+hence the per-resolution offset form. The LUT stage fits each form by least squares on
+relative error over end-to-end measurements and keeps the one with the lowest
+cross-validated (held-out) error, "none" included (`report.choose_correction`); the
+table file records every form's held-out error so the choice can be checked.
 
 Sampled tables (`mode: sampled`) do not hold every block: missing blocks are predicted
 by a per-kind linear regression on FLOPs, activation size, params and attention-score
@@ -27,6 +30,7 @@ scoring a subnet is a handful of dict look-ups (> 100,000 subnets/s; bench/bench
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,7 +41,7 @@ import numpy as np
 
 from evit.arch import Arch, Stage, Stem
 from evit.errors import LUTError
-from evit.flops import Block, block_flops, block_params, stage_blocks
+from evit.flops import Block, block_flops, block_params, out_side, stage_blocks
 from evit.latency.lut import check_space, load_lut
 from evit.space import SearchSpace
 
@@ -46,31 +50,71 @@ KINDS = ("first_conv", "mbconv", "attn", "head")
 
 @dataclass(frozen=True)
 class Correction:
-    """ms = a * raw + b, applied only when `used`."""
+    """ms = a * raw + b (or a per-resolution offset instead of b), applied only when `used`."""
 
     a: float = 1.0
     b: float = 0.0
     used: bool = False
+    b_by_resolution: dict[int, float] | None = None
+    """When set, the offset depends on the input resolution (form 'affine+resolution')."""
 
-    def apply(self, raw: float) -> float:
-        return self.a * raw + self.b if self.used else raw
+    @property
+    def form(self) -> str:
+        if not self.used:
+            return "none"
+        return "affine+resolution" if self.b_by_resolution else "affine"
+
+    def offset(self, resolution: int) -> float:
+        if self.b_by_resolution:
+            return self.b_by_resolution.get(resolution, self.b)
+        return self.b
+
+    def apply(self, raw: float, resolution: int) -> float:
+        return self.a * raw + self.offset(resolution) if self.used else raw
+
+    def apply_many(self, raw: np.ndarray, resolutions: np.ndarray) -> np.ndarray:
+        if not self.used:
+            return raw
+        if self.b_by_resolution:
+            offsets = np.array([self.offset(int(r)) for r in resolutions], dtype=np.float64)
+            return self.a * raw + offsets
+        return self.a * raw + self.b
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "used": self.used}
+        d: dict[str, Any] = {"a": self.a, "b": self.b, "used": self.used, "form": self.form}
+        if self.b_by_resolution:
+            d["b_by_resolution"] = {str(k): v for k, v in sorted(self.b_by_resolution.items())}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Correction:
         if not d:
             return cls()
-        return cls(float(d.get("a", 1.0)), float(d.get("b", 0.0)), bool(d.get("used", False)))
+        by_res = d.get("b_by_resolution")
+        return cls(float(d.get("a", 1.0)), float(d.get("b", 0.0)), bool(d.get("used", False)),
+                   {int(k): float(v) for k, v in by_res.items()} if by_res else None)
 
 
 def fit_affine(raw: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
     """a, b minimising sum(((a*raw + b - measured) / measured)^2): least squares on relative error."""
+    c = fit_correction(raw, measured)
+    return c.a, c.b
+
+
+def fit_correction(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarray | None = None) -> Correction:
+    """The correction minimising the squared relative error; with `resolutions`, one offset per resolution.
+
+    A resolution absent from the fit gets the mean offset `b`.
+    """
     w = 1.0 / measured
-    design = np.stack([raw * w, w], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(measured), rcond=None)
-    return float(a), float(b)
+    if resolutions is None:
+        (a, b), *_ = np.linalg.lstsq(np.stack([raw * w, w], axis=1), np.ones_like(measured), rcond=None)
+        return Correction(float(a), float(b), used=True)
+    levels = sorted({int(r) for r in resolutions})
+    cols = [raw * w] + [(resolutions == r) * w for r in levels]
+    coef, *_ = np.linalg.lstsq(np.stack(cols, axis=1), np.ones_like(measured), rcond=None)
+    offsets = {r: float(v) for r, v in zip(levels, coef[1:])}
+    return Correction(float(coef[0]), float(np.mean(list(offsets.values()))), used=True, b_by_resolution=offsets)
 
 
 def block_features(b: Block) -> list[float]:
@@ -123,6 +167,7 @@ class LatencyPredictor:
         self._prefix: dict[tuple[int, Stem], tuple[float, int, int]] = {}
         self._stage: dict[tuple[int, int, int, Stage], tuple[float, int]] = {}
         self._head: dict[tuple[int, int], float] = {}
+        self._tables: Any = False
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -200,16 +245,113 @@ class LatencyPredictor:
 
     def predict(self, arch: Arch) -> float:
         """Predicted latency of `arch` in ms."""
-        return self.correction.apply(self.raw(arch))
+        return self.correction.apply(self.raw(arch), arch.resolution)
 
     def raw_many(self, archs: Sequence[Arch]) -> np.ndarray:
-        raw = self.raw
-        return np.fromiter((raw(a) for a in archs), dtype=np.float64, count=len(archs))
+        """`raw` of many subnets: dense per-stage tables indexed with numpy (scalar loop as fallback)."""
+        if not archs:
+            return np.zeros(0)
+        tables = self._vector_tables()
+        if tables is None:
+            raw = self.raw
+            return np.fromiter((raw(a) for a in archs), dtype=np.float64, count=len(archs))
+        lookups, prefix, stages, head, n_fields = tables
+        flat: list[int] = []
+        ext = flat.extend
+        for a in archs:
+            ext((a.resolution, a.stem.width, a.stem.depth, a.stem.kernel))
+            for st in a.stages:
+                ext(st.__dict__.values())  # dataclass fields in order: width, depth, 2 choices
+        try:
+            values = np.array(flat, dtype=np.int64).reshape(len(archs), n_fields)
+        except ValueError:  # a ragged row: some arch has the wrong number of stages
+            raw = self.raw
+            return np.fromiter((raw(a) for a in archs), dtype=np.float64, count=len(archs))
+        idx = np.empty_like(values)
+        for j, lut in enumerate(lookups):
+            col = values[:, j]
+            ok = (col >= 0) & (col < len(lut))
+            idx[:, j] = np.where(ok, lut[np.where(ok, col, 0)], -1)
+        out = prefix[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]].copy()
+        bad = (idx < 0).any(axis=1)
+        for i, table in enumerate(stages):
+            c = 4 + 4 * i
+            cin = idx[:, 1] if i == 0 else idx[:, c - 4]
+            out += table[idx[:, 0], cin, idx[:, c], idx[:, c + 1], idx[:, c + 2], idx[:, c + 3]]
+        out += head[idx[:, 0], idx[:, n_fields - 4]]
+        bad |= np.isnan(out)
+        if bad.any():  # outside the table's space: the scalar path names the missing block
+            for a in np.asarray(archs, dtype=object)[bad][:1]:
+                self.raw(a)
+            raise LUTError(f"latency table {self.source}: {int(bad.sum())} subnets lie outside the "
+                           f"'{self.space.name}' space")
+        return out + self.overhead_ms
+
+    def _vector_tables(self) -> Any:
+        """Dense cost tables for `raw_many`, built once: prefix[r, stem width, depth, kernel],
+        stage_i[r, input width, width, depth, choice1, choice2], head[r, last width].
+
+        Only when every stage advances the side (no MBConv depth 0), so a stage's input
+        side is a function of the resolution. Invalid combinations hold NaN.
+        """
+        if self._tables is not False:
+            return self._tables
+        sp = self.space
+        if any(ss.kind == "mbconv" and 0 in ss.depths for ss in sp.stages):
+            self._tables = None
+            return None
+
+        def lookup(values: Sequence[int]) -> np.ndarray:
+            arr = np.full(max(values) + 1, -1, dtype=np.int64)
+            arr[list(values)] = np.arange(len(values))
+            return arr
+
+        lookups = [lookup(sp.resolutions), lookup(sp.stem_widths), lookup(sp.stem_depths), lookup(sp.stem_kernels)]
+        for ss in sp.stages:
+            lookups.extend(lookup(v) for v in ss.choices().values())
+
+        def cost(fn: Any, *args: Any) -> float:
+            try:
+                return fn(*args)
+            except LUTError:
+                return float("nan")
+
+        prefix = np.full([len(sp.resolutions), len(sp.stem_widths), len(sp.stem_depths), len(sp.stem_kernels)],
+                         np.nan)
+        for (ri, r), (wi, w), (di, d), (ki, k) in itertools.product(
+                enumerate(sp.resolutions), enumerate(sp.stem_widths), enumerate(sp.stem_depths),
+                enumerate(sp.stem_kernels)):
+            v = cost(self._prefix_cost, r, Stem(w, d, k))
+            prefix[ri, wi, di, ki] = v if isinstance(v, float) else v[0]
+        stages = []
+        sides = [out_side(r, sp.first_stride) for r in sp.resolutions]
+        in_widths: Sequence[int] = sp.stem_widths
+        for i, ss in enumerate(sp.stages):
+            ch = ss.choices()
+            names = list(ch)
+            table = np.full([len(sp.resolutions), len(in_widths), *(len(v) for v in ch.values())], np.nan)
+            for ri, h in enumerate(sides):
+                for ci, c in enumerate(in_widths):
+                    for combo in itertools.product(*(enumerate(v) for v in ch.values())):
+                        st = ss.make(**{n: v for n, (_, v) in zip(names, combo)})
+                        if st.width < c and i > 0:
+                            continue  # widths never decrease between stages
+                        v = cost(self._stage_cost, i, h, c, st)
+                        table[(ri, ci, *(j for j, _ in combo))] = v if isinstance(v, float) else v[0]
+            stages.append(table)
+            sides = [out_side(h, ss.stride) for h in sides]
+            in_widths = ss.widths
+        head = np.full([len(sp.resolutions), len(in_widths)], np.nan)
+        for (ri, h), (wi, w) in itertools.product(enumerate(sides), enumerate(in_widths)):
+            head[ri, wi] = cost(self._head_cost, h, w)
+        self._tables = (lookups, prefix, stages, head, 4 + 4 * len(sp.stages))
+        return self._tables
 
     def predict_many(self, archs: Sequence[Arch]) -> np.ndarray:
         """Predicted latencies (ms) of many subnets, as one float64 array."""
         out = self.raw_many(archs)
         if self.correction.used:
-            out = self.correction.a * out + self.correction.b
+            res = np.fromiter((a.resolution for a in archs), dtype=np.int64, count=len(archs))
+            out = self.correction.apply_many(out, res)
         return out
 

@@ -6,10 +6,11 @@ the same subnets (scaled to ms by the least-squares ms-per-MFLOP factor on relat
 error, fitted on these very points, which flatters FLOPs) with the same +-10% share and
 the Spearman rank correlation, so the table's gain over FLOPs is visible.
 
-The optional linear correction is chosen here: `choose_correction` fits `a*raw + b`
-with K-fold cross-validation and keeps it only if the held-out error beats the raw sum's.
-When kept, the reported metrics are the held-out (cross-fitted) predictions, never
-predictions of points the correction was fitted on.
+The optional linear correction is chosen here: `choose_correction` fits `a*raw + b` and
+`a*raw + b[resolution]` with K-fold cross-validation and keeps the form with the lowest
+held-out error, or none if the raw sum is better. When one is kept, the reported metrics
+are its held-out (cross-fitted) predictions, never predictions of points the correction
+was fitted on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from evit.io import atomic_path, write_text_atomic
-from evit.latency.predictor import Correction, fit_affine
+from evit.latency.predictor import Correction, fit_correction
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def cross_fitted(raw: np.ndarray, measured: np.ndarray, seed: int = 0, folds: int = FOLDS) -> np.ndarray:
+def cross_fitted(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarray | None = None, seed: int = 0,
+                 folds: int = FOLDS) -> np.ndarray:
     """Each point predicted by a correction fitted on the other folds (held-out predictions)."""
     idx = list(range(len(raw)))
     random.Random(seed).shuffle(idx)
@@ -59,8 +61,9 @@ def cross_fitted(raw: np.ndarray, measured: np.ndarray, seed: int = 0, folds: in
     for f in range(folds):
         test = np.array(idx[f::folds])
         train = np.setdiff1d(np.arange(len(raw)), test)
-        a, b = fit_affine(raw[train], measured[train])
-        out[test] = a * raw[test] + b
+        c = fit_correction(raw[train], measured[train], None if resolutions is None else resolutions[train])
+        out[test] = c.apply_many(raw[test], np.zeros(len(test), dtype=np.int64) if resolutions is None
+                                 else resolutions[test])
     return out
 
 
@@ -68,24 +71,35 @@ def cross_fitted(raw: np.ndarray, measured: np.ndarray, seed: int = 0, folds: in
 class Choice:
     correction: Correction
     predicted: np.ndarray
-    """What the metrics report: cross-fitted predictions if the correction is used, else raw."""
+    """What the metrics report: the chosen form's cross-fitted predictions, or raw for 'none'."""
     details: dict[str, Any]
 
 
-def choose_correction(raw: np.ndarray, measured: np.ndarray, seed: int = 0) -> Choice:
-    """Keep `a*raw + b` only if its cross-validated MAPE beats the raw sum's."""
+def choose_correction(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarray | None = None,
+                      seed: int = 0) -> Choice:
+    """Pick the correction form with the lowest cross-validated MAPE: none, affine or affine+resolution.
+
+    The per-resolution form is a candidate only with at least `FOLDS` points per resolution.
+    Ties go to the simpler form.
+    """
     raw_err = error_metrics(raw, measured)["mape_pct"]
     if len(raw) < 2 * FOLDS:
-        return Choice(Correction(), raw, {"cv_mape_raw_pct": raw_err, "reason": "too few points to cross-validate"})
-    cv = cross_fitted(raw, measured, seed)
-    cv_err = error_metrics(cv, measured)["mape_pct"]
-    a, b = fit_affine(raw, measured)
-    used = cv_err < raw_err
-    details = {"cv_mape_raw_pct": round(raw_err, 4), "cv_mape_corrected_pct": round(cv_err, 4), "folds": FOLDS,
+        return Choice(Correction(), raw, {"cv_mape_pct": {"none": raw_err}, "reason": "too few points"})
+    cands: dict[str, np.ndarray] = {"none": raw, "affine": cross_fitted(raw, measured, None, seed)}
+    if resolutions is not None:
+        counts = np.unique(resolutions, return_counts=True)[1]
+        if len(counts) > 1 and counts.min() >= FOLDS:
+            cands["affine+resolution"] = cross_fitted(raw, measured, resolutions, seed)
+    errs = {k: error_metrics(v, measured)["mape_pct"] for k, v in cands.items()}
+    form = min(errs, key=lambda k: (round(errs[k], 9), list(cands).index(k)))
+    if form == "none":
+        correction = Correction()
+    else:
+        correction = fit_correction(raw, measured, resolutions if form == "affine+resolution" else None)
+    details = {"cv_mape_pct": {k: round(v, 4) for k, v in errs.items()}, "folds": FOLDS,
                "fitted_on": int(len(raw)), "objective": "least squares on relative error"}
-    log.info("correction a=%.4f b=%.4f: held-out MAPE %.2f%% vs raw %.2f%% -> %s", a, b, cv_err, raw_err,
-             "used" if used else "not used")
-    return Choice(Correction(a, b, used), cv if used else raw, details)
+    log.info("correction: held-out MAPE %s -> %s", ", ".join(f"{k} {v:.2f}%" for k, v in errs.items()), form)
+    return Choice(correction, cands[form], details)
 
 
 def flops_proxy(flops: np.ndarray, measured: np.ndarray) -> np.ndarray:
@@ -108,6 +122,7 @@ def validation_metrics(predicted: np.ndarray, raw: np.ndarray, measured: np.ndar
     out["flops_spearman"] = round(_spearman(flops, measured), 6)
     out.update({f"raw_{k}": round(v, 6) for k, v in rawm.items() if k in ("rmse_ms", "mape_pct", "within_10pct")})
     out["correction_used"] = bool(choice.correction.used)
+    out["correction_form"] = choice.correction.form
     out["correction_a"] = round(choice.correction.a, 6)
     out["correction_b_ms"] = round(choice.correction.b, 6)
     out["measured_min_ms"] = round(float(measured.min()), 6)

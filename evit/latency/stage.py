@@ -337,7 +337,7 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
     measured = np.array([Measurement.from_samples(state.validation[a.key]).to_dict()[stat] for a in archs])
     raw = base.raw_many(archs)
     flops = np.array([flops_m(a, space) for a in archs])
-    choice = choose_correction(raw, measured, seed=dp.seed)
+    choice = choose_correction(raw, measured, np.array([a.resolution for a in archs]), seed=dp.seed)
     lut["correction"] = {**choice.correction.to_dict(), **choice.details}
     metrics = validation_metrics(choice.predicted, raw, measured, flops, choice)
     metrics.update({"lut_entries": len(entries), "enumerated_blocks": n_enumerated, "carriers": len(plan.carriers),

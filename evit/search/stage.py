@@ -243,10 +243,12 @@ def final_evaluation(inputs: SearchInputs, params: Params,
     Both use the BN-calibrated static subnet that export will ship (evit.search.fitness).
     """
     from evit.latency.devices import get_device
+    from evit.latency.stage import statistic
 
     sp = params.search
     runner = get_device(inputs.device, opset=params.export.onnx_opset)
     runner.check_available()
+    stat = statistic(inputs.device)  # the same estimator as the LUT the prediction comes from
     out: dict[Arch, dict[str, Any]] = {}
     for arch in dict.fromkeys(archs):
         static = calibrated_static(inputs.supernet, arch, inputs.data, bn_batches=sp.bn_calib_batches,
@@ -255,8 +257,9 @@ def final_evaluation(inputs: SearchInputs, params: Params,
         static = static.to("cpu").eval()
         shape = (inputs.device.batch_size, 3, arch.resolution, arch.resolution)
         m = runner.measure(static, shape)
-        out[arch] = {"val_top1": val, "measured_latency_ms": float(m.median_ms), "measurement": _measurement_dict(m)}
-        log.info("final %s: val top-1 %.4f, measured %.4f ms", arch.key, val, m.median_ms)
+        ms = float(getattr(m, stat))
+        out[arch] = {"val_top1": val, "measured_latency_ms": ms, "measurement": _measurement_dict(m)}
+        log.info("final %s: val top-1 %.4f, measured %.4f ms (%s)", arch.key, val, ms, stat)
     return out, runner.describe()
 
 
@@ -363,9 +366,41 @@ def _metrics(summaries: list[dict[str, Any]], cache: FitnessCache, seconds: floa
             "cached_total": len(cache), "seconds": round(seconds, 2)}
 
 
-def search_device(params: Params, device: str) -> dict[str, Any]:
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {k: float(metrics[k]) for k in ("evaluated", "cache_hits", "seconds")}
+    for label, m in metrics["budgets"].items():
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{label}.{k}"] = float(v)
+    return out
+
+
+def _track(params: Params, device: str, metrics: dict[str, Any], files: list[Path]) -> None:
+    """Log the stage to MLflow; a tracking failure must not throw away a finished search."""
+    try:
+        import mlflow
+
+        from evit.tracking import stage_run
+
+        with stage_run(params, f"search@{device}", tags={"evit.device": device}, log_sections=("search",)):
+            mlflow.log_metrics(_flat_metrics(metrics))
+            for f in files:
+                if f.is_file():
+                    mlflow.log_artifact(str(f), artifact_path="search")
+    except Exception as exc:  # noqa: BLE001 - tracking is best effort by design
+        log.warning("search@%s: could not log to MLflow (%s: %s); the results are written", device,
+                    type(exc).__name__, exc)
+
+
+def search_device(params: Params, device: str, *, track: bool = True) -> dict[str, Any]:
     """Stage entry point (evit.stages.search): load the device's inputs, search, write outputs."""
     inputs = load_inputs(params, device)
     out_dir = paths.search_dir(params, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return run_device_search(params, inputs, out_dir)
+    summary = run_device_search(params, inputs, out_dir)
+    if track:
+        plots = paths.plots_dir()
+        _track(params, device, summary["metrics"],
+               [out_dir / RESULT_FILE, out_dir / PARETO_FILE, plots / f"search-{device}.png",
+                plots / f"search-{device}.csv"])
+    return summary

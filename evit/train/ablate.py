@@ -9,7 +9,7 @@ recalibrated, no retraining, on the `val` split.
 
 Gradient conflict (see `evit.train.conflict`): for each sampler, the cosine similarity of
 shared-weight gradients of subnets drawn in the same step and in adjacent steps, measured
-for `CONFLICT_STEPS` steps (a) on the sampler's own trained supernet ("as_trained") and
+for `ablate.conflict_steps` steps (a) on the sampler's own trained supernet ("as_trained") and
 (b) on one common supernet per seed, the `uniform` one when it is in the list
 ("shared_weights"), which isolates the effect of *which* subnets a sampler pairs.
 
@@ -39,7 +39,6 @@ from evit.train.samplers import make_sampler, settings_from_params
 
 log = logging.getLogger(__name__)
 
-CONFLICT_STEPS = 6
 EVAL_SPLIT = "val"
 EVAL_SEED = 0
 
@@ -160,11 +159,11 @@ def run_ablation(params: Params) -> dict[str, Any]:
                                           "steps": meta.get("step")}
                 log.info("ablation %s seed %d: val top-1 per level %s", sampler, seed,
                          {lv: round(v["mean"], 4) for lv, v in levels.items()})
-            batches = conflict_batches(data, space, params.train.batch_size, CONFLICT_STEPS)
+            batches = conflict_batches(data, space, params.train.batch_size, a.conflict_steps)
             for sampler in a.samplers:
                 for key, weights_of in (("as_trained", sampler), ("shared_weights", shared_sampler)):
                     start = int(per_run[sampler][seed]["steps"] or 0)
-                    smp = make_sampler(sampler, space, seed, max(1, start) + CONFLICT_STEPS,
+                    smp = make_sampler(sampler, space, seed, max(1, start) + a.conflict_steps,
                                        settings_from_params(params.train))
                     smp.load_state_dict(states[sampler])
                     with isolated_rng():
@@ -226,7 +225,7 @@ def _report(params: Params, per_run: dict[str, dict[int, dict[str, Any]]], archs
         "epochs": a.epochs,
         "seeds": list(a.seeds),
         "subnets_per_level": a.subnets_per_level,
-        "conflict_steps": CONFLICT_STEPS,
+        "conflict_steps": a.conflict_steps,
         "archs": {str(lv): {n: {"arch": ar.key, "flops_m": round(arch_flops[lv][n], 4)} for n, ar in d.items()}
                   for lv, d in archs.items()},
         "samplers": samplers,

@@ -40,7 +40,7 @@ Batches = Iterable[tuple[Tensor, Tensor]] | tuple[Tensor, Tensor]
 def isolated_rng() -> Iterator[None]:
     """Run a block without consuming Python's, NumPy's or torch's (CPU + CUDA) global RNGs."""
     py, npy = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         try:
             yield
@@ -127,7 +127,7 @@ def fits_in_memory(data: Any, split: str, resolution: int) -> bool:
 
 def split_tensors(data: Any, split: str, resolution: int) -> tuple[Tensor, Tensor]:
     """`data.tensors(split, resolution)`, cached per (data path, split, resolution)."""
-    key = (str(data.path), split, resolution)
+    key = (f"{data.path}:{getattr(data, 'content_hash', '')}", split, resolution)
     hit = _TENSOR_CACHE.get(key)
     if hit is None:
         if len(_TENSOR_CACHE) >= _TENSOR_CACHE_MAX:

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -117,8 +116,8 @@ class StepRunner:
         y = y.to(self.device, non_blocking=True)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.mixup is not None:
-            x, soft, hard = self.mixup(x, y)
+        if self.mixup is not None:  # timm mixes in place: keep the caller's batch (re-scoring uses it)
+            x, soft, hard = self.mixup(x.clone(), y)
             return x, soft, hard
         return x, y, y
 
@@ -227,5 +226,3 @@ class Throughput:
         self.t0, self.images = time.perf_counter(), 0
         return r
 
-
-_ = np  # NumPy's global RNG drives timm's mixup lambda (saved with the checkpoint)
