@@ -1,8 +1,8 @@
 """Training throughput per sampler, and the elastic / complexity step-time ratio.
 
-    .venv/bin/python bench/bench_train.py                      # CPU default (cpu space, batch 64)
-    .venv/bin/python bench/bench_train.py --space imagenet --device cuda --amp bfloat16 \
-        --batch 128 --resolution-cap 224                          # paper scale on a GPU
+    .venv/bin/python bench/bench_train.py                      # CPU default (cpu space, batch 32, 1 thread)
+    .venv/bin/python bench/bench_train.py --space imagenet --classes 1000 --device cuda \
+        --amp bfloat16 --batch 128 --threads 0 --data-resolution 224   # paper scale on a GPU
 
 Every sampler trains its own copy of the same initial supernet with the real training
 step (`StepRunner`: forward/backward of every draw, alpha-divergence, bank scoring from
@@ -46,13 +46,16 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="float32", choices=sorted(AMP))
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=TrainParams().batch_size)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per sampler")
     ap.add_argument("--warmup", type=int, default=40, help="untimed steps first (fills the banks)")
-    ap.add_argument("--steps-per-epoch", type=int, default=19, help="sets the re-scoring cadence (digits: 19)")
+    ap.add_argument("--steps-per-epoch", type=int, default=39,
+                    help="sets the re-scoring cadence (digits default: 1259 train images / 32 = 39)")
     ap.add_argument("--samplers", default="uniform,complexity,elastic")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--resolution-cap", type=int, default=0, help="train at min(cap, largest resolution)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch's default); 1 = params.yaml's train.threads")
+    ap.add_argument("--data-resolution", type=int, default=0,
+                    help="side of the synthetic batch, resized to each subnet's (default: the space's largest)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -70,9 +73,7 @@ def main() -> None:
     channels_last = device.type == "cuda"
     if channels_last:
         base = base.to(memory_format=torch.channels_last)
-    res = max(space.resolutions)
-    if args.resolution_cap:
-        res = min(res, args.resolution_cap)
+    res = args.data_resolution or max(space.resolutions)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(args.batch, 3, res, res, generator=g), torch.randint(0, args.classes, (args.batch,), generator=g))
             for _ in range(8)]

@@ -181,12 +181,20 @@ def fetch(
 
 @app.command()
 @_friendly
-def pipeline(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Run the whole pipeline as a Prefect flow (ephemeral, no server needed; cached tasks)."""
+def pipeline(
+    params: ParamsOpt = Path("params.yaml"),
+    stage: Annotated[list[str] | None, typer.Option(
+        "--stage", "-s", help="run only these stage kinds (repeatable): prepare, train, lut, search, export")] = None,
+    device: Annotated[list[str] | None, typer.Option(
+        "--device", "-d", help="run the per-device stages for these devices only (repeatable)")] = None,
+    force: Annotated[list[str] | None, typer.Option(
+        "--force", help="rerun these stage kinds even when cached (repeatable), e.g. --force prepare")] = None,
+) -> None:
+    """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits."""
     from flows.pipeline import run_pipeline
 
     _params(params)  # validate before Prefect starts
-    _echo_json(run_pipeline(str(params)))
+    _echo_json(run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None))
 
 
 @app.command()

@@ -114,8 +114,8 @@ class TeacherParams(_Section):
 class TrainParams(_Section):
     sampler: Literal["elastic", "complexity", "uniform"] = "elastic"
     out_dir: str = "models"
-    epochs: PosInt = 6
-    batch_size: PosInt = 64
+    epochs: PosInt = 8
+    batch_size: PosInt = 32
     lr: Annotated[float, Field(gt=0)] = 2e-3
     """Peak learning rate for `batch_size` (the paper: 5e-4 x batch/512)."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
@@ -157,6 +157,9 @@ class TrainParams(_Section):
     eval_every_epochs: PosInt = 1
     bn_calib_batches: PosInt = 4
     workers: NonNegInt = 0
+    threads: PosInt | None = None
+    """torch intra-op threads (CPU); None: torch's default (one per core). 1 avoids the
+    OpenMP stalls of a 2-thread run on cores that other processes also use."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = True
@@ -201,10 +204,12 @@ class DeviceParams(_Section):
     """kind=command: one invocation running longer than this is an error."""
     warmup: NonNegInt = 10
     repeats: PosInt = 30
-    """Timed samples per module (each sample runs the module back to back for >= 0.5 ms)."""
+    """Timed samples per LUT block (per carrier subnet it is timed in) and per validation
+    subnet. In context a sample is one run; alone, a sample repeats a module for >= 0.5 ms."""
     rounds: PosInt = 3
-    """Modules are timed in groups, round-robin over this many passes, so that a burst of
-    load on a shared machine spreads over the whole group instead of biasing one entry."""
+    """The samples are taken in this many passes over everything being timed (all LUT
+    blocks and validation subnets), so a burst of load from another job on a shared
+    machine inflates a few samples of everything instead of all samples of a few."""
     estimator: Literal["median", "p10"] = "median"
     """The statistic a LUT entry, an end-to-end validation run and so the predictor use
     (every measurement records median, p10, p90, mean and std). median: the typical
@@ -291,6 +296,19 @@ class StorageParams(_Section):
     endpoint_url: str | None = None
     """S3 endpoint (MinIO, moto_server); None is AWS. AWS_ENDPOINT_URL overrides it."""
     region: str = "us-east-1"
+    push: bool = False
+    """Push every stage output to the remote at the end of each `evit pipeline` run (team setups)."""
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a local directory or s3://bucket/prefix")
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"remote {v!r}: accepted are a local directory or s3://bucket/prefix")
+        if v.startswith("s3://") and not v[len("s3://"):].split("/", 1)[0]:
+            raise ValueError(f"remote {v!r} names no bucket; accepted: s3://bucket/prefix")
+        return v
 
 
 class TrackingParams(_Section):
@@ -299,6 +317,9 @@ class TrackingParams(_Section):
     experiment: str = "evit"
     registry_uri: str | None = None
     retries: NonNegInt = 3
+    artifact_location: str | None = None
+    """Where a newly created experiment stores run artifacts, e.g. s3://bucket/mlflow (S3 endpoint
+    from MLFLOW_S3_ENDPOINT_URL); None: the tracking server's default (./mlruns without a server)."""
 
 
 # --- the whole file --------------------------------------------------------------------------

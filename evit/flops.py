@@ -17,14 +17,23 @@ the real static modules (`evit.nn.static`).
 
 The decomposition into `Block`s is shared with the latency lookup tables: a subnet's
 predicted latency is the sum over the same blocks that its FLOPs are the sum over.
+
+Speed: `count` / `flops_m` / `flops_many` add up per-part costs (prefix, each stage,
+head) memoised per space (`cost_tables`), each filled once from `stage_blocks` +
+`block_flops`/`block_params`; >100k counts/s once warm. `prefix_cost`, `stage_cost`
+and `head_cost` expose the exact integer parts (used by `evit.level_sampler`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from operator import attrgetter
 
-from evit.arch import Arch, MBStage, Stage
+import numpy as np
+
+from evit.arch import Arch, ArchError, MBStage, Stage, Stem
 from evit.space import SearchSpace, StageSpace
 
 
@@ -184,18 +193,16 @@ def stage_blocks(ss: StageSpace, h: int, c_in: int, stage: Stage, head_dim: int,
     return tuple(blocks)
 
 
+_stage_blocks_uncached = stage_blocks.__wrapped__
+"""`stage_blocks` without its cache, for bulk table fills that would only churn the cache."""
+
+
 def arch_blocks(arch: Arch, space: SearchSpace) -> list[Block]:
     """All blocks of `arch` in forward order (first conv, stem, stages, head)."""
     blocks: list[Block] = []
-    r = arch.resolution
-    c0 = arch.stem.width
-    first = Block("first_conv", r, 3, c0, stride=space.first_stride)
-    blocks.append(first)
-    h = first.h_out
-    for _ in range(arch.stem.depth):
-        blocks.append(Block("mbconv", h, c0, c0, expansion=1, kernel=arch.stem.kernel, stride=1, se=False,
-                            se_reduction=space.se_reduction))
-    c = c0
+    blocks.extend(prefix_blocks(space, arch.resolution, arch.stem))
+    h = blocks[0].h_out
+    c = arch.stem.width
     for ss, st in zip(space.stages, arch.stages):
         sb = stage_blocks(ss, h, c, st, space.head_dim, space.ds_expansion, space.se_reduction)
         blocks.extend(sb)
@@ -230,44 +237,265 @@ class Cost:
         return {"flops_m": self.flops_m, "params_m": self.params_m}
 
 
-@lru_cache(maxsize=1 << 18)
-def _stage_cost(ss: StageSpace, h: int, c_in: int, stage: Stage, head_dim: int, ds_expansion: int,
-                se_reduction: int) -> tuple[int, int]:
-    blocks = stage_blocks(ss, h, c_in, stage, head_dim, ds_expansion, se_reduction)
+# --- fast exact counting ------------------------------------------------------------------
+#
+# A subnet's cost is a sum of independent parts: the prefix (first conv + stem) depends on
+# (resolution, stem); stage i depends on (resolution, its input width, its own choices);
+# the head on (resolution, last width). `_CostTables` memoises each part per space, keyed
+# by tuples of plain ints, and fills every entry from `stage_blocks` + `block_flops` /
+# `block_params`: there is no second formula to drift. (The former `lru_cache` keys
+# hashed whole `StageSpace`/`SearchSpace` dataclasses on every call, which capped
+# counting at ~25k archs/s; now it is a handful of dict lookups, >100k archs/s.)
+
+_Pair = tuple[int, int]
+
+
+def prefix_blocks(space: SearchSpace, resolution: int, stem: Stem) -> list[Block]:
+    """First conv + stem blocks, in forward order."""
+    first = Block("first_conv", resolution, 3, stem.width, stride=space.first_stride)
+    stem_block = Block("mbconv", first.h_out, stem.width, stem.width, expansion=1, kernel=stem.kernel, stride=1,
+                       se=False, se_reduction=space.se_reduction)
+    return [first, *([stem_block] * stem.depth)]
+
+
+def _sum_costs(blocks: Sequence[Block]) -> _Pair:
     return sum(block_flops(b) for b in blocks), sum(block_params(b) for b in blocks)
 
 
-@lru_cache(maxsize=1 << 14)
-def _prefix_cost(space: SearchSpace, resolution: int, c0: int, depth: int, kernel: int) -> tuple[int, int]:
-    first = Block("first_conv", resolution, 3, c0, stride=space.first_stride)
-    stem = Block("mbconv", first.h_out, c0, c0, expansion=1, kernel=kernel, stride=1, se=False,
-                 se_reduction=space.se_reduction)
-    return (block_flops(first) + depth * block_flops(stem), block_params(first) + depth * block_params(stem))
+class _CostTables:
+    """Exact (MACs, params) of every prefix / stage / head met so far, for one space.
+
+    Keys are flat tuples of plain ints, e.g. (resolution, c_in, width, depth, expansion,
+    kernel) for an MBConv stage: a stage dataclass as (part of) a key would call its
+    Python-level __hash__/__eq__ on every lookup, which costs more than all the rest.
+    `macs` reads MAC-only dicts (no pair to unpack); both are filled together.
+    """
+
+    __slots__ = ("space", "sides", "prefix", "prefix_f", "stages", "stages_f", "head", "head_f", "is_mb",
+                 "choice_of", "prefix_ok", "per_layer")
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+        self.sides: dict[int, list[int]] = {}
+        self.prefix: dict[tuple[int, ...], _Pair] = {}
+        self.prefix_f: dict[tuple[int, ...], int] = {}
+        self.stages: list[dict[tuple[int, ...], _Pair]] = [{} for _ in space.stages]
+        self.stages_f: list[dict[tuple[int, ...], int]] = [{} for _ in space.stages]
+        self.head: dict[tuple[int, int], _Pair] = {}
+        self.head_f: dict[tuple[int, int], int] = {}
+        self.is_mb = [ss.kind == "mbconv" for ss in space.stages]
+        # The hot paths spell the key fields out per kind; the slow path reads them in
+        # StageSpace.choices() order. Both must agree (and `_fill_depths` needs depth second).
+        self.choice_of = [attrgetter(*ss.choices()) for ss in space.stages]
+        for ss, mb in zip(space.stages, self.is_mb):
+            want = ["width", "depth", "expansion", "kernel"] if mb else ["width", "depth", "mlp_ratio", "v_scale"]
+            assert list(ss.choices()) == want, (ss.kind, list(ss.choices()))
+        self.prefix_ok: list[bool | None] = [None] * len(space.stages)  # None: not checked yet
+        self.per_layer: list[int] = [0] * len(space.stages)
+
+    def side_list(self, resolution: int) -> list[int]:
+        """Input side of every stage, then of the head, at this resolution."""
+        sides = self.sides.get(resolution)
+        if sides is None:
+            h = out_side(resolution, self.space.first_stride)
+            sides = []
+            for ss in self.space.stages:
+                sides.append(h)
+                h = out_side(h, ss.stride)
+            sides.append(h)
+            self.sides[resolution] = sides
+        return sides
+
+    # --- filling (slow path) -------------------------------------------------------------------
+    def prefix_cost(self, resolution: int, width: int, depth: int, kernel: int) -> _Pair:
+        key = (resolution, width, depth, kernel)
+        v = self.prefix.get(key)
+        if v is None:
+            v = self.prefix[key] = _sum_costs(prefix_blocks(self.space, resolution, Stem(width, depth, kernel)))
+            self.prefix_f[key] = v[0]
+        return v
+
+    def stage_cost(self, index: int, resolution: int, c_in: int, stage: Stage) -> _Pair:
+        key = (resolution, c_in, *self._choice(index, stage))
+        v = self.stages[index].get(key)
+        if v is None:
+            self._fill_depths(index, resolution, c_in, stage)
+            v = self.stages[index][key]
+        return v
+
+    def head_cost(self, resolution: int, c: int) -> _Pair:
+        key = (resolution, c)
+        v = self.head.get(key)
+        if v is None:
+            v = self.head[key] = _sum_costs([_head(self.space, self.side_list(resolution)[-1], c)])
+            self.head_f[key] = v[0]
+        return v
+
+    def _choice(self, index: int, stage: Stage) -> tuple[int, ...]:
+        try:
+            return self.choice_of[index](stage)
+        except AttributeError:
+            raise ArchError(f"arch.stages[{index}] is a {stage.kind} stage; the '{self.space.name}' space has "
+                            f"a {self.space.stages[index].kind} stage there") from None
+
+    def _blocks(self, index: int, resolution: int, c_in: int, stage: Stage) -> tuple[Block, ...]:
+        sp = self.space
+        return _stage_blocks_uncached(sp.stages[index], self.side_list(resolution)[index], c_in, stage,
+                                      sp.head_dim, sp.ds_expansion, sp.se_reduction)
+
+    def _fill_depths(self, index: int, resolution: int, c_in: int, stage: Stage) -> None:
+        """Fill the entries of `stage` at every allowed depth from one walk over its blocks.
+
+        A deeper stage is the shallower one plus repeated layers at its end, so the cost at
+        depth d is a prefix sum over the deepest stage's blocks. The first fill of each stage
+        index checks that against summing every depth on its own; should `stage_blocks` ever
+        stop working that way, that index keeps summing every depth on its own.
+        """
+        table, table_f = self.stages[index], self.stages_f[index]
+        choice = self._choice(index, stage)
+        depths = sorted(set(self.space.stages[index].depths) | {stage.depth})
+        lo, hi = depths[0], depths[-1]
+
+        def put(d: int, v: _Pair) -> None:
+            key = (resolution, c_in, choice[0], d, *choice[2:])
+            table[key] = v
+            table_f[key] = v[0]
+
+        if self.prefix_ok[index] is False:
+            for d in depths:
+                put(d, _sum_costs(self._blocks(index, resolution, c_in, replace(stage, depth=d))))
+            return
+        deepest = self._blocks(index, resolution, c_in, replace(stage, depth=hi))
+        n_lo = len(deepest) - (hi - lo) * self.per_layer[index]
+        if self.prefix_ok[index] is None:
+            shallow = [self._blocks(index, resolution, c_in, replace(stage, depth=d)) for d in depths]
+            per_layer, rem = divmod(len(deepest) - len(shallow[0]), hi - lo) if hi > lo else (1, 0)
+            ok = rem == 0 and all(deepest[: len(b)] == b and len(b) == len(shallow[0]) + (d - lo) * per_layer
+                                  for d, b in zip(depths, shallow))
+            self.prefix_ok[index] = ok
+            self.per_layer[index] = per_layer
+            if not ok:
+                for d, b in zip(depths, shallow):
+                    put(d, _sum_costs(b))
+                return
+            n_lo = len(shallow[0])
+        f = p = 0
+        sums = [(0, 0)]
+        for b in deepest:
+            f += block_flops(b)
+            p += block_params(b)
+            sums.append((f, p))
+        for d in depths:
+            put(d, sums[n_lo + (d - lo) * self.per_layer[index]])
+
+    def _fill(self, arch: Arch) -> _Pair:
+        """(MACs, params) of `arch` through the filling path (first sight of a part, or a bad arch)."""
+        res = arch.resolution
+        stem = arch.stem
+        c = stem.width
+        f, p = self.prefix_cost(res, c, stem.depth, stem.kernel)
+        for i, st in enumerate(arch.stages[: len(self.stages)]):
+            sf, sp = self.stage_cost(i, res, c, st)
+            f += sf
+            p += sp
+            c = st.width
+        hf, hp = self.head_cost(res, c)
+        return f + hf, p + hp
+
+    # --- lookups (hot path) --------------------------------------------------------------------
+    def totals(self, arch: Arch) -> _Pair:
+        """(MACs, params) of `arch`: a handful of dict lookups on int tuples."""
+        res = arch.resolution
+        stem = arch.stem
+        c = stem.width
+        try:
+            f, p = self.prefix[(res, c, stem.depth, stem.kernel)]
+            for mb, table, st in zip(self.is_mb, self.stages, arch.stages):
+                if mb:
+                    v = table[(res, c, st.width, st.depth, st.expansion, st.kernel)]
+                else:
+                    v = table[(res, c, st.width, st.depth, st.mlp_ratio, st.v_scale)]
+                f += v[0]
+                p += v[1]
+                c = st.width
+            v = self.head[(res, c)]
+        except (KeyError, AttributeError):
+            return self._fill(arch)
+        return f + v[0], p + v[1]
+
+    def macs(self, arch: Arch) -> int:
+        """MACs of `arch` (what `totals` gives, without the params)."""
+        res = arch.resolution
+        stem = arch.stem
+        c = stem.width
+        try:
+            f = self.prefix_f[(res, c, stem.depth, stem.kernel)]
+            for mb, table, st in zip(self.is_mb, self.stages_f, arch.stages):
+                if mb:
+                    f += table[(res, c, st.width, st.depth, st.expansion, st.kernel)]
+                else:
+                    f += table[(res, c, st.width, st.depth, st.mlp_ratio, st.v_scale)]
+                c = st.width
+            return f + self.head_f[(res, c)]
+        except (KeyError, AttributeError):
+            return self._fill(arch)[0]
 
 
-@lru_cache(maxsize=1 << 12)
-def _head_cost(space: SearchSpace, h: int, c: int) -> tuple[int, int]:
-    b = _head(space, h, c)
-    return block_flops(b), block_params(b)
+_BY_ID: dict[int, tuple[SearchSpace, _CostTables]] = {}
+_BY_SPACE: dict[SearchSpace, _CostTables] = {}
+_MAX_SPACES = 64
+
+
+def cost_tables(space: SearchSpace) -> _CostTables:
+    """The memo tables of `space`, found by identity first (hashing a whole space is slow).
+
+    Equal spaces share one table. Entries keep their space alive, so an id is never
+    reused while it is a key; both maps are bounded so that code that builds many
+    short-lived spaces cannot grow them without limit.
+    """
+    hit = _BY_ID.get(id(space))
+    if hit is not None and hit[0] is space:
+        return hit[1]
+    t = _BY_SPACE.get(space)
+    if t is None:
+        if len(_BY_SPACE) >= _MAX_SPACES:
+            _BY_SPACE.clear()
+        t = _BY_SPACE[space] = _CostTables(space)
+    if len(_BY_ID) >= _MAX_SPACES:
+        _BY_ID.clear()
+    _BY_ID[id(space)] = (space, t)
+    return t
+
+
+def prefix_cost(space: SearchSpace, resolution: int, stem: Stem) -> _Pair:
+    """Exact (MACs, params) of the first conv + stem."""
+    return cost_tables(space).prefix_cost(resolution, stem.width, stem.depth, stem.kernel)
+
+
+def stage_cost(space: SearchSpace, index: int, resolution: int, c_in: int, stage: Stage) -> _Pair:
+    """Exact (MACs, params) of stage `index` with input width `c_in` at this input resolution."""
+    return cost_tables(space).stage_cost(index, resolution, c_in, stage)
+
+
+def head_cost(space: SearchSpace, resolution: int, c: int) -> _Pair:
+    """Exact (MACs, params) of the head after a last stage of width `c`."""
+    return cost_tables(space).head_cost(resolution, c)
 
 
 def count(arch: Arch, space: SearchSpace) -> Cost:
-    """FLOPs (MMACs) and params (M) of `arch` in `space`; no forward pass, cached per stage."""
-    f, p = _prefix_cost(space, arch.resolution, arch.stem.width, arch.stem.depth, arch.stem.kernel)
-    h = out_side(arch.resolution, space.first_stride)
-    c = arch.stem.width
-    for ss, st in zip(space.stages, arch.stages):
-        sf, sp = _stage_cost(ss, h, c, st, space.head_dim, space.ds_expansion, space.se_reduction)
-        f += sf
-        p += sp
-        h = out_side(h, ss.stride)
-        c = st.width
-    hf, hp = _head_cost(space, h, c)
-    return Cost((f + hf) / 1e6, (p + hp) / 1e6)
+    """FLOPs (MMACs) and params (M) of `arch` in `space`; no forward pass, memoised per part."""
+    f, p = cost_tables(space).totals(arch)
+    return Cost(f / 1e6, p / 1e6)
+
+
+def flops_many(archs: Iterable[Arch], space: SearchSpace) -> np.ndarray:
+    """FLOPs (MMACs) of many archs as a float64 array (same values as `flops_m`)."""
+    t = cost_tables(space)
+    return np.fromiter((t.macs(a) for a in archs), dtype=np.float64) / 1e6
 
 
 def flops_m(arch: Arch, space: SearchSpace) -> float:
-    return count(arch, space).flops_m
+    return cost_tables(space).macs(arch) / 1e6
 
 
 def params_m(arch: Arch, space: SearchSpace) -> float:

@@ -154,7 +154,8 @@ def sanitize_alias(label: str) -> str:
 
 def content_hash(card: dict[str, Any]) -> str:
     """Identity of the model itself: architecture, weights and space (not budget, not timings)."""
-    return sha256_json({"arch": card["arch"], "weights": card["files"]["model.safetensors"],
+    weights = card.get("weights_sha256") or card["files"]["model.safetensors"]
+    return sha256_json({"arch": card["arch"], "weights": weights,
                         "space": {k: v for k, v in card["space"].items() if k not in ("levels", "tolerance")}})
 
 
@@ -190,6 +191,7 @@ def card_tags(card: dict[str, Any], card_files: dict[str, str]) -> dict[str, str
         "evit.device_host": js(card["device"]["host"]),
         "evit.space": js(card["space"]),
         "evit.onnx_opset": str(card["onnx"]["opset"]),
+        "evit.weights_sha256": str(card.get("weights_sha256", "")),
         HASH_TAG: content_hash(card),
     }
     for name, digest in card_files.items():
@@ -377,18 +379,20 @@ def _register_once(client: Any, params: Params, name: str, folder: Path, card: d
         log.info("%s: same model already registered as version %s; no new version", name, existing.version)
         return {"version": str(existing.version), "created": False, "aliases": moved}
 
-    experiment = mlflow.set_experiment(params.tracking.experiment)
-    _clean_orphans(client, experiment.experiment_id, tags[HASH_TAG])
+    from evit.tracking import ensure_experiment, parent_run_id
+
+    experiment_id = ensure_experiment(params)
+    _clean_orphans(client, experiment_id, tags[HASH_TAG])
     _ensure_registered_model(client, name, card["device"]["name"], undo)
     on_step("registered-model")
     module = load_static_from_folder(folder)
     signature, example = _signature_and_example(card)
     run_tags = {"evit.stage": "register", "evit.device": card["device"]["name"], "evit.budget": label,
                 RUN_HASH_TAG: tags[HASH_TAG]}
-    parent = os.environ.get("EVIT_PARENT_RUN_ID")
+    parent = parent_run_id()
     if parent:
         run_tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment.experiment_id, run_name=f"register-{name}-{label}", tags=run_tags)
+    run = client.create_run(experiment_id, run_name=f"register-{name}-{label}", tags=run_tags)
     undo.run_id = run.info.run_id
     on_step("run")
     with mlflow.start_run(run_id=run.info.run_id, nested=mlflow.active_run() is not None):

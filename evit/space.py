@@ -12,6 +12,9 @@ Choices of ours where the paper is silent:
   whole draw is rejected while the width rule fails (cheap: acceptance is > 30%).
 - `mutate` and `crossover` repair a width-rule violation by re-drawing (bounded tries),
   so they always return a valid arch.
+
+Drawing inside a FLOPs level and each level's "min" subnet need the FLOPs counter, so
+they live in `evit.level_sampler.LevelSampler` (`sample(level, rng)`, `min_arch(level)`).
 """
 
 from __future__ import annotations

@@ -2,13 +2,22 @@
 
 The tracking URI comes from `MLFLOW_TRACKING_URI` when set (so a team server wins over
 the file), else from `params.tracking.uri` (default: `sqlite:///mlflow.db` in the project
-root). A stage opens a run with `stage_run`; inside a Prefect flow that run becomes a child
-of the pipeline's parent run (the flow sets `EVIT_PARENT_RUN_ID`).
+root). Artifacts go where the experiment says: the tracking server's artifact store when
+there is one (`mlflow server --artifacts-destination s3://...`), else
+`tracking.artifact_location` for a new experiment (e.g. s3://bucket/mlflow, endpoint from
+`MLFLOW_S3_ENDPOINT_URL`), else ./mlruns.
+
+A pipeline run is one parent MLflow run (`pipeline_run`, opened by the Prefect flow) with
+one child run per stage that ran (`stage_run`). The parent id travels explicitly: the flow
+hands it to each task, the task binds it with `parent_run(...)` in its own thread
+(Prefect runs tasks in worker threads), and `EVIT_PARENT_RUN_ID` carries it to code that
+only reads the environment and to subprocesses (torchrun workers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 from collections.abc import Iterator
@@ -19,6 +28,7 @@ from evit.config import Params
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "EVIT_PARENT_RUN_ID"
+_PARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("evit_parent_run_id", default=None)
 
 
 def tracking_uri(params: Params) -> str:
@@ -38,6 +48,41 @@ def configure(params: Params) -> None:
     mlflow.set_registry_uri(registry_uri(params))
 
 
+def parent_run_id() -> str | None:
+    """The pipeline run a stage run nests under: the bound one, else `EVIT_PARENT_RUN_ID`."""
+    return _PARENT.get() or os.environ.get(PARENT_RUN_ENV) or None
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str | None) -> Iterator[None]:
+    """Nest the stage runs opened in this context (this thread) under `run_id`."""
+    token = _PARENT.set(run_id)
+    try:
+        yield
+    finally:
+        _PARENT.reset(token)
+
+
+def ensure_experiment(params: Params) -> str:
+    """The id of `tracking.experiment`, created (with `tracking.artifact_location`) if missing."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure(params)
+    client = MlflowClient()
+    name = params.tracking.experiment
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location=params.tracking.artifact_location))
+    except MlflowException:  # created concurrently by another task or process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
 def flat_params(section: Any, prefix: str = "") -> dict[str, str]:
     """Flatten a params section into MLflow's key -> string form (values cut to 500 chars)."""
     out: dict[str, str] = {}
@@ -52,17 +97,75 @@ def flat_params(section: Any, prefix: str = "") -> dict[str, str]:
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, *, tags: dict[str, str] | None = None,
               log_sections: tuple[str, ...] = ()) -> Iterator[Any]:
-    """Open an MLflow run for one stage (nested under the flow's parent run when there is one)."""
+    """Open an MLflow run for one stage (nested under the pipeline's parent run when there is one)."""
     import mlflow
 
-    configure(params)
-    mlflow.set_experiment(params.tracking.experiment)
-    parent = os.environ.get(PARENT_RUN_ENV)
+    experiment_id = ensure_experiment(params)
+    parent = parent_run_id()
     all_tags = {"evit.stage": stage, **(tags or {})}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+    with mlflow.start_run(run_name=stage, experiment_id=experiment_id, tags=all_tags,
+                          nested=mlflow.active_run() is not None) as run:
         for name in log_sections:
             section = params.section(name)
             mlflow.log_params(flat_params(section, f"{name}."))
         yield run
+
+
+class PipelineRun:
+    """The parent MLflow run of one pipeline run; created and ended explicitly (not the
+    thread-local "active run"), so tasks in any thread can nest under it by id."""
+
+    def __init__(self, params: Params, *, run_name: str = "pipeline", tags: dict[str, str] | None = None) -> None:
+        from mlflow import MlflowClient
+
+        experiment_id = ensure_experiment(params)
+        self.client = MlflowClient()
+        run = self.client.create_run(experiment_id, run_name=run_name, tags={"evit.stage": "pipeline", **(tags or {})})
+        self.run_id: str = run.info.run_id
+        self.experiment_id = experiment_id
+
+    def log_params(self, values: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in values.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+@contextlib.contextmanager
+def pipeline_run(params: Params, *, run_name: str = "pipeline",
+                 tags: dict[str, str] | None = None) -> Iterator[PipelineRun]:
+    """Open the parent run; it ends FINISHED, or FAILED if the body raises."""
+    run = PipelineRun(params, run_name=run_name, tags=tags)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        try:
+            run.end(status)
+        except Exception as exc:  # noqa: BLE001 - do not mask the pipeline's own outcome
+            log.warning("could not close the MLflow pipeline run %s: %s", run.run_id, exc)

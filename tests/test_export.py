@@ -51,6 +51,18 @@ def test_budget_folder_has_model_files_and_a_card_that_vouches_for_them(tmp_path
         torch.testing.assert_close(load_static_from_folder(folder)(x), static(x))
 
 
+def test_export_is_byte_reproducible(tmp_path: Path) -> None:
+    """Same weights -> same files -> same content hash (what makes registration idempotent)."""
+    from evit.registry import content_hash
+
+    a, _ = make_export(tmp_path / "a", seed=5)
+    b, _ = make_export(tmp_path / "b", seed=5)
+    c, _ = make_export(tmp_path / "c", seed=6)
+    ca, cb, cc = (read_json(f / "card.json") for f in (a, b, c))
+    assert ca["files"] == cb["files"] and ca["weights_sha256"] == cb["weights_sha256"]
+    assert content_hash(ca) == content_hash(cb) != content_hash(cc)
+
+
 def test_onnx_check_catches_a_model_that_differs(tmp_path: Path) -> None:
     folder, static = make_export(tmp_path, seed=4)
     assert check_onnx(folder / "model.onnx", static, 24) < 1e-3

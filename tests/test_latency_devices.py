@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,25 @@ def test_chains_feed_each_module_the_previous_output(kind: str) -> None:
     assert len(ms) == 2
     for m in ms:
         _ok(m, 6)
+
+
+def test_prepared_modules_and_exported_files_are_bounded() -> None:
+    """Paper-scale tables cannot keep every block's module and ONNX file; the caches stay bounded."""
+    dev = get_device(device_params(kind="onnxruntime-cpu", repeats=3))
+    dev._CACHE_BYTES = 1  # keep one prepared module, one file
+    dev._FILE_BYTES = 1
+    chain = [Item(_conv(), (1, 8, 12, 12), key="a", file_key="a"),
+             Item(nn.Conv2d(16, 4, 1).eval(), (1, 16, 12, 12), key="b", file_key="b"),
+             Item(nn.Conv2d(4, 4, 1).eval(), (1, 4, 12, 12), key="c", file_key="c")]
+    try:
+        (ms,) = dev.measure_chains([chain])
+        assert len(ms) == 3 and all(m.median_ms > 0 for m in ms)
+        assert list(dev._prepared) == ["c"] and list(dev._files) == ["c"]
+        assert sum(1 for _ in Path(dev._tmp.name).rglob("*.onnx")) == 1
+        (again,) = dev.measure_chains([chain])  # evicted items are simply prepared again
+        assert len(again) == 3
+    finally:
+        dev.close()
 
 
 def test_wall_clock_for_multithreaded_devices() -> None:

@@ -151,7 +151,7 @@ def test_failing_command_device_keeps_what_it_measured(tiny_params: Any) -> None
 @pytest.mark.timeout(180)
 def test_killed_build_resumes_without_remeasuring(tiny_params: Any) -> None:
     """A build killed mid-way (SIGKILL) resumes from its partial file; no unit is measured twice."""
-    dev = {"name": "k1", "kind": "torch-cpu", "warmup": 1, "repeats": 80, "rounds": 4, "validate_subnets": 10}
+    dev = {"name": "k1", "kind": "torch-cpu", "warmup": 1, "repeats": 80, "rounds": 8, "validate_subnets": 10}
     path = tiny_params({"devices": [dev]})
     partial = partial_path(Path("luts/k1.json"))
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from test_latency_helpers import TINY; "

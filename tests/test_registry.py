@@ -244,22 +244,28 @@ def test_registry_dying_mid_registration(tmp_path: Path, monkeypatch: pytest.Mon
 
 @pytest.mark.slow
 def test_default_local_sqlite_store(tmp_path: Path) -> None:
-    """params.tracking.uri's default (sqlite:///mlflow.db, artifacts in ./mlruns) works as is."""
+    """The default store: a sqlite file in the project folder, artifacts in ./mlruns.
+
+    The URI is made absolute here (the default is `sqlite:///mlflow.db`): MLflow caches one
+    store per URI string per process, so a relative one would still point at the folder of
+    whichever earlier test used it first.
+    """
     from evit.config import parse_params
 
-    params = parse_params({"export": {"model_name": "evit-{device}"}})
-    assert params.tracking.uri == "sqlite:///mlflow.db"
+    assert parse_params({}).tracking.uri == "sqlite:///mlflow.db"
+    params = parse_params({"export": {"model_name": "evit-{device}"},
+                           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
     folder, static = make_export(tmp_path / "exp", seed=7, val_top1=0.4, device="cpu-1t")
     out = registry.register_export(params, folder)
     assert (out["name"], out["version"], out["created"]) == ("evit-cpu-1t", "1", True)
-    assert Path("mlflow.db").is_file()
+    assert (tmp_path / "mlflow.db").is_file()
     assert registry.register_export(params, folder)["created"] is False
 
     fetched = registry.fetch_model(params, "evit-cpu-1t@champion", "onnx", tmp_path / "onnx")
     assert sha256_file(fetched["files"]["model.onnx"]) == sha256_file(folder / "model.onnx")
     assert fetched["card"]["metrics"]["val_top1"] == 0.4
 
-    mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    mlflow.set_tracking_uri(params.tracking.uri)
     loaded = mlflow.pytorch.load_model("models:/evit-cpu-1t@champion")
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():

@@ -170,16 +170,20 @@ def test_elastic_scores_are_advantages_over_the_level_baseline(level_sampler) ->
     draws = s.step(0)
     lv = draws[0].level
     s.observe(0, [(draws[0], 1.0), (draws[1], 2.0), (draws[2], 3.0), (draws[3], 0.5)])
-    assert s.baseline[lv] == pytest.approx(-2.0)  # first observation: the mean -CE of the level draws
+    assert s.baseline[lv] == pytest.approx(-0.5)  # the level's min subnet, same step
     entries = s.banks[lv].entries
-    assert entries[draws[0].arch].advantage == pytest.approx(1.0)
-    assert entries[draws[2].arch].advantage == pytest.approx(-1.0)
+    assert entries[draws[0].arch].advantage == pytest.approx(-0.5)
+    assert entries[draws[2].arch].advantage == pytest.approx(-2.5)
     assert draws[3].arch not in entries or draws[3].arch in {d.arch for d in draws[:3]}  # min is not banked
-    # a later, uniformly lower loss (training progress) moves the baseline, not the ranking
+    # training progress: every loss of a later step is lower, the advantages (ranking) stay put
+    s.observe(1, [(draws[0], 0.5), (draws[1], 1.5), (draws[2], 2.5), (draws[3], 0.0)])
+    assert entries[draws[0].arch].advantage == pytest.approx(-0.5) and entries[draws[0].arch].step == 1
+    # a re-measured entry is compared with the reference of the step that re-measured it
     stale = s.stale_entries(lv, 2)
     assert len(stale) == 2
-    s.rescore(5, lv, stale[0], 0.2)
-    assert entries[stale[0]].step == 5 and entries[stale[0]].score == pytest.approx(-0.2)
+    s.rescore(1, lv, stale[0], 0.3)
+    assert entries[stale[0]].step == 1 and entries[stale[0]].score == pytest.approx(-0.3)
+    assert entries[stale[0]].advantage == pytest.approx(-0.3)
     exported = banks_to_json(s.state_dict(), SPACE)[str(lv)]
     assert exported[0]["score"] >= exported[-1]["score"]
     assert {r["arch"] for r in exported} == {a.key for a in entries}

@@ -158,6 +158,7 @@ def tiny_search(prepared_digits: Path, tmp_path: Path, monkeypatch: pytest.Monke
         "search": {"population": 8, "generations": 2, "top_k": 4, "mutations": 4, "crossovers": 4,
                    "bn_calib_batches": 1, "eval_batch_size": 128, "flops_budgets_m": [0.15]},
         "export": {"register_model": False},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     })
     supernet = tiny_supernet_for(space)
     inputs = SearchInputs(space=space, supernet=supernet, predictor=predictor, data=data, banks={},
@@ -211,13 +212,13 @@ def test_device_search_end_to_end_and_resumes_from_cache(tiny_search, tmp_path: 
     metrics = read_json("metrics/search-cpu-1t.json")
     assert metrics["budgets"][lat_label]["val_top1"] == pytest.approx(lat["val_top1"], abs=1e-6)
 
-    # the stage's MLflow run (default local store)
+    # the stage's MLflow run (a local sqlite store)
     from mlflow import MlflowClient
 
     from evit.search.stage import _track
 
     _track(params, "cpu-1t", summary["metrics"], [out_dir / "result.json", Path("plots/search-cpu-1t.png")])
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(params.tracking.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("evit").experiment_id])
     assert run.data.metrics[f"{lat_label}.val_top1"] == pytest.approx(lat["val_top1"], abs=1e-6)
     assert run.data.params["search.population"] == "8" and run.data.tags["evit.device"] == "cpu-1t"

@@ -29,8 +29,9 @@ def _project(root: Path, overrides: dict) -> Path:
 
 def _env(root: Path) -> dict[str, str]:
     env = os.environ.copy()
+    # one MLflow database for both projects (created once; the runs are sequential)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", EVIT_LOG_LEVEL="WARNING",
-               MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
+               MLFLOW_TRACKING_URI=f"sqlite:///{root.parent / 'mlflow.db'}")
     env.pop("EVIT_PARAMS", None)
     return env
 
@@ -60,15 +61,15 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     data = prepare_small_digits(tmp_path / "prepared")
-    # 3 epochs x 4 steps, a checkpoint every 3 steps (so the kill lands mid-epoch), elastic banks
+    # 2 epochs x 4 steps, a checkpoint every 3 steps (so the kill lands mid-epoch), elastic banks
     # filling, re-scoring and mixup all active: everything that draws random numbers.
-    overrides = tiny_overrides(data, epochs=3, steps_per_epoch=4, checkpoint_every=3, mixup_alpha=0.2,
-                               exploit_p_start=0.5)
+    overrides = tiny_overrides(data, epochs=2, steps_per_epoch=4, checkpoint_every=3, mixup_alpha=0.2,
+                               exploit_p_start=0.5, bank_capacity=2, eval_every_epochs=2)
     ref_root = _project(tmp_path / "uninterrupted", overrides)
     kill_root = _project(tmp_path / "killed", overrides)
 
     ref = _finish(_train(ref_root))
-    assert ref["steps"] == 12
+    assert ref["steps"] == 8
 
     proc = _train(kill_root)
     last = kill_root / "models/last.pt"
@@ -81,10 +82,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     killed_at = torch.load(last, weights_only=True)["step"]
-    assert 0 < killed_at < 12 and not (kill_root / "models/supernet.pt").exists()
+    assert 0 < killed_at < 8 and not (kill_root / "models/supernet.pt").exists()
 
     resumed = _finish(_train(kill_root))
-    assert resumed["steps"] == 12 and resumed["resumed_from_step"] == killed_at
+    assert resumed["steps"] == 8 and resumed["resumed_from_step"] == killed_at
 
     (ref_last, ref_final), (res_last, res_final) = _states(ref_root), _states(kill_root)
     _assert_same(ref_last["model"], res_last["model"], "raw weights")

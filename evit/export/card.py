@@ -127,6 +127,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         "## Files (sha256)",
         "",
+        f"- weights (tensors, independent of the file format): `{card.get('weights_sha256', 'n/a')}`",
         *[f"- `{name}`: `{h}`" for name, h in sorted(card["files"].items())],
         "",
     ]

@@ -16,6 +16,8 @@ Outputs: `<export_dir>/<label>/...`, `<export_dir>/index.json`, `metrics/export-
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,21 @@ def check_onnx(onnx_path: Path, module: Any, resolution: int, seed: int = 0) -> 
     return diff
 
 
+def weights_digest(state: dict[str, Any]) -> str:
+    """sha256 over the tensors themselves (name, dtype, shape, bytes; sorted by name).
+
+    Identifies the weights independently of how a file serialises them.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def export_subnet(
     static: Any,
     arch: Arch,
@@ -95,9 +112,13 @@ def export_subnet(
         write_text_atomic(tmp / "arch.json", arch.to_json(indent=2) + "\n")
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in static.state_dict().items()
                  if isinstance(v, torch.Tensor)}
-        save_file(state, str(tmp / "model.safetensors"),
-                  metadata={"arch": arch.to_json(), "format": "evit-static-subnet", "evit_version": __version__})
-        full = {**card, "files": file_hashes(tmp), "onnx": {**card.get("onnx", {}), "max_abs_diff_vs_torch": diff}}
+        # One metadata key: safetensors writes a multi-key metadata map in hash order, which
+        # would make the file bytes (and its sha256) differ from run to run.
+        meta = json.dumps({"arch": arch.to_dict(), "format": "evit-static-subnet", "evit_version": __version__},
+                          sort_keys=True)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"evit": meta})
+        full = {**card, "files": file_hashes(tmp), "weights_sha256": weights_digest(state),
+                "onnx": {**card.get("onnx", {}), "max_abs_diff_vs_torch": diff}}
         write_json_atomic(tmp / "card.json", full)
         write_text_atomic(tmp / "card.md", render_markdown(full))
     return full

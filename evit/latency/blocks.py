@@ -206,23 +206,27 @@ def sample_subnets(space: SearchSpace, n: int, rng: random.Random) -> list[Arch]
     """`n` distinct subnets spread over the FLOPs levels (round robin), for validation/sampled LUTs.
 
     Uses the level sampler when the space has levels (so small and large subnets are both
-    represented, as in training), else uniform draws.
+    represented, as in training); levels that hold no subnet are skipped, and a space
+    without levels is sampled uniformly.
     """
-    sampler = None
-    if space.levels:
-        try:
-            from evit.level_sampler import LevelSampler
+    from evit.level_sampler import LevelError, LevelSampler
 
-            sampler = LevelSampler(space)
-        except ImportError:  # pragma: no cover - only while the level sampler is not installed
-            sampler = None
+    levels = list(range(len(space.levels)))
+    sampler = LevelSampler(space) if levels else None
     archs: list[Arch] = []
     seen: set[Arch] = set()
     tries = 0
     while len(archs) < n and tries < 50 * n:
-        level = tries % len(space.levels) if space.levels else 0
         tries += 1
-        arch = sampler.sample(level, rng) if sampler is not None else space.sample_uniform(rng)
+        arch = None
+        while sampler is not None and levels and arch is None:
+            level = levels[tries % len(levels)]
+            try:
+                arch = sampler.sample(level, rng)
+            except LevelError:  # an unreachable level (e.g. custom levels): draw from the others
+                levels.remove(level)
+        if arch is None:
+            arch = space.sample_uniform(rng)
         if arch not in seen:
             seen.add(arch)
             archs.append(arch)

@@ -114,6 +114,9 @@ class Item:
     input_shape: tuple[int, ...]
     onnx_path: Path | None = None
     key: str | None = None
+    file_key: str | None = None
+    """Items with the same `file_key` (the same block at several positions of a subnet) may
+    share one exported file; each still gets its own session and so its own weights."""
 
 
 def cpu_model() -> str:
@@ -161,7 +164,7 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _rounds(repeats: int, rounds: int) -> list[int]:
+def split_repeats(repeats: int, rounds: int) -> list[int]:
     """Samples per round: `repeats` split as evenly as possible over `rounds` passes."""
     rounds = max(1, min(rounds, repeats))
     return [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
@@ -191,6 +194,10 @@ class Device(abc.ABC):
     """False for kinds that hand a file to an external runner (no in-context timing, and
     one invocation per module: the runner does its own repeats)."""
     _CACHE_SIZE = 1024
+    _CACHE_BYTES = 1 << 30
+    """Prepared modules kept for reuse: at most this many, holding at most this many weight bytes."""
+    _FILE_BYTES = 2 << 30
+    """Exported files kept for reuse (the paper space's 3718 blocks would take ~7 GB)."""
 
     def __init__(self, dp: DeviceParams, *, opset: int = 17) -> None:
         self.params = dp
@@ -198,6 +205,8 @@ class Device(abc.ABC):
         self._prepared: OrderedDict[str, Prepared] = OrderedDict()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._counter = 0
+        self._files: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self._prepared_bytes: dict[str, int] = {}
 
     @property
     def name(self) -> str:
@@ -234,6 +243,8 @@ class Device(abc.ABC):
     def close(self) -> None:
         """Drop prepared modules/sessions and their exported files."""
         self._prepared.clear()
+        self._prepared_bytes.clear()
+        self._files.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -255,12 +266,11 @@ class Device(abc.ABC):
             prepared = [self.prepare(it) for it in items]
             inner: list[int] = []
             for p in prepared:
-                if warmup:
-                    self._time_loop(p, warmup)
-                probe = max(self._time_loop(p, 3) / 3, 1e-7)
+                n = max(warmup, 1)  # the warm-up runs double as the probe for the inner count
+                probe = max(self._time_loop(p, n) / n, 1e-7)
                 inner.append(int(min(_MAX_INNER, max(1, math.ceil(_MIN_SAMPLE_S / probe)))))
             samples: list[list[float]] = [[] for _ in prepared]
-            for count in _rounds(repeats, dp.rounds if rounds is None else rounds):
+            for count in split_repeats(repeats, dp.rounds if rounds is None else rounds):
                 for i, p in enumerate(prepared):
                     k = inner[i]
                     for _ in range(count):
@@ -284,7 +294,7 @@ class Device(abc.ABC):
                 for _ in range(warmup):
                     self._time_chain(ch)
             samples: list[list[list[float]]] = [[[] for _ in ch] for ch in prepared]
-            for count in _rounds(repeats, dp.rounds if rounds is None else rounds):
+            for count in split_repeats(repeats, dp.rounds if rounds is None else rounds):
                 for ci, ch in enumerate(prepared):
                     self._time_chain(ch)
                     for _ in range(count):
@@ -303,12 +313,31 @@ class Device(abc.ABC):
         workdir = Path(self._tmp.name) / f"m{self._counter}"
         workdir.mkdir()
         module = item.module if isinstance(item.module, nn.Module) else item.module()
+        nbytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         prepared = self._prepare(module.eval(), item, workdir)
-        if item.key is not None:
+        if item.key is not None and self._CACHE_SIZE > 0:
             self._prepared[item.key] = prepared
-            while len(self._prepared) > self._CACHE_SIZE:
-                self._prepared.popitem(last=False)
+            self._prepared_bytes[item.key] = nbytes
+            while len(self._prepared) > 1 and (len(self._prepared) > self._CACHE_SIZE
+                                               or sum(self._prepared_bytes.values()) > self._CACHE_BYTES):
+                old, _ = self._prepared.popitem(last=False)
+                self._prepared_bytes.pop(old, None)
         return prepared
+
+    def _onnx_file(self, module: nn.Module, item: Item, workdir: Path) -> Path:
+        """The item's ONNX file: given, already exported under its `file_key`, or exported now."""
+        if item.onnx_path is not None:
+            return item.onnx_path
+        if item.file_key is not None and item.file_key in self._files:
+            self._files.move_to_end(item.file_key)
+            return self._files[item.file_key][0]
+        path = export_onnx_file(module, item.input_shape, workdir / "model.onnx", self.opset)
+        if item.file_key is not None:
+            self._files[item.file_key] = (path, path.stat().st_size)
+            while len(self._files) > 1 and sum(size for _, size in self._files.values()) > self._FILE_BYTES:
+                _, (old, _) = self._files.popitem(last=False)
+                old.unlink(missing_ok=True)  # sessions made from it have already loaded it
+        return path
 
     # --- per-kind hooks -----------------------------------------------------------------
     @contextlib.contextmanager
@@ -407,15 +436,31 @@ class OnnxRuntimeCPUDevice(Device):
         return ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
 
     def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
-        path = item.onnx_path or export_onnx_file(module, item.input_shape, workdir / "model.onnx", self.opset)
+        """A session run through IOBinding: input and a preallocated output stay ORT values.
+
+        So a chain hands each block the previous block's output without a copy to numpy
+        and back, as activations stay inside onnxruntime within a whole-subnet session;
+        `session.run` would add an output allocation and copy per block, which grows with
+        the activation size and is not part of a subnet's latency.
+        """
+        import onnxruntime as ort
+
+        path = self._onnx_file(module, item, workdir)
         sess = self.session(path)
-        name = sess.get_inputs()[0].name
-        run = sess.run
+        in_name, out_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+        x = random_input(item.input_shape).numpy()
+        out_shape = sess.run([out_name], {in_name: x})[0].shape
+        y = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32)
+        io = sess.io_binding()
+        io.bind_ortvalue_output(out_name, y)
+        bind, run = io.bind_ortvalue_input, sess.run_with_iobinding
 
-        def step(x: np.ndarray) -> np.ndarray:
-            return run(None, {name: x})[0]
+        def step(v: Any) -> Any:
+            bind(in_name, v)
+            run(io)
+            return y
 
-        return Prepared(step, random_input(item.input_shape).numpy())
+        return Prepared(step, ort.OrtValue.ortvalue_from_numpy(x))
 
 
 class CudaDevice(Device):
@@ -498,6 +543,7 @@ class CommandDevice(Device):
 
     per_call_overhead = True
     in_process = False
+    _CACHE_SIZE = 0  # a runner invocation is prepared right before it runs, never reused
 
     def check_available(self) -> None:
         template = self.params.command or ""
@@ -573,7 +619,7 @@ class CommandDevice(Device):
         return [self.measure_many(chain) for chain in chains]
 
     def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
-        path = item.onnx_path or export_onnx_file(module, item.input_shape, workdir / "model.onnx", self.opset)
+        path = self._onnx_file(module, item, workdir)
         shape = item.input_shape
         return Prepared(lambda _x: self.run_command(path, shape), None)
 

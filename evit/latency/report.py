@@ -46,10 +46,11 @@ def error_metrics(pred: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     }
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Rank correlation, or None (JSON null) where it is undefined (fewer than 3 points, ties only)."""
     if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
+        return None
+    return round(float(spearmanr(a, b).statistic), 6)
 
 
 def cross_fitted(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarray | None = None, seed: int = 0,
@@ -115,11 +116,11 @@ def validation_metrics(predicted: np.ndarray, raw: np.ndarray, measured: np.ndar
     fm = error_metrics(proxy, measured)
     rawm = error_metrics(raw, measured)
     out: dict[str, Any] = {"n": int(len(measured)), **{k: round(v, 6) for k, v in m.items()}}
-    out["spearman"] = round(_spearman(predicted, measured), 6)
+    out["spearman"] = _spearman(predicted, measured)
     out["flops_within_10pct"] = round(fm["within_10pct"], 6)
     out["flops_mape_pct"] = round(fm["mape_pct"], 6)
     out["flops_rmse_ms"] = round(fm["rmse_ms"], 6)
-    out["flops_spearman"] = round(_spearman(flops, measured), 6)
+    out["flops_spearman"] = _spearman(flops, measured)
     out.update({f"raw_{k}": round(v, 6) for k, v in rawm.items() if k in ("rmse_ms", "mape_pct", "within_10pct")})
     out["correction_used"] = bool(choice.correction.used)
     out["correction_form"] = choice.correction.form

@@ -45,7 +45,7 @@ from evit.errors import LUTError
 from evit.flops import Block, arch_blocks, flops_m
 from evit.io import write_json_atomic
 from evit.latency.blocks import count_by_kind, covering_archs, sample_subnets, sampled_blocks, unique_blocks
-from evit.latency.devices import Device, Item, Measurement, get_device
+from evit.latency.devices import Device, Item, Measurement, get_device, split_repeats, torch_threads
 from evit.latency.lut import FORMAT, PartialLUT, partial_path
 from evit.latency.predictor import BlockRegression, LatencyPredictor
 from evit.latency.report import choose_correction, flops_proxy, plot_points, validation_metrics, write_points_csv
@@ -144,7 +144,8 @@ def _block_item(b: Block, space: SearchSpace, batch: int, occurrence: int = 0) -
     from evit.nn.static import build_block
 
     key = b.key if occurrence == 0 else f"{b.key}#{occurrence}"
-    return Item(functools.partial(build_block, b, space.head_dropout), block_input_shape(b, batch), key=key)
+    return Item(functools.partial(build_block, b, space.head_dropout), block_input_shape(b, batch), key=key,
+                file_key=b.key)
 
 
 def _null_item(shape: tuple[int, ...]) -> Item:
@@ -155,9 +156,8 @@ def _rounds_plan(dp: DeviceParams, in_process: bool) -> tuple[list[int], int]:
     """Samples per round and untimed warm-up runs per round (one round for external runners)."""
     if not in_process:
         return [dp.repeats], dp.warmup
-    rounds = max(1, min(dp.rounds, dp.repeats))
-    per_round = [dp.repeats // rounds + (1 if r < dp.repeats % rounds else 0) for r in range(rounds)]
-    return per_round, -(-dp.warmup // rounds)
+    per_round = split_repeats(dp.repeats, dp.rounds)
+    return per_round, -(-dp.warmup // len(per_round))
 
 
 def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[Arch], state: PartialLUT, *,
@@ -293,7 +293,9 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
     archs = sample_subnets(space, dp.validate_subnets, random.Random(f"lut-validate-{dp.seed}"))
     state = PartialLUT.open(partial_path(out), fingerprint(dp, dev, space, plan))
     try:
-        with _quiet("evit.nn.export"):
+        # the harness (module building, ONNX export) uses the device's thread budget: on a
+        # shared machine a 2-thread op waits whenever another job holds the second core
+        with _quiet("evit.nn.export"), torch_threads(dp.threads):
             measure_all(dev, space, plan, archs, state, progress=progress)
     finally:
         dev.close()
@@ -379,7 +381,8 @@ def _track(params: Params, device: str, metrics: dict[str, Any], files: list[Pat
         with stage_run(params, f"lut@{device}", tags={"evit.device": device}, log_sections=("space",)):
             mlflow.log_params(flat_params(params.device(device).model_dump(mode="json"), "device."))
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                if isinstance(v, (int, float)) and np.isfinite(float(v))})
+                                if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(float(v))})
+            mlflow.set_tag("evit.lut.correction", str(metrics.get("correction_form")))
             for f in files:
                 mlflow.log_artifact(str(f), artifact_path="lut")
     except Exception as exc:  # noqa: BLE001 - tracking is best effort by design

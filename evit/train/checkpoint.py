@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "evit-supernet-checkpoint/1"
 
-_HASH_EXCLUDED = frozenset({"out_dir", "checkpoint_every", "eval_every_epochs", "workers", "device"})
-"""Train knobs that cannot change the trained weights (workers: augmentation is seeded per sample)."""
+_HASH_EXCLUDED = frozenset({"out_dir", "checkpoint_every", "eval_every_epochs", "workers", "device", "threads",
+                            "log_every"})
+"""Train knobs that do not change what is trained (workers: augmentation is seeded per sample;
+threads may change float rounding, not the recipe)."""
 
 
 def params_hash(params: Any, data_hash: str) -> str:

@@ -149,6 +149,8 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.dist: DistInfo = init_distributed(t.device)
         self.device = self.dist.device
+        if t.threads is not None:
+            torch.set_num_threads(t.threads)
         on_gpu = self.device.type == "cuda"
 
         self.data = data if data is not None else PreparedData(paths.prepared_dir(params))

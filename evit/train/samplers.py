@@ -26,21 +26,25 @@ Scores and staleness (our choice; the reference spends extra forward passes inst
 - score = -CE of the subnet on its training batch with hard labels, taken from the
   logits the training forward already computed (no extra pass). Under mixup the hard
   target is the unsmoothed mixed one-hot; with a teacher it is still the label.
-- Raw -CE is not comparable across time: the loss of every subnet falls as training
-  goes on, so raw replace-worst would evict old entries for being old, not for being
-  worse, and softmax draws would favour recent entries. Each level therefore keeps an
-  EMA baseline of the mean -CE of the subnets it trained, and a bank ranks entries by
-  their *advantage* = score - baseline(at the time of the score): how much better the
-  subnet was than its level's typical subnet on the same weights. Softmax is
-  shift-invariant, so softmax(advantage) equals softmax over scores all moved to "now"
-  (advantage + current baseline, which is also what `banks` exports as the score).
-- Freshness: an entry's score is refreshed whenever that arch is trained again (every
-  exploit draw re-measures it for free), and `rescore_per_epoch` times per epoch the
+- Raw -CE is not comparable across time or batches: the loss of every subnet falls as
+  training goes on (raw replace-worst would evict old entries for being old, not for
+  being worse, and softmax draws would favour recent entries), and a hard batch lowers
+  every score of its step. So a bank ranks entries by their *advantage*: the score
+  minus the score of the level's reference subnet measured in the same step. The
+  reference is the level's min subnet, which every step at that level trains anyway
+  (on the same batch, with the same weights, hard-label CE from its own training
+  logits). Training progress, batch difficulty and the exploit/explore mix of the step
+  all cancel in that paired difference; what is left is how much better the subnet is
+  than its level's fixed reference. (A mean over the step's level draws would not do:
+  exploited draws are the bank's best, so that mean would rise with the exploit
+  probability and penalise later entries.) Softmax is shift-invariant, so
+  softmax(advantage) equals softmax over scores moved to "now" (advantage + the
+  level's latest reference score, which is what the banks export as the score).
+- Freshness: an entry's advantage is re-measured whenever that arch is trained again
+  (every exploit draw does it for free), and `rescore_per_epoch` times per epoch the
   loop re-measures the `rescore_entries` stalest entries of the current level on the
   step's batch with the step's weights (a few forward passes, no backward;
-  `stale_entries` / `rescore`). Those re-measurements share the batch and the weights
-  with the step's level draws, whose mean has just updated the level's baseline, so
-  their advantages are measured against exactly the subnets they compete with.
+  `stale_entries` / `rescore`), against the same step's reference.
 """
 
 from __future__ import annotations
@@ -60,8 +64,6 @@ from evit.space import SearchSpace
 SAMPLERS = ("uniform", "complexity", "elastic")
 LEVEL_SUBNETS = 3
 """Subnets drawn per step in the current level (the spec's 3), besides the level's min."""
-BASELINE_MOMENTUM = 0.8
-"""EMA momentum of a level's mean -CE baseline, per step that trains the level."""
 
 
 class LevelSamplerLike(Protocol):
@@ -140,7 +142,7 @@ class BankEntry:
     score: float
     """-CE (hard labels) when last measured."""
     advantage: float
-    """score minus the level's baseline when measured (what the bank ranks by)."""
+    """score minus the same step's score of the level's reference (min) subnet; ranks the bank."""
     step: int
     """Training step of the last measurement."""
 
@@ -325,7 +327,9 @@ class ElasticSampler(ComplexitySampler):
         self.total_steps = max(1, total_steps)
         self._banks = {i: MemoryBank(settings.bank_capacity) for i in range(len(space.levels))}
         self.baseline: dict[int, float] = {}
-        """Per level: EMA of the mean -CE of the level draws (see the module docstring)."""
+        """Per level: the latest -CE of its reference (min) subnet (see the module docstring)."""
+        self._reference: tuple[int, int, float] = (-1, -1, 0.0)
+        """(step, level, reference score) of the last observed step, for `rescore` in that step."""
         self._explored: set[str] = set()
         """Roles of the current step that were explored (only those are offered to the bank)."""
         self._p = 0.0
@@ -377,10 +381,11 @@ class ElasticSampler(ComplexitySampler):
             return
         level = level_results[0][0].level
         assert level is not None
-        mean_score = -sum(ce for _, ce in level_results) / len(level_results)
-        old = self.baseline.get(level)
-        base = mean_score if old is None else BASELINE_MOMENTUM * old + (1 - BASELINE_MOMENTUM) * mean_score
+        refs = [ce for d, ce in results if d.distill and d.level == level]
+        # the level's min subnet, trained in this same step (fallback: the level draws' mean)
+        base = -refs[0] if refs else -sum(ce for _, ce in level_results) / len(level_results)
         self.baseline[level] = base
+        self._reference = (step_idx, level, base)
         bank = self._banks[level]
         for draw, ce in level_results:
             entry = BankEntry(-ce, -ce - base, step_idx)
@@ -399,7 +404,8 @@ class ElasticSampler(ComplexitySampler):
         bank = self._banks[level]
         if arch not in bank:
             return
-        base = self.baseline.get(level, -hard_ce)
+        ref_step, ref_level, ref = self._reference
+        base = ref if (ref_step, ref_level) == (step_idx, level) else self.baseline.get(level, -hard_ce)
         bank.entries[arch] = BankEntry(-hard_ce, -hard_ce - base, step_idx)
 
     def stats(self, step_idx: int) -> dict[str, float]:
@@ -408,7 +414,7 @@ class ElasticSampler(ComplexitySampler):
                 "exploited": float(LEVEL_SUBNETS - len(self._explored))}
 
     def export_banks(self) -> dict[int, list[tuple[Arch, float]]]:
-        """Per level: (arch, score moved to now = advantage + current baseline), best first."""
+        """Per level: (arch, score moved to now = advantage + latest reference score), best first."""
         out: dict[int, list[tuple[Arch, float]]] = {}
         for lv, bank in self._banks.items():
             base = self.baseline.get(lv, 0.0)

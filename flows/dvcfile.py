@@ -1,0 +1,235 @@
+"""dvc.yaml, rendered from params.yaml: the one declaration of every stage's inputs and outputs.
+
+DVC and the Prefect flow share it: `dvc repro` runs the stages from it, and the flow asks
+DVC (through `flows.dvcrepo`) what a stage depends on, whether it is up to date, and
+records each stage it ran in `dvc.lock`. So both drivers agree on what "changed" means.
+
+Why rendered and not hand-written: per-device stages are a `foreach` over the device
+names (`lut@cpu-1t`, `search@cpu-1t`, ...) and each must depend on *its own* entry of the
+`devices:` list only (`devices.<index>`), so that changing one device's settings reruns
+only that device's branch. DVC cannot select a list entry by name, so the mapping
+name -> index is written into dvc.yaml; `evit pipeline` re-renders the file whenever the
+devices or paths in params.yaml change (`python -m flows.dvcfile` does it by hand), and
+a test keeps the committed dvc.yaml equal to the rendering of the committed params.yaml.
+Reordering devices changes their indices, so it reruns the reordered branches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from evit import paths
+from evit.config import Params, load_params
+from evit.io import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+DVC_YAML = "dvc.yaml"
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+STAGE_KINDS = ("prepare", "train", "lut", "search", "export")
+PER_DEVICE = ("lut", "search", "export")
+
+
+def stage_name(kind: str, device: str | None = None) -> str:
+    """The DVC stage name: `prepare`, `train`, or `<kind>@<device>` for per-device stages."""
+    if kind in PER_DEVICE:
+        if not device:
+            raise ValueError(f"stage {kind!r} is per device; give a device name")
+        return f"{kind}@{device}"
+    return kind
+
+
+def _posix(p: Path | str) -> str:
+    return PurePosixPath(Path(p).as_posix()).as_posix()
+
+
+def _device_path(path: Path, device: str) -> str:
+    """A per-device path with the device name replaced by DVC's `${key}`."""
+    text = _posix(path)
+    if device not in text:
+        raise AssertionError(f"path {text} does not contain the device name {device}")
+    return text.replace(device, "${key}")
+
+
+def _source_dep(params: Params, root: Path) -> str | None:
+    """The data source as a DVC dependency when it is a local directory (S3 and digits are not)."""
+    source = params.data.source
+    if source == "digits" or source.startswith("s3://"):
+        return None
+    src = Path(source).expanduser()
+    full = src if src.is_absolute() else root / src
+    try:
+        return _posix(full.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return _posix(full.resolve())
+
+
+def _declared(params_file: str, root: Path) -> tuple[set[str], int]:
+    """Top-level sections present in the params file, and its number of `devices:` entries.
+
+    DVC fails a stage whose params key is absent from the file, and a section left out of
+    the file is all defaults anyway: only present sections are declared (adding one later
+    re-renders dvc.yaml, and DVC rightly reruns the stages that now depend on it)."""
+    path = root / params_file
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not isinstance(data, dict):
+        return set(), 0
+    devices = data.get("devices")
+    return {str(k) for k in data}, len(devices) if isinstance(devices, list) else 0
+
+
+def _params_block(params_file: str, keys: list[str], indent: str) -> str:
+    if not keys:
+        return ""
+    if params_file == DEFAULT_PARAMS_FILE:
+        return "".join(f"{indent}- {k}\n" for k in keys)
+    inner = "".join(f"{indent}    - {k}\n" for k in keys)
+    return f"{indent}- {params_file}:\n{inner}"
+
+
+def render(params: Params, params_file: str = DEFAULT_PARAMS_FILE, root: Path | None = None) -> str:
+    """The text of dvc.yaml for `params` (read from `params_file`, relative to the project root)."""
+    root = root or Path.cwd()
+    params_file = _posix(params_file)
+    p_arg = "" if params_file == DEFAULT_PARAMS_FILE else f" --params {params_file}"
+    prepared = _posix(paths.prepared_dir(params))
+    manifest = _posix(paths.manifest_path(params))
+    models = _posix(paths.train_dir(params))
+    supernet = _posix(paths.checkpoint_path(params))
+    devices = [d.name for d in params.devices]
+    first = devices[0] if devices else "DEVICE"
+    lut_out = _device_path(paths.lut_path(params, first), first)
+    lut_metrics = _device_path(paths.lut_metrics_path(first), first)
+    search_out = _device_path(paths.search_dir(params, first), first)
+    search_metrics = _device_path(paths.search_metrics_path(first), first)
+    export_out = _device_path(paths.export_dir(params, first), first)
+    export_metrics = _device_path(paths.export_metrics_path(first), first)
+    plots = _posix(paths.plots_dir())
+    train_metrics = _posix(paths.train_metrics_path())
+    source = _source_dep(params, root)
+    present, n_listed = _declared(params_file, root)
+
+    def keys(*names: str) -> list[str]:
+        out = [n for n in names if n in present and n != "devices"]
+        if "devices" in names and n_listed == len(devices):
+            out.append("devices.${item}")
+        return out
+
+    def params_section(names: list[str], indent: str) -> str:
+        return f"{indent[:-2]}params:\n{_params_block(params_file, names, indent)}" if names else ""
+    foreach = "".join(f"      {name}: {i}\n" for i, name in enumerate(devices)) or "      {}\n"
+
+    def per_device(kind: str) -> str:
+        return f"    foreach:  # device name -> its index in `devices:` of {params_file}\n{foreach}"
+
+    prepare_deps = f"    deps:\n      - {source}\n" if source else ""
+    return f"""\
+# Rendered from {params_file} by `python -m flows.dvcfile` (and by `evit pipeline` when the
+# devices or output paths change): edit {params_file}, not this file.
+#
+# Every stage runs through the `evit` CLI. `dvc repro` and `evit pipeline` (the Prefect flow)
+# record the same dvc.lock, so either one finds nothing to redo after the other.
+# Per-device stages depend on their own `devices.<index>` entry only.
+stages:
+  prepare:
+    cmd: evit prepare{p_arg}
+{prepare_deps}{params_section(keys("data"), "      ")}    outs:
+      - {prepared}
+
+  train:
+    cmd: evit train{p_arg}
+    deps:
+      - {prepared}
+{params_section(keys("space", "train"), "      ")}    outs:
+      - {models}:
+          persist: true  # models/last.pt: a killed or extended run resumes
+    metrics:
+      - {train_metrics}
+    plots:
+      - {plots}/train-loss.png
+      - {plots}/train-flops.png
+
+  lut:
+{per_device("lut")}    do:
+      cmd: evit lut --device ${{key}}{p_arg}
+      deps:
+        - {manifest}
+{params_section(keys("space", "devices"), "        ")}      outs:
+        - {lut_out}
+      metrics:
+        - {lut_metrics}
+      plots:
+        - {plots}/lut-${{key}}.csv:
+            template: scatter
+            x: measured_ms
+            y: predicted_ms
+            title: LUT-predicted vs measured latency (ms) on ${{key}}
+        - {plots}/lut-${{key}}.png
+
+  search:
+{per_device("search")}    do:
+      cmd: evit search --device ${{key}}{p_arg}
+      deps:
+        - {prepared}
+        - {supernet}
+        - {lut_out}
+{params_section(keys("space", "search", "devices"), "        ")}      outs:
+        - {search_out}:
+            persist: true  # fitness-cache.json: no subnet is evaluated twice
+      metrics:
+        - {search_metrics}
+      plots:
+        - {plots}/search-${{key}}.csv:
+            template: scatter
+            x: latency_ms
+            y: top1
+            title: Pareto front (top-1 vs predicted latency) on ${{key}}
+        - {plots}/search-${{key}}.png
+
+  export:
+{per_device("export")}    do:
+      cmd: evit export --device ${{key}}{p_arg}
+      deps:
+        - {prepared}
+        - {supernet}
+        - {search_out}/result.json
+{params_section(keys("export"), "        ")}      outs:
+        - {export_out}
+      metrics:
+        - {export_metrics}
+"""
+
+
+def sync(params: Params, params_file: str = DEFAULT_PARAMS_FILE, root: Path | None = None) -> bool:
+    """Write dvc.yaml into `root` when it differs from the rendering; True if it was (re)written."""
+    root = root or Path.cwd()
+    text = render(params, params_file, root)
+    target = root / DVC_YAML
+    if target.is_file() and target.read_text(encoding="utf-8") == text:
+        return False
+    log.info("%s %s from %s (devices: %s)", "updated" if target.exists() else "wrote", target, params_file,
+             [d.name for d in params.devices])
+    write_text_atomic(target, text)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Render dvc.yaml from params.yaml (run in the project root).")
+    ap.add_argument("--params", "-p", default=DEFAULT_PARAMS_FILE)
+    ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is out of date; write nothing")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = load_params(args.params)
+    if args.check:
+        current = Path(DVC_YAML).read_text(encoding="utf-8") if Path(DVC_YAML).is_file() else ""
+        raise SystemExit(0 if current == render(params, args.params) else 1)
+    sync(params, args.params)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

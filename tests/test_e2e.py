@@ -1,0 +1,128 @@
+"""The whole pipeline on a tiny config, against real local servers: moto_server as the S3
+DVC remote, an MLflow tracking/registry server (sqlite). Then: the artifacts, dvc.lock and
+`dvc status` / `dvc repro` having nothing to do, DVC metrics and plots, the registry, the
+MLflow run tree, the Prefect artifact, the S3 remote, a second run in a new process that is
+all cache hits, and a fresh checkout restored with `dvc pull`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fixtures_servers import MlflowServer, mlflow_server  # noqa: F401
+from tests.flow_helpers import clean_env, dvc, evit_pipeline, prefect_home, tiny, tiny_device  # noqa: F401
+
+DEVICES = ["cpu-1t", "ort-1t"]
+STAGES = {"prepare", "train"} | {f"{k}@{d}" for k in ("lut", "search", "export") for d in DEVICES}
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tiny_params: Any, moto_server: str, s3_client: Any, mlflow_server: MlflowServer,
+                             prefect_home: Path, monkeypatch: pytest.MonkeyPatch,
+                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    from mlflow import MlflowClient
+
+    from flows.pipeline import ARTIFACT_KEY, run_pipeline
+
+    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
+    s3_client.create_bucket(Bucket=bucket)
+    model = f"e2e-{uuid.uuid4().hex[:6]}-{{device}}"
+    path = tiny_params(tiny(
+        devices=[tiny_device("cpu-1t"), tiny_device("ort-1t", kind="onnxruntime-cpu", budgets_ms=[20.0])],
+        export={"model_name": model},
+        storage={"remote": f"s3://{bucket}/dvc", "endpoint_url": moto_server, "push": True},
+        tracking={"experiment": f"e2e-{bucket}", "retries": 1}))
+    root = path.parent
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+
+    # --- first run: every stage runs ----------------------------------------------------------
+    t0 = time.perf_counter()
+    first = run_pipeline(str(path))
+    first_s = time.perf_counter() - t0
+    assert set(first["ran"]) == STAGES and first["cached"] == [] and first["failed"] == []
+    assert first["pushed"] > 0
+
+    # --- artifacts on disk ----------------------------------------------------------------------
+    for d in DEVICES:
+        assert json.loads((root / "luts" / f"{d}.json").read_text())["complete"] is True
+        result = json.loads((root / "results" / f"search-{d}" / "result.json").read_text())
+        feasible = [b for b in result["budgets"] if b["feasible"]]
+        assert feasible, result["budgets"]
+        for b in feasible:
+            folder = root / "exports" / d / b["label"]
+            assert (folder / "model.onnx").stat().st_size > 0
+            card = json.loads((folder / "card.json").read_text())
+            assert card["arch_key"] == b["key"]
+    assert (root / "models" / "supernet.pt").is_file() and (root / "plots" / "train-loss.png").is_file()
+
+    # --- DVC: the flow left nothing to do --------------------------------------------------------
+    lock_before = (root / "dvc.lock").read_bytes()
+    lock = yaml.safe_load(lock_before)["stages"]
+    assert set(lock) == STAGES
+    assert lock["search@ort-1t"]["params"]["params.yaml"]["devices.1"]["name"] == "ort-1t"
+    env = clean_env({"MLFLOW_TRACKING_URI": mlflow_server.url})
+    assert "up to date" in dvc(root, "status", env=env).stdout
+    repro = dvc(root, "repro", env=env)
+    assert "Data and pipelines are up to date" in repro.stdout + repro.stderr, repro.stdout
+    assert (root / "dvc.lock").read_bytes() == lock_before
+    metrics = json.loads(dvc(root, "metrics", "show", "--json", env=env).stdout)
+    shown = json.dumps(metrics)
+    assert "metrics/train.json" in shown and "metrics/search-ort-1t.json" in shown
+    plots = dvc(root, "plots", "show", "--json", env=env).stdout
+    assert "plots/search-cpu-1t.csv" in plots and "plots/lut-ort-1t.csv" in plots
+
+    # --- the S3 remote holds the outputs ----------------------------------------------------------
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="dvc/").get("Contents", [])]
+    assert len(keys) >= first["pushed"]
+
+    # --- MLflow: run tree and registry --------------------------------------------------------------
+    client = MlflowClient(mlflow_server.url)
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["stages_ran"] == len(STAGES)
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert STAGES <= {r.data.tags.get("evit.stage") for r in children}
+    assert "cpu-1t" in Path(client.download_artifacts(parent.info.run_id, "subnets.md",
+                                                      str(tmp_path_factory.mktemp("md")))).read_text()
+    for d in DEVICES:
+        name = model.format(device=d)
+        versions = client.search_model_versions(f"name='{name}'")
+        assert versions, name
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert float(champion.tags["evit.val_top1"]) >= 0.0 and champion.tags["evit.arch"]
+
+    # --- Prefect: the markdown artifact ---------------------------------------------------------------
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pclient:
+        artifacts = pclient.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+    table = artifacts[-1].data
+    assert all(f"| {d} |" in table for d in DEVICES) and model.format(device="ort-1t") in table
+
+    # --- second run, new process: all cache hits -------------------------------------------------------
+    t0 = time.perf_counter()
+    second = evit_pipeline(root, env=env)
+    second_s = time.perf_counter() - t0
+    assert set(second["cached"]) == STAGES and second["ran"] == [], second
+    assert (root / "dvc.lock").read_bytes() == lock_before
+    print(f"\ne2e: first run {first_s:.1f}s (flow {first['seconds']}s), second run {second_s:.1f}s wall "
+          f"(flow {second['seconds']}s, all cached)")
+
+    # --- a fresh checkout gets every output back from S3 -----------------------------------------------
+    clone = tmp_path_factory.mktemp("clone")
+    for name in ("params.yaml", "dvc.yaml", "dvc.lock", ".dvcignore"):
+        shutil.copy2(root / name, clone / name)
+    (clone / ".dvc").mkdir()
+    shutil.copy2(root / ".dvc" / "config", clone / ".dvc" / "config")
+    dvc(clone, "pull", env=env)
+    assert "up to date" in dvc(clone, "status", env=env).stdout
+    assert (clone / "exports" / "ort-1t").is_dir() and (clone / "models" / "supernet.pt").is_file()
