@@ -31,8 +31,20 @@ PARENT_RUN_ENV = "EVIT_PARENT_RUN_ID"
 _PARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("evit_parent_run_id", default=None)
 
 
+def _absolute_sqlite(uri: str) -> str:
+    """Pin a relative `sqlite:///file.db` to the current directory.
+
+    MLflow caches one store per URI string, so a relative path would keep pointing at the
+    directory of the first stage that used it (tests and flows change directories).
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
 def tracking_uri(params: Params) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or _absolute_sqlite(params.tracking.uri)
 
 
 def registry_uri(params: Params) -> str:
@@ -44,8 +56,16 @@ def configure(params: Params) -> None:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that so the variable
+    # keeps meaning "set by the user" and a later configure() with other params is honoured.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(tracking_uri(params))
     mlflow.set_registry_uri(registry_uri(params))
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def parent_run_id() -> str | None:
