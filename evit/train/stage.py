@@ -84,8 +84,12 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
 
     Under torchrun every rank calls this; only rank 0 talks to MLflow and writes files.
     """
+    from evit.latency.spaces import space_for
+    from evit.level_sampler import LevelSampler
     from evit.train.distributed import init_distributed
 
+    if params.train.sampler != "uniform":  # fail on unreachable custom levels before any work
+        LevelSampler(space_for(params)).check_levels()
     info = init_distributed(params.train.device)
     if info.is_main:
         from evit.tracking import stage_run
