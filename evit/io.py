@@ -132,3 +132,18 @@ def sha256_tree(path: str | os.PathLike[str]) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def save_figure_atomic(fig: Any, target: str | os.PathLike[str]) -> Path:
+    """Save a matplotlib figure as PNG through a temporary file, then close it.
+
+    Plots are DVC outputs and MLflow artifacts; a killed run must not leave a truncated PNG.
+    """
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return Path(target)

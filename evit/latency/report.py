@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from evit.io import atomic_path, write_text_atomic
+from evit.io import save_figure_atomic, write_text_atomic
 from evit.latency.predictor import Correction, fit_correction
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,4 @@ def plot_points(path: Path, device: str, measured: np.ndarray, predicted: np.nda
                  f"RMSE {metrics['rmse_ms']:.3g} ms", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure_atomic(fig, path)

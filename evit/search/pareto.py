@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evit.io import atomic_path, write_text_atomic
+from evit.io import save_figure_atomic, write_text_atomic
 
 
 def pareto_front(points: Sequence[dict[str, Any]], x: str = "latency_ms", y: str = "top1") -> list[dict[str, Any]]:
@@ -70,7 +70,6 @@ def plot_search(
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+        save_figure_atomic(fig, path)
     finally:
         plt.close(fig)

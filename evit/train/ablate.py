@@ -30,7 +30,7 @@ import torch
 from evit import flops, paths
 from evit.arch import Arch
 from evit.config import Params
-from evit.io import write_json_atomic
+from evit.io import save_figure_atomic, write_json_atomic
 from evit.space import SearchSpace, space_from_params
 from evit.train import checkpoint as ckpt_mod
 from evit.train.conflict import measure_conflict
@@ -109,11 +109,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure_atomic(fig, path)
 
 
 def run_ablation(params: Params) -> dict[str, Any]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from evit.io import save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,7 @@ class StepLog:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):
                     break  # a torn last line of a killed run
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{k}\n" for k in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(f"{k}\n" for k in kept))
         self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
@@ -131,12 +130,7 @@ def plot_losses(rows: Sequence[dict[str, Any]], path: Path, title: str = "supern
     if roles:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 def plot_flops(rows: Sequence[dict[str, Any]], path: Path, levels: Sequence[float] = (),
@@ -161,9 +155,4 @@ def plot_flops(rows: Sequence[dict[str, Any]], path: Path, levels: Sequence[floa
     if roles:
         ax.legend(fontsize=8, markerscale=3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path)
