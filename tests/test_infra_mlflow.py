@@ -19,8 +19,11 @@ def test_environment_uri_wins_over_params(monkeypatch: pytest.MonkeyPatch) -> No
     params = parse_params({"tracking": {"uri": "sqlite:///from-params.db"}})
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    assert tracking.tracking_uri(params) == "sqlite:///from-params.db" == tracking.registry_uri(params)
-    assert tracking.tracking_uri(parse_params({})) == "sqlite:///mlflow.db"  # the embedded default
+    # relative sqlite paths are pinned to the working directory (MLflow caches stores per URI)
+    expected = f"sqlite:///{Path.cwd() / 'from-params.db'}"
+    assert tracking.tracking_uri(params) == expected == tracking.registry_uri(params)
+    assert tracking.tracking_uri(parse_params({})) == f"sqlite:///{Path.cwd() / 'mlflow.db'}"  # embedded default
+    assert tracking.tracking_uri(parse_params({"tracking": {"uri": "sqlite:////abs/x.db"}})) == "sqlite:////abs/x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(params) == "http://127.0.0.1:5000" == tracking.registry_uri(params)
 
