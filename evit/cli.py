@@ -132,37 +132,34 @@ def ablate(params: ParamsOpt = Path("params.yaml")) -> None:
     _echo_json(stages.ablate(_params(params)))
 
 
+def _device_stage(stage: str, device: str, params_path: Path) -> None:
+    """Validate params and the device name up front, then run one per-device stage."""
+    from evit import stages
+
+    p = _params(params_path)
+    p.device(device)
+    _echo_json(getattr(stages, stage)(p, device))
+
+
 @app.command()
 @_friendly
 def lut(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
     """Build (or resume) the latency lookup table of one device and validate it."""
-    from evit import stages
-
-    p = _params(params)
-    p.device(device)
-    _echo_json(stages.lut(p, device))
+    _device_stage("lut", device, params)
 
 
 @app.command()
 @_friendly
 def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
     """Evolutionary search of the best subnet per latency budget of one device."""
-    from evit import stages
-
-    p = _params(params)
-    p.device(device)
-    _echo_json(stages.search(p, device))
+    _device_stage("search", device, params)
 
 
 @app.command()
 @_friendly
 def export(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
     """Export the chosen subnets of one device (ONNX, safetensors, card) and register them."""
-    from evit import stages
-
-    p = _params(params)
-    p.device(device)
-    _echo_json(stages.export(p, device))
+    _device_stage("export", device, params)
 
 
 @app.command()

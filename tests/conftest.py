@@ -22,6 +22,10 @@ Project scaffolding:
   file outside a class directory).
 - `prepared_digits` (session): the default digits source prepared once into a session
   directory (its Path); point `data.out_dir` at it to skip the prepare stage in tests.
+
+Torch runs single-threaded in the test process (`pytest_configure`): CI has 2 cores and
+intra-op threads only add contention to these tiny models. Code that needs a thread count
+(latency devices) sets and restores its own.
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ AWS_TEST_ENV = {
     "AWS_REGION": "us-east-1",
 }
 _AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

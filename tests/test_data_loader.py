@@ -14,7 +14,6 @@ import torch
 from evit.data.loader import MEAN, STD, PreparedData, SeededSampler, build_transform
 from evit.errors import DataError
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
@@ -21,7 +20,6 @@ from evit.data.prepare import prepare_data
 from evit.errors import DataError
 from evit.io import sha256_file, sha256_json
 
-torch.set_num_threads(1)
 OUT = Path("data/prepared")
 
 

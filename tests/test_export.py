@@ -19,11 +19,6 @@ from evit.space import CPU, IMAGENET
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def test_space_round_trips_through_the_card() -> None:
     for space in (TINY, CPU, IMAGENET.with_classes(7)):
         back = space_from_dict(json.loads(json.dumps(space.to_dict())))

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import replace
 
-import pytest
 import torch
 from torch import nn
 
@@ -24,14 +22,6 @@ from evit.flops import arch_blocks, block_flops, block_params, count
 from evit.nn.common import MatMul
 from evit.nn.static import StaticSubnet
 from evit.space import CPU, IMAGENET, SearchSpace
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class MacCounter:

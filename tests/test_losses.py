@@ -11,7 +11,6 @@ from evit.errors import CheckpointError
 from evit.train.losses import AdaptiveAlphaDivergence, _f_divergence, hard_ce, label_smoothed_ce, load_teacher, soft_ce
 from evit.train.step import HardMixup
 
-torch.set_num_threads(1)
 
 
 def test_label_smoothed_ce_matches_torch_and_soft_targets() -> None:

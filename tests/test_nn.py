@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,14 +32,6 @@ from evit.space import CPU, IMAGENET, SearchSpace
 # evit/nn/supernet.py for our breakdown and the likely sources of the gap. The test asserts
 # a range that catches gross mistakes (a missing stage, a doubled head) without freezing
 # every detail of the structure.
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def randomise(net: nn.Module, seed: int) -> None:

@@ -32,7 +32,6 @@ def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLFLOW_ENABLE_TELEMETRY", "false")
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
 
 
 def _versions(client: MlflowClient, name: str) -> list[int]:

@@ -140,7 +140,6 @@ def tiny_search(prepared_digits: Path, tmp_path: Path, monkeypatch: pytest.Monke
     from evit.data.loader import PreparedData
     from evit.search.stage import SearchInputs
 
-    torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EVIT_PARENT_RUN_ID"):
         monkeypatch.delenv(var, raising=False)

@@ -14,7 +14,6 @@ from evit.errors import CheckpointError
 from evit.space import get_space, space_from_params
 from train_helpers import prepare_small_digits, tiny_overrides
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

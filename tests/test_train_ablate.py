@@ -12,7 +12,6 @@ from evit.io import read_json
 from train_helpers import prepare_small_digits, tiny_overrides
 
 pytestmark = pytest.mark.slow
-torch.set_num_threads(1)
 
 
 def test_run_ablation_tiny(tiny_params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
