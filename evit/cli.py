@@ -169,11 +169,16 @@ def fetch(
     fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript | pytorch")] = "onnx",
     out: Annotated[Path, typer.Option("--out", help="directory to write the model files to")] = Path("fetched"),
     params: ParamsOpt = Path("params.yaml"),
+    card: Annotated[bool, typer.Option("--card", help="print the full card and file list as JSON")] = False,
 ) -> None:
-    """Download a registered model, verify its files against the recorded hashes, print its card."""
-    from evit.registry import fetch_model
+    """Download a registered model, verify its files against the recorded hashes, print a summary."""
+    from evit.registry import fetch_model, fetch_report
 
-    _echo_json(fetch_model(_params(params), ref, fmt, out))
+    summary = fetch_model(_params(params), ref, fmt, out)
+    if card:
+        _echo_json(summary)
+    else:
+        typer.echo(fetch_report(summary))
 
 
 @app.command()

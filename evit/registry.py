@@ -176,6 +176,8 @@ def card_tags(card: dict[str, Any], card_files: dict[str, str]) -> dict[str, str
         "evit.arch_key": card["arch_key"],
         "evit.resolution": str(card["arch"]["resolution"]),
         "evit.num_classes": str(card["num_classes"]),
+        "evit.classes": _classes_tag(card.get("classes")),
+        "evit.input": js(card["input"]),
         "evit.val_top1": repr(float(m["val_top1"])),
         "evit.search_top1": repr(float(m["search_top1"])),
         "evit.flops_m": repr(float(m["flops_m"])),
@@ -197,6 +199,18 @@ def card_tags(card: dict[str, Any], card_files: dict[str, str]) -> dict[str, str
     for name, digest in card_files.items():
         tags[FILE_TAG_PREFIX + name] = digest
     return tags
+
+
+CLASSES_TAG_LIMIT = 5000
+"""Longest `evit.classes` tag value (MLflow limits tag values); longer lists stay in card.json."""
+
+
+def _classes_tag(classes: list[str] | None) -> str:
+    """The class names in logit order as a JSON list, or a pointer to card.json when too long."""
+    if not classes:
+        return "unknown (card without class names)"
+    text = json.dumps(classes, separators=(",", ":"))
+    return text if len(text) <= CLASSES_TAG_LIMIT else f"{len(classes)} classes: see card.json (`classes`)"
 
 
 def _accuracy(mv: Any) -> float:
@@ -611,3 +625,26 @@ def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str])
                                                      indent=2, sort_keys=True) + "\n")
     log.info("fetched %s (%s) into %s, files verified", where, fmt, out)
     return summary
+
+
+def fetch_report(summary: dict[str, Any]) -> str:
+    """What `evit fetch` prints: a few lines a person reads (the full card is in card.json)."""
+    from evit.export.card import classes_text
+
+    card = summary["card"]
+    m, lat, inp = card["metrics"], card["latency"], card["input"]
+    r = inp.get("resolution", card["arch"]["resolution"])
+    aliases = ", ".join(summary["aliases"]) or "none"
+    classes = card.get("classes")
+    lines = [
+        f"{summary['model']} version {summary['version']} (aliases: {aliases}) -> {summary['out']}",
+        f"  files:      {', '.join(sorted(Path(p).name for p in summary['files'].values()))} (sha256 verified)",
+        f"  input:      1 x 3 x {r} x {r} float32 NCHW; {inp.get('normalization', '')}",
+        f"  classes:    {classes_text(classes) if classes else str(card['num_classes']) + ' (names not recorded)'}",
+        f"  val top-1:  {float(m['val_top1']):.4f}",
+        f"  latency:    {float(lat['measured_ms']):.3f} ms measured, {float(lat['predicted_ms']):.3f} ms predicted "
+        f"on {card['device']['name']} (budget {card['budget'].get('text', card['budget'].get('label'))})",
+        f"  card:       {Path(summary['out']) / 'card.md'} (the full card: --card)",
+    ]
+    return "\n".join(lines)
+

@@ -12,6 +12,13 @@ name -> index is written into dvc.yaml; `evit pipeline` re-renders the file when
 devices or paths in params.yaml change (`python -m flows.dvcfile` does it by hand), and
 a test keeps the committed dvc.yaml equal to the rendering of the committed params.yaml.
 Reordering devices changes their indices, so it reruns the reordered branches.
+
+Cache keys are exactly what each stage reads. A device's `lut` reads every key of its entry
+but `budgets_ms` (the budgets only steer search and export), so it depends on those keys one
+by one (`devices.<index>.<key>`) and a budget change reruns only the device's search and
+export. DVC fails on a params key missing from the file, so only keys present in the
+entry are listed (a key left out is its default); adding or removing a key in an entry
+re-renders dvc.yaml like adding a device does.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 
 STAGE_KINDS = ("prepare", "train", "lut", "search", "export")
 PER_DEVICE = ("lut", "search", "export")
+NOT_READ_BY_LUT = ("budgets_ms",)
+"""Keys of a `devices:` entry the LUT stage does not read (only search and export do)."""
 
 
 def stage_name(kind: str, device: str | None = None) -> str:
@@ -69,8 +78,8 @@ def _source_dep(params: Params, root: Path) -> str | None:
         return _posix(full.resolve())
 
 
-def _declared(params_file: str, root: Path) -> tuple[set[str], int]:
-    """Top-level sections present in the params file, and its number of `devices:` entries.
+def _declared(params_file: str, root: Path) -> tuple[set[str], list[list[str]]]:
+    """Top-level sections present in the params file, and the keys of each `devices:` entry.
 
     DVC fails a stage whose params key is absent from the file, and a section left out of
     the file is all defaults anyway: only present sections are declared (adding one later
@@ -78,9 +87,22 @@ def _declared(params_file: str, root: Path) -> tuple[set[str], int]:
     path = root / params_file
     data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     if not isinstance(data, dict):
-        return set(), 0
+        return set(), []
     devices = data.get("devices")
-    return {str(k) for k in data}, len(devices) if isinstance(devices, list) else 0
+    entries = [[str(k) for k in d] if isinstance(d, dict) else [] for d in devices] if isinstance(devices, list) else []
+    return {str(k) for k in data}, entries
+
+
+def _lut_items(entries: list[list[str]], devices: list[str]) -> tuple[str, list[str]]:
+    """The lut stage's foreach items and its params template: per device, one item field per
+    key it reads (`name`, then the union of the entries' keys but budgets_ms); a key an entry
+    lacks points at that entry's `name`, so every device fills the same template."""
+    keys = ["name"] + sorted({k for e in entries for k in e} - {"name", *NOT_READ_BY_LUT})
+    lines = []
+    for i, (name, entry) in enumerate(zip(devices, entries, strict=True)):
+        fields = "".join(f"        {k}: devices.{i}.{k if k in entry else 'name'}\n" for k in keys)
+        lines.append(f"      {name}:\n{fields}")
+    return "".join(lines), [f"${{item.{k}}}" for k in keys]
 
 
 def _params_block(params_file: str, keys: list[str], indent: str) -> str:
@@ -112,11 +134,13 @@ def render(params: Params, params_file: str = DEFAULT_PARAMS_FILE, root: Path | 
     plots = _posix(paths.plots_dir())
     train_metrics = _posix(paths.train_metrics_path())
     source = _source_dep(params, root)
-    present, n_listed = _declared(params_file, root)
+    present, entries = _declared(params_file, root)
+    listed = len(entries) == len(devices) and bool(devices)
+    lut_items, lut_keys = _lut_items(entries, devices) if listed else ("", [])
 
     def keys(*names: str) -> list[str]:
         out = [n for n in names if n in present and n != "devices"]
-        if "devices" in names and n_listed == len(devices):
+        if "devices" in names and listed:
             out.append("devices.${item}")
         return out
 
@@ -125,6 +149,9 @@ def render(params: Params, params_file: str = DEFAULT_PARAMS_FILE, root: Path | 
     foreach = "".join(f"      {name}: {i}\n" for i, name in enumerate(devices)) or "      {}\n"
 
     def per_device(kind: str) -> str:
+        if kind == "lut" and lut_items:
+            return (f"    foreach:  # device name -> the keys of its `devices:` entry in {params_file} that its LUT\n"
+                    f"      # reads: all but budgets_ms (a key the entry lacks points at its name)\n{lut_items}")
         return f"    foreach:  # device name -> its index in `devices:` of {params_file}\n{foreach}"
 
     prepare_deps = f"    deps:\n      - {source}\n" if source else ""
@@ -134,7 +161,8 @@ def render(params: Params, params_file: str = DEFAULT_PARAMS_FILE, root: Path | 
 #
 # Every stage runs through the `evit` CLI. `dvc repro` and `evit pipeline` (the Prefect flow)
 # record the same dvc.lock, so either one finds nothing to redo after the other.
-# Per-device stages depend on their own `devices.<index>` entry only.
+# Per-device stages depend on their own `devices.<index>` entry only (a LUT: not on its budgets).
+# Plots are PNG images (no Vega charts), so `dvc plots show` renders offline.
 stages:
   prepare:
     cmd: evit prepare{p_arg}
@@ -159,16 +187,12 @@ stages:
       cmd: evit lut --device ${{key}}{p_arg}
       deps:
         - {manifest}
-{params_section(keys("space", "devices"), "        ")}      outs:
+{params_section(keys("space") + lut_keys, "        ")}      outs:
         - {lut_out}
+        - {plots}/lut-${{key}}.csv  # the points of the PNG plot, for other tools
       metrics:
         - {lut_metrics}
       plots:
-        - {plots}/lut-${{key}}.csv:
-            template: scatter
-            x: measured_ms
-            y: predicted_ms
-            title: LUT-predicted vs measured latency (ms) on ${{key}}
         - {plots}/lut-${{key}}.png
 
   search:
@@ -181,14 +205,10 @@ stages:
 {params_section(keys("space", "search", "devices"), "        ")}      outs:
         - {search_out}:
             persist: true  # fitness-cache.json: no subnet is evaluated twice
+        - {plots}/search-${{key}}.csv  # the Pareto front of the PNG plot, for other tools
       metrics:
         - {search_metrics}
       plots:
-        - {plots}/search-${{key}}.csv:
-            template: scatter
-            x: latency_ms
-            y: top1
-            title: Pareto front (top-1 vs predicted latency) on ${{key}}
         - {plots}/search-${{key}}.png
 
   export:

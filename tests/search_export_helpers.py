@@ -76,7 +76,7 @@ def make_export(root: Path, *, seed: int = 0, val_top1: float = 0.5, budget: Bud
         device={"name": device, "params": {"name": device, "kind": "torch-cpu"}, "host": host_description()},
         provenance={"data_version": "data-v1", "supernet_sha256": f"sha-{seed}", "lut_sha256": "lut",
                     "git_commit": "unknown", "evit_version": "test"},
-        input_info={"dtype": "float32", "normalization": "test"}, opset=17,
+        classes=[f"class-{i}" for i in range(TINY.num_classes)], opset=17,
     )
     folder = root / f"{budget.label}-s{seed}-v{val_top1}"
     export_subnet(static, arch, folder, card=card, opset=17)

@@ -21,7 +21,8 @@ from typing import Any
 from evit.io import sha256_file
 from evit.space import SearchSpace, StageSpace
 
-CARD_VERSION = 1
+CARD_VERSION = 2
+"""2: the card carries `classes` (logit index -> class name) and the full input spec."""
 MODEL_FILES = ("model.onnx", "arch.json", "model.safetensors")
 """The files a card vouches for (the card itself is hashed by whoever stores it)."""
 
@@ -67,6 +68,30 @@ def _cpu_model() -> str:
     return "unknown"
 
 
+def input_spec(resolution: int) -> dict[str, Any]:
+    """How an input must be prepared for this subnet: what `evit.data.loader`'s eval transform
+    does. One place, so every export format's card states the same preprocessing."""
+    from evit.data.loader import MEAN, STD
+
+    return {"resolution": int(resolution), "shape": [1, 3, int(resolution), int(resolution)],
+            "dtype": "float32", "layout": "NCHW", "color": "RGB", "resize": "bilinear", "scale": [0.0, 1.0],
+            "mean": list(MEAN), "std": list(STD),
+            "normalization": f"RGB resized (bilinear) to {resolution} x {resolution}, scaled to [0, 1], minus mean "
+                             f"{[round(m, 4) for m in MEAN]}, divided by std {[round(x, 4) for x in STD]}"}
+
+
+def data_facts(classes: list[str], resolution: int) -> dict[str, Any]:
+    """The card fields a user needs to feed the model and read its output: the class names
+    in logit order (from the prepared data's manifest) and the input spec."""
+    return {"classes": [str(c) for c in classes], "num_classes": len(classes), "input": input_spec(resolution)}
+
+
+def classes_text(classes: list[str], limit: int = 12) -> str:
+    """A short rendering of the class list (all of them up to `limit`)."""
+    shown = ", ".join(classes[:limit])
+    return f"{len(classes)}: {shown}" + (f", ... (+{len(classes) - limit})" if len(classes) > limit else "")
+
+
 def file_hashes(folder: Path, names: tuple[str, ...] = MODEL_FILES) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in names}
 
@@ -107,6 +132,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"{card['input']['normalization']} |",
         f"| classes | {card['num_classes']} |",
         "",
+        *_classes_section(card),
         "## Architecture",
         "",
         f"`{card['arch_key']}`",
@@ -132,6 +158,13 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _classes_section(card: dict[str, Any]) -> list[str]:
+    classes = card.get("classes")
+    if not classes:
+        return []
+    return ["## Classes (logit index: name)", "", *[f"{i}. {c}" for i, c in enumerate(classes)], ""]
 
 
 def _json(obj: Any, indent: int | None = 2) -> str:

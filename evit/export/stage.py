@@ -28,7 +28,7 @@ from evit import __version__, paths
 from evit.arch import Arch
 from evit.config import Params
 from evit.errors import UserError
-from evit.export.card import CARD_VERSION, file_hashes, git_commit, host_description, render_markdown
+from evit.export.card import CARD_VERSION, data_facts, file_hashes, git_commit, host_description, render_markdown
 from evit.io import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from evit.search.stage import RESULT_FILE
 
@@ -41,15 +41,6 @@ VAL_DRIFT_LIMIT = 0.01
 
 class ExportError(UserError):
     """The search result to export is missing, or an exported file fails its check."""
-
-
-def _input_info() -> dict[str, Any]:
-    """How inputs must be prepared: what `evit.data.loader`'s eval transform does."""
-    from evit.data.loader import MEAN, STD
-
-    return {"dtype": "float32", "layout": "NCHW", "mean": list(MEAN), "std": list(STD),
-            "normalization": f"RGB resized (bilinear) to the input side, scaled to [0, 1], minus mean "
-                             f"{[round(m, 4) for m in MEAN]}, divided by std {[round(x, 4) for x in STD]}"}
 
 
 def check_onnx(onnx_path: Path, module: Any, resolution: int, seed: int = 0) -> float:
@@ -133,10 +124,16 @@ def build_card(
     entry: dict[str, Any],
     device: dict[str, Any],
     provenance: dict[str, Any],
-    input_info: dict[str, Any],
+    classes: list[str],
     opset: int,
 ) -> dict[str, Any]:
-    """The card of one chosen subnet (files/ONNX check are added by `export_subnet`)."""
+    """The card of one chosen subnet (files/ONNX check are added by `export_subnet`).
+
+    `classes` are the class names in logit order (the prepared data's manifest)."""
+    facts = data_facts(classes, arch.resolution)
+    if facts["num_classes"] != space_dict["num_classes"]:
+        raise ExportError(f"the data has {facts['num_classes']} classes but the supernet's head has "
+                          f"{space_dict['num_classes']}; re-run `evit train` on this data")
     return {
         "card_version": CARD_VERSION,
         "name": name,
@@ -144,13 +141,14 @@ def build_card(
         "arch_key": arch.key,
         "space": space_dict,
         "num_classes": space_dict["num_classes"],
+        "classes": facts["classes"],
         "budget": {**budget, "text": _budget_text(budget)},
         "metrics": {"val_top1": entry["val_top1"], "search_top1": entry["search_top1"],
                     "flops_m": entry["flops_m"], "params_m": entry["params_m"]},
         "latency": {"predicted_ms": entry["predicted_latency_ms"], "measured_ms": entry["measured_latency_ms"],
                     "measurement": entry.get("measurement", {})},
         "device": device,
-        "input": {"shape": [1, 3, arch.resolution, arch.resolution], **input_info},
+        "input": facts["input"],
         "provenance": provenance,
         "onnx": {"opset": opset},
     }
@@ -210,7 +208,7 @@ def export_result(
                         "records the exported model's %.4f", device, entry["label"], val, entry["val_top1"], val)
         entry = {**entry, "val_top1": val}
         card = build_card(name=name, arch=arch, space_dict=supernet.space.to_dict(), budget=entry["budget"],
-                          entry=entry, device=device_info, provenance=provenance, input_info=_input_info(),
+                          entry=entry, device=device_info, provenance=provenance, classes=list(data.classes),
                           opset=params.export.onnx_opset)
         folder = out_root / entry["label"]
         full = export_subnet(static, arch, folder, card=card, opset=params.export.onnx_opset)
