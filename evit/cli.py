@@ -157,9 +157,22 @@ def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
 
 @app.command()
 @_friendly
-def export(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+def export(
+    device: DeviceOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    register_only: Annotated[bool, typer.Option(
+        "--register-only", help="export nothing; register the already exported subnets the registry lacks "
+                                "(a new MLflow server, a wiped database)")] = False,
+) -> None:
     """Export the chosen subnets of one device (ONNX, safetensors, card) and register them."""
-    _device_stage("export", device, params)
+    if not register_only:
+        _device_stage("export", device, params)
+        return
+    from evit.registry import restore_registrations
+
+    p = _params(params)
+    p.device(device)
+    _echo_json({"device": device, "registered_again": restore_registrations(p, device)})
 
 
 @app.command()
@@ -193,10 +206,13 @@ def pipeline(
         "--force", help="rerun these stage kinds even when cached (repeatable), e.g. --force prepare")] = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits."""
-    from flows.pipeline import run_pipeline
+    from flows.pipeline import run_pipeline, subnets_table
 
     _params(params)  # validate before Prefect starts
-    _echo_json(run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None))
+    summary = run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None)
+    _echo_json(summary)  # stdout: the machine-readable summary; the table below is for people (stderr)
+    typer.echo(f"\nChosen subnets ({len(summary['ran'])} stage(s) ran, {len(summary['cached'])} cached):\n"
+               f"{subnets_table(summary.get('subnets', []))}", err=True)
 
 
 @app.command()

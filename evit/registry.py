@@ -484,6 +484,51 @@ def register_export(params: Params, folder: Path, *, on_step: Callable[[str], No
     return {"name": name, "label": card["budget"]["label"], **out}
 
 
+# --- the registry as an output of the export stage -------------------------------------------
+
+def missing_registrations(params: Params, device: str) -> list[Path]:
+    """Exported folders of `device` (exports/<device>/index.json) whose model the configured
+    registry does not hold (looked up by content hash): a new server, a wiped database."""
+    from evit import paths
+
+    index_path = paths.export_dir(params, device) / "index.json"
+    if not index_path.is_file():
+        return []
+    name = params.export.model_name.format(device=device)
+    folders = [Path(s["folder"]) for s in read_json(index_path).get("subnets", [])]
+    uri = registry_uri_of(params)
+    with _mlflow_http_policy():
+        client = _client(params)
+        missing = []
+        for folder in folders:
+            digest = content_hash(read_json(folder / "card.json"))
+            found = _retry(f"looking up {name} in the registry", lambda d=digest: _find_by_hash(client, name, d),
+                           params.tracking.retries, uri)
+            if found is None:
+                missing.append(folder)
+    return missing
+
+
+def restore_registrations(params: Params, device: str) -> list[dict[str, Any]]:
+    """Register again, from the files already exported (no re-export), every subnet of
+    `device` that the configured registry lacks; returns what was registered. The export
+    stage's cache key covers its files, not the registry, so `evit pipeline` calls this for a
+    cached export and `evit export --register-only` does it by hand (after `dvc repro`)."""
+    missing = missing_registrations(params, device)
+    if not missing:
+        return []
+    log.warning("%s: the registry at %s lacks %d subnet(s) that exports/%s recorded; registering them again "
+                "from the exported files (no re-export)", params.export.model_name.format(device=device),
+                registry_uri_of(params), len(missing), device)
+    return [register_export(params, folder) for folder in missing]
+
+
+def registry_uri_of(params: Params) -> str:
+    from evit.tracking import registry_uri
+
+    return registry_uri(params)
+
+
 # --- fetch -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

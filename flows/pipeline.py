@@ -352,6 +352,74 @@ def subnets_markdown(params: Params, devices: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def subnet_rows(params: Params, devices: Sequence[str],
+                restored: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """The chosen subnet per device and budget, for the end-of-run table: top-1, predicted and
+    measured latency, and the registry reference to fetch it with (`restored`: versions just
+    registered again on this registry, which win over the numbers the export recorded)."""
+    rows: list[dict[str, Any]] = []
+    for device in devices:
+        result_path = paths.search_dir(params, device) / "result.json"
+        if not result_path.is_file():
+            continue
+        export_metrics = paths.export_metrics_path(device)
+        registered = dict(read_json(export_metrics).get("registered", {})) if export_metrics.is_file() else {}
+        registered.update({r["label"]: r for r in (restored or {}).get(device, [])})
+        model = params.export.model_name.format(device=device)
+        for b in read_json(result_path).get("budgets", []):
+            label = b.get("label", "?")
+            if not b.get("feasible"):
+                rows.append({"device": device, "budget": label, "feasible": False})
+                continue
+            reg = registered.get(label)
+            rows.append({"device": device, "budget": label, "feasible": True, "val_top1": b.get("val_top1"),
+                         "predicted_ms": b.get("predicted_latency_ms"), "measured_ms": b.get("measured_latency_ms"),
+                         "fetch": f"{model}/{reg['version']}" if reg else None,
+                         "aliases": sorted(reg.get("aliases", [])) if reg else []})
+    return rows
+
+
+def subnets_table(rows: Sequence[dict[str, Any]]) -> str:
+    """`subnet_rows` as the plain-text table `evit pipeline` ends with."""
+    if not rows:
+        return "no subnets chosen yet (run the search and export stages)"
+    head = ("device", "budget", "val top-1", "predicted ms", "measured ms", "fetch with")
+    body = []
+    for r in rows:
+        if not r["feasible"]:
+            body.append((r["device"], r["budget"], "infeasible", "", "", ""))
+            continue
+        fetch = f"evit fetch {r['fetch']}" if r["fetch"] else "(not registered)"
+        body.append((r["device"], r["budget"], f"{r['val_top1']:.4f}", f"{r['predicted_ms']:.3f}",
+                     f"{r['measured_ms']:.3f}", fetch))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+                     for line in (head, tuple("-" * w for w in widths), *body))
+
+
+def _restore_registry(params: Params, devices: Sequence[str], states: dict[str, str], retries: int,
+                      logger: Any) -> dict[str, list[dict[str, Any]]]:
+    """The registry is an output of export: for each cached export, register again what the
+    configured registry lacks (a new MLflow server, a wiped database), from the exported files."""
+    from evit.registry import restore_registrations
+
+    if not params.export.register_model:
+        return {}
+    restored: dict[str, list[dict[str, Any]]] = {}
+    for device in devices:
+        name = dvcfile.stage_name("export", device)
+        if states.get(name) != "Cached":
+            continue
+        got = _with_transient_retries(lambda d=device: restore_registrations(params, d), retries,
+                                      f"{name}: registry check")
+        if got:
+            restored[device] = got
+            logger.warning("%s: cached, but the registry lacked %d subnet(s); registered them again from %s "
+                           "without re-exporting: %s", name, len(got), paths.export_dir(params, device),
+                           ", ".join(f"{r['name']}/{r['version']} ({r['label']})" for r in got))
+    return restored
+
+
 def _state_of(future: Any) -> str:
     state = future.state
     return str(state.name or state.type.value)
@@ -473,6 +541,10 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
             pushed = _with_transient_retries(lambda: dvcrepo.push(root), retries, "dvc push")
             logger.info("dvc push: %d file(s) sent to %s", pushed, params.storage.remote)
         summary["pushed"] = pushed
+
+        restored = {} if failed else _restore_registry(params, names, states, retries, logger)
+        summary["registered_again"] = {d: [f"{r['name']}/{r['version']}" for r in got] for d, got in restored.items()}
+        summary["subnets"] = subnet_rows(params, names, restored)
 
         markdown = subnets_markdown(params, names)
         with contextlib.suppress(Exception):  # the artifact is a convenience; never fail the run on it
