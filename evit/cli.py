@@ -55,6 +55,29 @@ def _params(path: Path) -> Any:
     return load_params(path)
 
 
+def _record_hand_run(kind: str, params_path: Path, device: str | None = None) -> None:
+    """Record a stage run by hand in dvc.lock, as `evit pipeline` and `dvc repro` do, so that
+    neither later overwrites what it produced. Only when this run is exactly the stage that
+    dvc.yaml declares: run from the project root, with the params file dvc.yaml was rendered
+    from; not under `dvc repro` (DVC records it) nor inside the pipeline's torchrun."""
+    if os.environ.get("DVC_STAGE") or os.environ.get("EVIT_IN_PIPELINE") or os.environ.get("RANK", "0") != "0":
+        return
+    root = params_path.expanduser().resolve().parent
+    if Path.cwd().resolve() != root or not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
+        return
+    from flows import dvcfile, dvcrepo
+
+    name = dvcfile.stage_name(kind, device)
+    if dvcfile.render(_params(params_path), params_path.name, root) != (root / "dvc.yaml").read_text(encoding="utf-8"):
+        logging.getLogger("evit").warning(
+            "%s: not recorded in dvc.lock: dvc.yaml declares another params file, devices or paths; "
+            "`evit pipeline -p %s -s %s` re-renders it and records the stage", name, params_path, kind)
+        return
+    if dvcrepo.record_hand_run(root, name) is not None:
+        logging.getLogger("evit").info("%s: recorded in dvc.lock, so `evit pipeline` and `dvc repro` keep these "
+                                       "outputs", name)
+
+
 def _echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -72,6 +95,7 @@ def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
     from evit import stages
 
     out = stages.prepare(_params(params))
+    _record_hand_run("prepare", params)
     _echo_json(out)
 
 
@@ -120,7 +144,9 @@ def train(
     """Train the weight-sharing supernet with the configured sampler (resumes by default)."""
     from evit import stages
 
-    _echo_json(stages.train(_params(params), resume=not fresh))
+    out = stages.train(_params(params), resume=not fresh)
+    _record_hand_run("train", params)
+    _echo_json(out)
 
 
 @app.command()
@@ -138,7 +164,9 @@ def _device_stage(stage: str, device: str, params_path: Path) -> None:
 
     p = _params(params_path)
     p.device(device)
-    _echo_json(getattr(stages, stage)(p, device))
+    out = getattr(stages, stage)(p, device)
+    _record_hand_run(stage, params_path, device)
+    _echo_json(out)
 
 
 @app.command()

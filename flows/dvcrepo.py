@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 REMOTE_NAME = "evit"
+PIPELINE_ENV = "EVIT_IN_PIPELINE"
+"""Set for `evit` processes the flow starts itself (torchrun ranks): the flow records the stage,
+so the CLI must not record it a second time."""
 _LOCK = threading.RLock()
 
 
@@ -198,6 +201,37 @@ def stage_state(root: Path, name: str, *, restore: bool = True) -> StageState:
             return StageState(name, inputs, True, outs=outs)
 
 
+def modified_outputs(root: Path, names: list[str]) -> dict[str, list[str]]:
+    """Stage name -> its outputs that exist but differ from what dvc.lock recorded (produced or
+    edited outside `evit pipeline` / `dvc repro`, e.g. a stage run by hand in another copy).
+    Missing outputs are not listed: they are restored from the DVC cache, losing nothing."""
+    found: dict[str, list[str]] = {}
+    with open_repo(root) as repo, repo.lock:
+        for name in names:
+            try:
+                stage = _collect(repo, name)
+            except LookupError:
+                continue
+            if not stage.outs or any(not o.hash_info for o in stage.outs):
+                continue  # never recorded: nothing to compare with
+            changed = [o.def_path for o in stage.outs if o.exists and o.workspace_status()]
+            if changed:
+                found[name] = changed
+    return found
+
+
+def record_hand_run(root: Path, name: str) -> StageState | None:
+    """Record a stage that the `evit` CLI just ran by hand in dvc.lock, as `evit pipeline` and
+    `dvc repro` do, so neither overwrites (or restores over) what it produced. None when it
+    was not recorded (see the log for why)."""
+    try:
+        return commit(root, name)
+    except Exception as exc:  # noqa: BLE001 - the outputs are fine; only the record is missing
+        log.warning("%s: ran, but could not be recorded in dvc.lock (%s: %s); run `dvc commit %s` to keep these "
+                    "outputs, or the next `evit pipeline` will stop and ask", name, type(exc).__name__, exc, name)
+        return None
+
+
 def remove_outs(root: Path, name: str) -> None:
     """Delete the stage's non-persistent outputs before running it, as `dvc repro` does, so a
     run of either driver leaves the same files (no stale leftovers from an older run)."""
@@ -248,3 +282,24 @@ def push(root: Path) -> int:
     """`dvc push` of every output to the project's remote; returns the number of files sent."""
     with open_repo(root, remote_config=endpoint_override(root)) as repo:
         return int(repo.push(remote=REMOTE_NAME))
+
+
+SHARED_RECORD = (".dvc/config", "dvc.lock", "dvc.yaml")
+"""What another machine needs from git to `dvc pull` this project's outputs (with params.yaml)."""
+
+
+def uncommitted(root: Path, files: tuple[str, ...] = SHARED_RECORD) -> list[str]:
+    """Of `files`, those with changes git has not committed (modified or untracked); [] outside a
+    git checkout, where there is nothing to compare with."""
+    import subprocess
+
+    if not (root / ".git").exists():
+        return []
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *files], cwd=root,
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    changed = {line[3:].strip().strip('"') for line in out.splitlines() if len(line) > 3}
+    return [f for f in files if f in changed]
+

@@ -63,6 +63,8 @@ CACHE_DIR = Path(".evit-cache") / "prefect"
 FLOW_NAME = "evit-pipeline"
 ARTIFACT_KEY = "evit-subnets"
 RETRY_BACKOFF_S = 10.0
+TEAM_DOC = "docs/operations.md#move-to-a-team-setup"
+"""Where `evit pipeline` points when the record another machine needs is not committed."""
 TORCHRUN_ENV = "EVIT_TORCHRUN_ARGS"
 """e.g. "--nproc-per-node 8": the train task then launches `torchrun ... evit train` instead of
 training in-process (infra/torchrun.sh shows the multi-node form)."""
@@ -174,7 +176,7 @@ def _train(params: Params, params_file: str, parent_run_id: str | None) -> dict[
         return stages.train(params, resume=resume)
     cmd = [sys.executable, "-m", "torch.distributed.run", *shlex.split(launcher), "-m", "evit.cli", "train",
            "--params", params_file, *([] if resume else ["--fresh"])]
-    env = {**os.environ, tracking.PARENT_RUN_ENV: parent_run_id or ""}
+    env = {**os.environ, tracking.PARENT_RUN_ENV: parent_run_id or "", dvcrepo.PIPELINE_ENV: "1"}
     log.info("training under torchrun: %s", shlex.join(cmd))
     # The ranks' stdout (their JSON summaries) must not reach ours; their logs go to stderr.
     done = subprocess.run(cmd, check=True, env=env, stdout=subprocess.PIPE, text=True)
@@ -436,6 +438,22 @@ def _select(requested: Sequence[str] | None, available: Sequence[str], what: str
     return [a for a in available if a in requested]
 
 
+def _refuse_to_overwrite(root: Path, kinds: Sequence[str], devices: Sequence[str], forced: set[str]) -> None:
+    """Stop before anything runs when outputs on disk differ from what dvc.lock recorded (a
+    stage run or a file edited outside both drivers): caching would silently restore the
+    recorded outputs over them, a rerun would recompute over them."""
+    names = [dvcfile.stage_name(k, d) for k in kinds if k not in forced
+             for d in (devices if k in dvcfile.PER_DEVICE else [None])]
+    modified = dvcrepo.modified_outputs(root, names)
+    if not modified:
+        return
+    listed = "; ".join(f"{n}: {', '.join(outs)}" for n, outs in modified.items())
+    first = next(iter(modified))
+    raise UserError(f"outputs differ from what dvc.lock recorded, not overwriting them: {listed}. Keep them: "
+                    f"`dvc commit {' '.join(modified)}`; discard them: `dvc checkout {' '.join(modified)}` "
+                    f"(or rerun with --force {first.partition('@')[0]})")
+
+
 def _with_transient_retries(fn: Any, retries: int, what: str) -> Any:
     for attempt in range(retries + 1):
         try:
@@ -502,6 +520,7 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
     if dvcfile.sync(params, params_file, root):
         logger.info("dvc.yaml re-rendered from %s", params_file)
     dvcrepo.sync_remote(params.storage, root)
+    _refuse_to_overwrite(root, kinds, names, forced)
 
     options = {"result_storage": root / CACHE_DIR, "retries": params.tracking.retries}
     retries = params.tracking.retries
@@ -560,6 +579,12 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
                               "stages_failed": len(failed)})
 
         _with_transient_retries(log_parent, retries, "logging the pipeline run")
+        summary["uncommitted"] = dvcrepo.uncommitted(root)
+        if ".dvc/config" in summary["uncommitted"]:
+            logger.warning("the DVC remote this project uses (.dvc/config) is not committed%s: another machine "
+                           "cannot `dvc pull` these outputs. Commit %s and `dvc push` (see %s)",
+                           ", nor is dvc.lock" if "dvc.lock" in summary["uncommitted"] else "",
+                           " ".join(summary["uncommitted"]), TEAM_DOC)
         logger.info("pipeline: %d stage(s) ran, %d cached, %d failed in %.1fs", len(ran), len(cached), len(failed),
                     seconds)
         if failed:
