@@ -29,7 +29,8 @@ def test_committed_dvc_yaml_is_the_rendering_of_params_yaml() -> None:
 
 
 def test_dvc_sees_every_stage_and_each_device_depends_on_its_own_entry(tiny_params: Any) -> None:
-    devices = [tiny_device("cpu-1t"), tiny_device("ort-1t", kind="onnxruntime-cpu"), tiny_device("edge")]
+    edge = {k: v for k, v in tiny_device("edge").items() if k != "warmup"}  # a key left to its default
+    devices = [tiny_device("cpu-1t"), tiny_device("ort-1t", kind="onnxruntime-cpu"), edge]
     path = tiny_params({"devices": devices})
     root = path.parent
     dvcrepo.ensure_repo(root)
@@ -39,14 +40,19 @@ def test_dvc_sees_every_stage_and_each_device_depends_on_its_own_entry(tiny_para
     names = {f"{k}@{d['name']}" for k in ("lut", "search", "export") for d in devices}
     assert set(stages) == {"prepare", "train"} | names
     assert stages["lut@ort-1t"].cmd == "evit lut --device ort-1t"
-    assert _params_keys(stages["lut@ort-1t"]) == ["devices.1", "space"]
+    # A LUT depends on each key of its device's entry but budgets_ms (only search and export read the
+    # budgets); a key the entry lacks is not listed (DVC would fail on it).
+    lut_keys = {k for k in tiny_device("x") if k != "budgets_ms"}
+    assert _params_keys(stages["lut@ort-1t"]) == sorted([f"devices.1.{k}" for k in lut_keys] + ["space"])
+    assert sorted(set(_params_keys(stages["lut@edge"]))) == sorted([f"devices.2.{k}" for k in lut_keys - {"warmup"}] + ["space"])
     assert _params_keys(stages["search@edge"]) == ["devices.2", "search", "space"]
     assert _params_keys(stages["train"]) == ["space", "train"]
     search_deps = {d.def_path for d in stages["search@edge"].deps if d.__class__.__name__ != "ParamsDependency"}
     assert search_deps == {"data/prepared", "models/supernet.pt", "luts/edge.json"}
     assert {o.def_path for o in stages["export@cpu-1t"].outs} == {"exports/cpu-1t", "metrics/export-cpu-1t.json"}
-    assert {o.def_path for o in stages["search@cpu-1t"].outs if o.plot} == {"plots/search-cpu-1t.csv",
-                                                                           "plots/search-cpu-1t.png"}
+    # Plots are images only (no Vega charts that load their library from a CDN); the CSV is an output.
+    assert {o.def_path for o in stages["search@cpu-1t"].outs if o.plot} == {"plots/search-cpu-1t.png"}
+    assert "plots/search-cpu-1t.csv" in {o.def_path for o in stages["search@cpu-1t"].outs}
     assert [o.def_path for o in stages["train"].outs if o.persist] == ["models"]
 
 
@@ -58,8 +64,11 @@ def test_other_params_file_and_partial_sections(tmp_path: Path) -> None:
     assert doc["stages"]["train"]["cmd"] == "evit train --params exp.yaml"
     assert doc["stages"]["train"]["params"] == [{"exp.yaml": ["train"]}]  # `space` is absent from exp.yaml
     assert "params" not in doc["stages"]["prepare"]
-    assert doc["stages"]["lut"]["do"]["params"] == [{"exp.yaml": ["devices.${item}"]}]
-    assert doc["stages"]["lut"]["foreach"] == {"x": 0}
+    lut_params = doc["stages"]["lut"]["do"]["params"][0]["exp.yaml"]
+    assert "${item.name}" in lut_params and "${item.budgets_ms}" not in lut_params
+    assert doc["stages"]["lut"]["foreach"]["x"]["threads"] == "devices.0.threads"
+    assert doc["stages"]["search"]["do"]["params"] == [{"exp.yaml": ["devices.${item}"]}]
+    assert doc["stages"]["search"]["foreach"] == {"x": 0}
 
 
 def test_local_source_directory_is_a_dependency(tmp_path: Path) -> None:

@@ -52,7 +52,17 @@ def test_cache_hits_follow_dvc_per_device(tiny_params: Any, flow_env: Path) -> N
     _set_device(path, "b", repeats=4)
     second = run_pipeline(str(path), stages=CHEAP)
     assert second["ran"] == ["lut@b"] and second["cached"] == ["lut@a", "prepare"]
-    assert _lock(root)["lut@b"]["params"]["params.yaml"]["devices.1"]["repeats"] == 4
+    assert _lock(root)["lut@b"]["params"]["params.yaml"]["devices.1.repeats"] == 4
+
+    # A budget change is not a LUT input: the flow and `dvc repro` both keep the table.
+    _set_device(path, "b", budgets_ms=[60.0])
+    budget = run_pipeline(str(path), stages=CHEAP)
+    assert budget["ran"] == [] and budget["cached"] == ["lut@a", "lut@b", "prepare"]
+    repro = dvc(root, "repro", "lut@a", "lut@b")
+    assert "didn't change" in repro.stdout + repro.stderr and "Running stage" not in repro.stdout, repro.stdout
+    with dvcrepo.open_repo(root) as repo:  # ... while search@b does depend on the budgets
+        search_b = next(s for s in repo.index.stages if s.addressing == "search@b")
+        assert any("devices.1" in dep.params for dep in search_b.deps if hasattr(dep, "params"))
 
     # An output deleted but still in the DVC cache is restored, not recomputed.
     table = (root / "luts" / "a.json").read_bytes()
