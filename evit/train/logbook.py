@@ -109,6 +109,17 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def role_label(role: str) -> str:
+    """What a subnet role of a training step is, for plot legends: `level<i>` is the i-th
+    subnet drawn at the step's FLOPs level (a sample slot, not a FLOPs level itself)."""
+    if role.startswith("level") and role[5:].isdigit():
+        return f"subnet {int(role[5:]) + 1} drawn at the step's FLOPs level"
+    if role.startswith("rand") and role[4:].isdigit():
+        return f"uniform random subnet {int(role[4:]) + 1}"
+    return {"min": "smallest subnet (of the step's FLOPs level; uniform sampler: of the space)",
+            "max": "largest subnet"}.get(role, role)
+
+
 def plot_losses(rows: Sequence[dict[str, Any]], path: Path, title: str = "supernet training loss") -> Path:
     """Loss per subnet role vs step (moving average), as a PNG (matplotlib Agg)."""
     import matplotlib
@@ -122,7 +133,7 @@ def plot_losses(rows: Sequence[dict[str, Any]], path: Path, title: str = "supern
     for role in roles:
         pts = [(r["step"], r[f"loss/{role}"]) for r in rows if f"loss/{role}" in r]
         if pts:
-            ax.plot([p[0] for p in pts], _smooth([p[1] for p in pts], window), label=role, lw=1.2)
+            ax.plot([p[0] for p in pts], _smooth([p[1] for p in pts], window), label=role_label(role), lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel(f"loss (moving average over {window} steps)")
     ax.set_title(title)
@@ -143,16 +154,17 @@ def plot_flops(rows: Sequence[dict[str, Any]], path: Path, levels: Sequence[floa
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for lo in levels:
-        ax.axhspan(lo, lo + 2 * tolerance, color="grey", alpha=0.12, lw=0)
+        ax.axhspan(lo, lo + 2 * tolerance, color="grey", alpha=0.12, lw=0,
+                   label="FLOPs level windows" if lo == levels[0] else None)
     roles = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("flops/")})
     for role in roles:
         pts = [(r["step"], r[f"flops/{role}"]) for r in rows if f"flops/{role}" in r]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=4, label=role, alpha=0.7)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=4, label=role_label(role), alpha=0.7)
     ax.set_xlabel("step")
     ax.set_ylabel("MFLOPs (MACs)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if roles:
+    if roles or levels:
         ax.legend(fontsize=8, markerscale=3)
     fig.tight_layout()
     return save_figure_atomic(fig, path)

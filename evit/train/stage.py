@@ -44,8 +44,9 @@ def write_outputs(params: Params, result: FitResult, *, plots: bool = True) -> d
     out_dir = result.final_checkpoint.parent
     banks_path = out_dir / BANKS_FILE
     write_json_atomic(banks_path, result.banks)
-    metrics = {**_flat_metrics(s), "weights": s["weights"], "sampler": s["sampler"],
-               "per_level_top1": s["top1"], "history": result.history}
+    # Flat numbers only (`dvc metrics show` makes a column of every key); the per-epoch history
+    # is in the checkpoint and the MLflow run.
+    metrics = {**_flat_metrics(s), "weights": s["weights"], "sampler": s["sampler"]}
     write_json_atomic(paths.train_metrics_path(), metrics)
     outputs = {"metrics": str(paths.train_metrics_path()), "banks": str(banks_path)}
     if plots and result.step_log is not None:
