@@ -580,10 +580,10 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
 
         _with_transient_retries(log_parent, retries, "logging the pipeline run")
         summary["uncommitted"] = dvcrepo.uncommitted(root)
-        if ".dvc/config" in summary["uncommitted"]:
-            logger.warning("the DVC remote this project uses (.dvc/config) is not committed%s: another machine "
-                           "cannot `dvc pull` these outputs. Commit %s and `dvc push` (see %s)",
-                           ", nor is dvc.lock" if "dvc.lock" in summary["uncommitted"] else "",
+        shared_remote = params.storage.remote.startswith("s3://") or Path(params.storage.remote).is_absolute()
+        if ".dvc/config" in summary["uncommitted"] or (shared_remote and "dvc.lock" in summary["uncommitted"]):
+            logger.warning("%s not committed: another machine cannot `dvc pull` these outputs. Commit %s and "
+                           "`dvc push` (see %s)", " and ".join(summary["uncommitted"]),
                            " ".join(summary["uncommitted"]), TEAM_DOC)
         logger.info("pipeline: %d stage(s) ran, %d cached, %d failed in %.1fs", len(ran), len(cached), len(failed),
                     seconds)
