@@ -202,8 +202,9 @@ def stage_state(root: Path, name: str, *, restore: bool = True) -> StageState:
 
 
 def modified_outputs(root: Path, names: list[str]) -> dict[str, list[str]]:
-    """Stage name -> its outputs that exist but differ from what dvc.lock recorded (produced or
-    edited outside `evit pipeline` / `dvc repro`, e.g. a stage run by hand in another copy).
+    """Stage name -> its outputs that exist but differ from what dvc.lock recorded, for stages
+    whose inputs did not change (so the pipeline would call them cached and restore the
+    recorded outputs over these): produced or edited outside `evit pipeline` / `dvc repro`.
     Missing outputs are not listed: they are restored from the DVC cache, losing nothing."""
     found: dict[str, list[str]] = {}
     with open_repo(root) as repo, repo.lock:
@@ -214,6 +215,8 @@ def modified_outputs(root: Path, names: list[str]) -> dict[str, list[str]]:
                 continue
             if not stage.outs or any(not o.hash_info for o in stage.outs):
                 continue  # never recorded: nothing to compare with
+            if stage.changed_stage() or stage.changed_deps():
+                continue  # its inputs changed: it reruns anyway (and resumes what an interrupted run left)
             changed = [o.def_path for o in stage.outs if o.exists and o.workspace_status()]
             if changed:
                 found[name] = changed

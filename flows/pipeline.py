@@ -582,9 +582,10 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
         summary["uncommitted"] = dvcrepo.uncommitted(root)
         shared_remote = params.storage.remote.startswith("s3://") or Path(params.storage.remote).is_absolute()
         if ".dvc/config" in summary["uncommitted"] or (shared_remote and "dvc.lock" in summary["uncommitted"]):
-            logger.warning("%s not committed: another machine cannot `dvc pull` these outputs. Commit %s and "
-                           "`dvc push` (see %s)", " and ".join(summary["uncommitted"]),
-                           " ".join(summary["uncommitted"]), TEAM_DOC)
+            files = summary["uncommitted"]
+            logger.warning("%s %s not committed to git: another machine cannot `dvc pull` these outputs. Commit "
+                           "them and `dvc push` (see %s)", ", ".join(files), "is" if len(files) == 1 else "are",
+                           TEAM_DOC)
         logger.info("pipeline: %d stage(s) ran, %d cached, %d failed in %.1fs", len(ran), len(cached), len(failed),
                     seconds)
         if failed:

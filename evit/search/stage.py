@@ -321,7 +321,7 @@ def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path) -> di
     write_json_atomic(out_dir / RESULT_FILE, result_doc)
     _write_plots(params, dev.name, population, front, chosen, [b.value for b in budgets if b.kind == "latency"])
     metrics = _metrics(summaries, cache, seconds)
-    write_json_atomic(paths.search_metrics_path(dev.name), metrics)
+    write_json_atomic(paths.search_metrics_path(dev.name), headline_metrics(metrics))
     return {"device": dev.name, "result": str(out_dir / RESULT_FILE), "metrics": metrics}
 
 
@@ -364,6 +364,18 @@ def _metrics(summaries: list[dict[str, Any]], cache: FitnessCache, seconds: floa
         }
     return {"budgets": per_budget, "evaluated": cache.misses, "cache_hits": cache.hits,
             "cached_total": len(cache), "seconds": round(seconds, 2)}
+
+
+HEADLINE_KEYS = ("val_top1", "predicted_latency_ms", "measured_latency_ms")
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics/search-<device>.json: per feasible budget its val top-1 and latencies, and the
+    evaluation count (`dvc metrics show` makes a column of every key; the rest is in
+    result.json and the MLflow run)."""
+    budgets = {label: {k: m[k] for k in HEADLINE_KEYS} for label, m in metrics["budgets"].items() if m["feasible"]}
+    return {"budgets": budgets, "infeasible": len(metrics["budgets"]) - len(budgets),
+            "evaluated": metrics["evaluated"], "seconds": metrics["seconds"]}
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
