@@ -156,3 +156,16 @@ def test_tasks_retry_transient_failures_with_backoff() -> None:
         assert t.retries >= 1 and t.retry_condition_fn is retry_condition
         assert t.retry_delay_seconds[:2] == [10.0, 20.0]
         assert t.persist_result is True and t.cache_expiration is None
+
+
+def test_final_table_names_what_to_fetch() -> None:
+    from flows.pipeline import subnets_table
+
+    rows = [{"device": "cpu-1t", "budget": "4ms", "feasible": True, "val_top1": 0.94521, "predicted_ms": 3.8,
+             "measured_ms": 3.7612, "fetch": "evit-cpu-1t/2", "aliases": ["4ms"]},
+            {"device": "ort-1t", "budget": "0_1ms", "feasible": False}]
+    lines = subnets_table(rows).splitlines()
+    assert lines[0].split() == ["device", "budget", "val", "top-1", "predicted", "ms", "measured", "ms", "fetch", "with"]
+    assert lines[2].split() == ["cpu-1t", "4ms", "0.9452", "3.800", "3.761", "evit", "fetch", "evit-cpu-1t/2"]
+    assert lines[3].split() == ["ort-1t", "0_1ms", "infeasible"]
+    assert "no subnets" in subnets_table([])

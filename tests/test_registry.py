@@ -277,3 +277,33 @@ def test_default_local_sqlite_store(tmp_path: Path) -> None:
     for fmt in ("pytorch", "torchscript", "onnx"):
         with pytest.raises(RegistryError, match="model.safetensors has sha256"):
             registry.fetch_model(params, "evit-cpu-1t/1", fmt, tmp_path / f"bad-{fmt}")
+
+
+@pytest.mark.slow
+def test_a_new_server_gets_the_exported_versions_again(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """The registry is an output of export: against a second, empty server the exported
+    folders are registered again from their files; where they exist, nothing is done."""
+    params = registry_params(mlflow_server.url)
+    folder, _static = make_export(tmp_path / "exports" / "dev", seed=4, val_top1=0.7)
+    index = tmp_path / "exports" / "dev" / "index.json"
+    index.write_text(json.dumps({"device": "dev", "subnets": [{"label": "1_5ms", "folder": str(folder)}]}))
+    name = registry.register_export(params, folder)["name"]
+    assert registry.missing_registrations(params, "dev") == []
+    assert registry.restore_registrations(params, "dev") == []
+
+    other = start_mlflow_server(tmp_path / "team-server")
+    try:
+        team = params.model_copy(update={"tracking": params.tracking.model_copy(
+            update={"uri": other.url, "registry_uri": other.url})})
+        before = {p: p.read_bytes() for p in folder.iterdir()}
+        assert registry.missing_registrations(team, "dev") == [folder]
+        again = registry.restore_registrations(team, "dev")
+        assert [(r["name"], r["version"], r["created"]) for r in again] == [(name, "1", True)]
+        assert {p: p.read_bytes() for p in folder.iterdir()} == before  # registered from the files as they are
+        mv = MlflowClient(other.url).get_model_version_by_alias(name, "champion")
+        card = read_json(folder / "card.json")
+        assert json.loads(mv.tags["evit.classes"]) == card["classes"] == [f"class-{i}" for i in range(card["num_classes"])]
+        assert json.loads(mv.tags["evit.input"])["resolution"] == card["arch"]["resolution"]
+        assert registry.restore_registrations(team, "dev") == []
+    finally:
+        stop_server(other)
