@@ -14,8 +14,17 @@ What the flow adds is orchestration:
   persisted as JSON under `.evit-cache/prefect`, so a hit survives a new process. A stage
   that runs is recorded in dvc.lock exactly as `dvc repro` would, so `dvc status` is
   clean after a flow run, and a stage `dvc repro` ran is a cache hit for the flow.
-  Per-device stages depend only on their own `devices.<i>` entry, so changing one
-  device's settings reruns only that device's branch.
+  Per-device stages depend only on their own `devices.<i>` entry (a LUT: not on its
+  `budgets_ms`), so changing one device's settings reruns only that device's branch.
+- **Nothing produced is overwritten silently.** Before anything runs, outputs that differ
+  from dvc.lock while their stage's inputs did not change (edited by hand; a stage run by
+  hand records itself through the CLI) stop the run with their names and the two ways out.
+- **The registry is an output of export.** A cached export whose versions the configured
+  registry lacks (a new MLflow server, a wiped database) registers them again from the
+  exported files, without re-exporting, and says so (`registered_again`).
+- **The end of a run**: the chosen subnets per device and budget (`subnets`, printed as a
+  table by `evit pipeline`), and a warning pointing at docs/operations.md while the DVC
+  remote config (and dvc.lock) another machine needs is not committed to git.
 - **Retries** of transient failures (S3, MLflow, DVC's lock) with exponential backoff;
   user errors (`evit.errors.UserError`) fail at once with their message.
 - **Tracking**: one parent MLflow run per pipeline run, a child run per stage that ran,
