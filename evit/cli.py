@@ -60,12 +60,13 @@ def _record_hand_run(kind: str, params_path: Path, device: str | None = None) ->
     neither later overwrites what it produced. Only when this run is exactly the stage that
     dvc.yaml declares: run from the project root, with the params file dvc.yaml was rendered
     from; not under `dvc repro` (DVC records it) nor inside the pipeline's torchrun."""
-    if os.environ.get("DVC_STAGE") or os.environ.get("EVIT_IN_PIPELINE") or os.environ.get("RANK", "0") != "0":
+    from flows import dvcfile, dvcrepo
+
+    if os.environ.get("DVC_STAGE") or os.environ.get(dvcrepo.PIPELINE_ENV) or os.environ.get("RANK", "0") != "0":
         return
     root = params_path.expanduser().resolve().parent
     if Path.cwd().resolve() != root or not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
         return
-    from flows import dvcfile, dvcrepo
 
     name = dvcfile.stage_name(kind, device)
     if dvcfile.render(_params(params_path), params_path.name, root) != (root / "dvc.yaml").read_text(encoding="utf-8"):
