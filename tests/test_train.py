@@ -222,3 +222,11 @@ def test_mixup_and_teacher_train(tiny_params, small_digits, mlflow_uri, tmp_path
     rows = read_step_log(tmp_path / "models/train-steps.jsonl")
     assert {"loss/max", "loss/min", "loss/rand0", "loss/rand1"} <= set(rows[0])
     assert all(np.isfinite(r["loss/max"]) and np.isfinite(r["hard_ce/max"]) for r in rows)
+
+
+def test_plot_legends_say_what_the_roles_are() -> None:
+    from evit.train.logbook import role_label
+
+    assert role_label("level0") == "subnet 1 drawn at the step's FLOPs level"  # a sample slot, not a FLOPs level
+    assert role_label("rand1") == "uniform random subnet 2"
+    assert role_label("min").startswith("smallest subnet") and role_label("max") == "largest subnet"
