@@ -250,3 +250,34 @@ def test_cli_names_missing_unexpected_and_misshaped_keys(tmp_path: Path) -> None
     assert "1 missing: classifer.bias" in err and "1 unexpected: extra.weight" in err
     assert "feature_exactor.2.layers.0.qkv.weight [3, 3] (expected [160, 32])" in err
     assert not out.exists()
+
+
+# --- downstream stages ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_lut_search_export_take_the_imported_checkpoint(tiny_params: Any, prepared_digits: Path) -> None:
+    """`space.preset: reference` + the imported models/supernet.pt run lut -> search -> export
+    (the digits data has 10 classes, like the fixture's classifier)."""
+    from evit import stages
+    from evit.config import load_params
+
+    path = tiny_params({
+        "data": {"out_dir": str(prepared_digits)},
+        "space": {"preset": "reference", "reference_config": str(FIXTURE / "space.json"), "levels": [1, 2, 4, 8],
+                  "tolerance": 0.5},
+        "devices": [{"name": "cpu-1t", "kind": "torch-cpu", "warmup": 1, "repeats": 3, "rounds": 1,
+                     "validate_subnets": 10, "lut_mode": "sampled", "sample_subnets": 12, "budgets_ms": [50.0]}],
+        "search": {"population": 6, "generations": 1, "top_k": 3, "mutations": 2, "crossovers": 2,
+                   "flops_budgets_m": [5], "bn_calib_batches": 1, "eval_batch_size": 64},
+        "export": {"register_model": False},
+    })
+    import_reference(FIXTURE / "reference_supernet.safetensors", FIXTURE / "space.json", Path("models/supernet.pt"))
+    params = load_params(path)
+    stages.lut(params, "cpu-1t")
+    stages.search(params, "cpu-1t")
+    out = stages.export(params, "cpu-1t")
+    assert len(out["exported"]) == 2
+    for folder in out["exported"]:
+        card = json.loads((Path(folder) / "card.json").read_text())
+        assert card["space"]["variant"] == "reference"
+        assert card["onnx"]["max_abs_diff_vs_torch"] < 1e-3
