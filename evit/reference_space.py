@@ -58,6 +58,9 @@ def reference_space(config: dict[str, Any], *, num_classes: int | None = None,
                     name: str = "reference") -> SearchSpace:
     """The `variant="reference"` SearchSpace that the reference builds from `config`."""
     ss = config["search_space"]
+    if str(config.get("norm_layer", "LN")) != "LN" or not config.get("pre_norm", True):
+        raise ReferenceConfigError(f"reference config: norm_layer {config.get('norm_layer')!r} / pre_norm "
+                                   f"{config.get('pre_norm')!r}; only the released LN + pre-norm supernet is supported")
 
     def get(key: str) -> Any:
         if key not in ss:
