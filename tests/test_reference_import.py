@@ -281,3 +281,19 @@ def test_lut_search_export_take_the_imported_checkpoint(tiny_params: Any, prepar
         card = json.loads((Path(folder) / "card.json").read_text())
         assert card["space"]["variant"] == "reference"
         assert card["onnx"]["max_abs_diff_vs_torch"] < 1e-3
+
+
+def test_torchscript_and_rebuilt_static_subnet_match(supernet: Any, io: Any, tmp_path: Path) -> None:
+    """The other export paths: a traced TorchScript file, and `load_static` from the exported state_dict."""
+    from evit.nn.export import export_torchscript
+    from evit.nn.static import extract, load_static
+
+    case = CASES[3]
+    arch = plain_arch(case["plain"])
+    x, want = io[0][case["input_key"]], io[1][case["output_key"]]
+    static = extract(supernet, arch)
+    traced = torch.jit.load(str(export_torchscript(static, arch.resolution, tmp_path / "m.pt")))
+    rebuilt = load_static(arch, supernet.space, static.state_dict())
+    with torch.no_grad():
+        assert (traced(x) - want).abs().max().item() < ATOL
+        assert (rebuilt(x) - want).abs().max().item() < ATOL
