@@ -186,3 +186,23 @@ def import_reference(weights: str | Path, config: str | Path, out: str | Path, *
     log.info("imported %s (%s weights, %d tensors) into %s", weights, which, len(state), out)
     return summary
 
+
+def imported_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint written by `import_reference` (memory-mapped: cheap on a large file)."""
+    if not path.is_file():
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable files are the loader's business, not this check's
+        return False
+    return isinstance(ckpt, dict) and "imported" in ckpt
+
+
+def refuse_training_over_import(path: Path, resume: bool) -> None:
+    """`evit train` would replace an imported supernet with one trained here: only on `--fresh`."""
+    if resume and imported_checkpoint(path):
+        raise ReferenceImportError(
+            f"{path} is the reference supernet imported by `evit import-reference`; training would replace it. "
+            "Run only the later stages (`evit pipeline -s lut -s search -s export`), or `evit train --fresh` "
+            "to train a supernet over it")
+

@@ -297,3 +297,16 @@ def test_torchscript_and_rebuilt_static_subnet_match(supernet: Any, io: Any, tmp
     with torch.no_grad():
         assert (traced(x) - want).abs().max().item() < ATOL
         assert (rebuilt(x) - want).abs().max().item() < ATOL
+
+
+def test_train_refuses_to_replace_an_imported_supernet(imported: Path, tiny_params: Any) -> None:
+    import shutil
+
+    from evit import stages
+    from evit.config import load_params
+
+    path = tiny_params({})
+    Path("models").mkdir()
+    shutil.copy(imported, "models/supernet.pt")
+    with pytest.raises(ReferenceImportError, match="evit train --fresh"):
+        stages.train(load_params(path))
