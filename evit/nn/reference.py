@@ -149,6 +149,7 @@ class RefElasticAttention(nn.Module):
         if reduction is not None:
             self.reduction = reduction
         self._rows: dict[tuple[int, int, torch.device], Tensor] = {}
+        self._rel: dict[tuple[int, torch.device], Tensor] = {}
 
     def rows(self, c: int, v_scale: int, device: torch.device) -> Tensor:
         """`qkv.weight` rows of width `c` and V-scale `v_scale`, in static order (q all heads, k all, v head-major)."""
@@ -178,7 +179,10 @@ class RefElasticAttention(nn.Module):
         k = k.reshape(bs, n, heads, QK_DIM).permute(0, 2, 3, 1)
         v = self.dw_v_conv(v.transpose(1, 2).reshape(bs, dv, h, w), dv, 3)
         v = v.reshape(bs, heads, dv // heads, n).transpose(2, 3)
-        bias = self.rel_bias(heads, h)[:, rel_pos_index(h, h).to(x.device)]
+        rel = self._rel.get((h, x.device))
+        if rel is None:
+            rel = self._rel[(h, x.device)] = rel_pos_index(h, h).to(x.device)
+        bias = self.rel_bias(heads, h)[:, rel]
         attn = torch.matmul(q, k) * (QK_DIM ** -0.5) + bias
         out = torch.matmul(attn.softmax(dim=-1), v).transpose(1, 2).reshape(bs, n, dv)
         out = F.linear(F.hardswish(out), self.proj.weight[:c, :dv], self.proj.bias[:c])
