@@ -310,3 +310,17 @@ def test_train_refuses_to_replace_an_imported_supernet(imported: Path, tiny_para
     shutil.copy(imported, "models/supernet.pt")
     with pytest.raises(ReferenceImportError, match="evit train --fresh"):
         stages.train(load_params(path))
+
+
+def test_params_space_reference_needs_its_config() -> None:
+    from evit.config import ConfigError, parse_params
+    from evit.space import space_from_params
+
+    with pytest.raises(ConfigError, match="reference_config"):
+        parse_params({"space": {"preset": "reference"}})
+    with pytest.raises(ConfigError, match="only used with preset: reference"):
+        parse_params({"space": {"preset": "cpu", "reference_config": "x.yaml"}})
+    p = parse_params({"space": {"preset": "reference", "reference_config": str(FIXTURE / "space.json"),
+                                "levels": [2, 4], "tolerance": 0.5}})
+    sp = space_from_params(p.space, 10)
+    assert sp.variant == "reference" and sp.levels == (2, 4) and sp.tolerance == 0.5
