@@ -108,6 +108,11 @@ def reference_space(config: dict[str, Any], *, num_classes: int | None = None,
             stages.append(StageSpace("transformer", widths, depths, stride, mlp_ratios=tuple(sorted(set(mlp))),
                                      v_scales=tuple(sorted({int(x) for x in v_scale[i - n_mb]})),
                                      variant="reference"))
+    maxima = [max(STEM_WIDTHS), *(max(s.widths) for s in stages)]
+    if any(b < a for a, b in zip(maxima, maxima[1:])):
+        raise ReferenceConfigError(f"reference config: max widths {maxima[1:]} (after the stem's {maxima[0]}) "
+                                   "decrease; the reference sizes each block on its own stage's max width, so "
+                                   "they must not")
     head_dims = list(config.get("classifer_head_dim") or [])  # sic
     if len(head_dims) < 2:
         raise ReferenceConfigError("reference config: classifer_head_dim needs two entries (the second is used)")
