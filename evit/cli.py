@@ -223,6 +223,24 @@ def fetch(
         typer.echo(fetch_report(summary))
 
 
+@app.command("import-reference")
+@_friendly
+def import_reference(
+    weights: Annotated[Path, typer.Argument(help="the reference's checkpoint: .pth as released, or .safetensors")],
+    config: Annotated[Path, typer.Option("--config", help="the reference's space YAML it was trained with "
+                                         "(e.g. final_3min_space.yaml)")],
+    out: Annotated[Path, typer.Option("--out", help="evit checkpoint to write (models/supernet.pt for the pipeline)")],
+    prefer: Annotated[str, typer.Option("--prefer", help="auto (EMA when present, like the reference) | ema | raw")]
+    = "auto",
+) -> None:
+    """Import the paper's released supernet (microsoft/Moonlit ElasticViT) as an evit checkpoint."""
+    from evit.reference_import import ReferenceImportError, import_reference as run_import
+
+    if prefer not in ("auto", "ema", "raw"):
+        raise ReferenceImportError(f"--prefer {prefer!r}: accepted: auto, ema, raw")
+    _echo_json(run_import(weights, config, out, prefer=prefer))  # type: ignore[arg-type]
+
+
 @app.command()
 @_friendly
 def pipeline(

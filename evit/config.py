@@ -89,7 +89,11 @@ class DataParams(_Section):
 # --- search space ----------------------------------------------------------------------------
 
 class SpaceParams(_Section):
-    preset: Literal["cpu", "imagenet"] = "cpu"
+    preset: Literal["cpu", "imagenet", "reference"] = "cpu"
+    """reference: the space of the paper's released supernet, read from `reference_config`
+    (see `evit import-reference`)."""
+    reference_config: str | None = None
+    """The reference's space YAML (e.g. final_3min_space.yaml); used only with preset reference."""
     levels: list[Annotated[float, Field(gt=0)]] | None = None
     """FLOPs levels in MMACs; None takes the preset's."""
     tolerance: Annotated[float, Field(gt=0)] | None = None
@@ -100,6 +104,15 @@ class SpaceParams(_Section):
         if v is not None and (len(v) < 1 or sorted(v) != v or len(set(v)) != len(v)):
             raise ValueError("must be a non-empty, strictly increasing list of MFLOPs")
         return v
+
+    @model_validator(mode="after")
+    def _reference_config(self) -> SpaceParams:
+        if self.preset == "reference" and not self.reference_config:
+            raise ValueError("preset 'reference' needs space.reference_config: the reference's space YAML "
+                             "(e.g. final_3min_space.yaml)")
+        if self.preset != "reference" and self.reference_config:
+            raise ValueError("space.reference_config is only used with preset: reference")
+        return self
 
 
 # --- training --------------------------------------------------------------------------------

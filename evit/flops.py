@@ -42,7 +42,10 @@ class Block:
     """One unit of computation with everything that decides its cost.
 
     kind: "first_conv" | "mbconv" | "attn" | "head". `h` is the input feature map side
-    (tokens side for "attn"); unused fields are 0.
+    (tokens side for "attn"); unused fields are 0. `variant` is the module family of a
+    stage block (`StageSpace.variant`): "reference" blocks have no shortcut BN, a shortcut
+    conv only where the width changes (a strided block of equal widths pools the input),
+    and no qkv or V-conv bias. The first conv, stem and head are the same in both.
     """
 
     kind: str
@@ -58,10 +61,19 @@ class Block:
     head_dim: int = 0
     head_width: int = 0
     se_reduction: int = 4
+    variant: str = "default"
 
     @property
     def key(self) -> str:
         """Human-readable key used in LUT JSON files."""
+        return self._key if self.variant == "default" else f"{self._key}|{self.variant}"
+
+    @property
+    def reference(self) -> bool:
+        return self.variant == "reference"
+
+    @property
+    def _key(self) -> str:
         if self.kind == "first_conv":
             return f"first_conv|r{self.h}|c{self.c_out}|s{self.stride}"
         if self.kind == "mbconv":
@@ -89,6 +101,13 @@ def se_channels(mid: int, reduction: int) -> int:
     return max(1, mid // reduction)
 
 
+def has_shortcut_conv(b: Block) -> bool:
+    """Whether an MBConv block's shortcut runs a 1x1 conv (else identity or pooled identity)."""
+    if b.reference:
+        return b.c_in != b.c_out
+    return b.c_in != b.c_out or b.stride != 1
+
+
 # --- per-block costs ---------------------------------------------------------------------
 
 def block_flops(b: Block) -> int:
@@ -107,7 +126,7 @@ def block_flops(b: Block) -> int:
             rd = se_channels(mid, b.se_reduction)
             f += 2 * mid * rd
         f += mid * b.c_out * ho * ho
-        if b.c_in != b.c_out or b.stride != 1:
+        if has_shortcut_conv(b):
             f += b.c_in * b.c_out * ho * ho
         return f
     if b.kind == "attn":
@@ -116,7 +135,7 @@ def block_flops(b: Block) -> int:
         heads = w // b.head_dim
         dv = heads * b.head_dim * b.v_scale
         qk = heads * b.head_dim
-        f = n * w * (2 * qk + dv)  # qkv projection
+        f = n * w * (2 * qk + dv)  # qkv projection (a reference block holds the same rows, laid out otherwise)
         f += dv * 9 * n  # depthwise 3x3 on V
         f += heads * n * n * b.head_dim  # Q.K^T
         f += heads * n * n  # softmax
@@ -145,8 +164,8 @@ def block_params(b: Block) -> int:
             rd = se_channels(mid, b.se_reduction)
             p += mid * rd + rd + rd * mid + mid
         p += mid * b.c_out + 2 * b.c_out
-        if b.c_in != b.c_out or b.stride != 1:
-            p += b.c_in * b.c_out + 2 * b.c_out
+        if has_shortcut_conv(b):
+            p += b.c_in * b.c_out + (0 if b.reference else 2 * b.c_out)  # the reference has no shortcut BN
         return p
     if b.kind == "attn":
         w = b.c_in
@@ -155,8 +174,8 @@ def block_params(b: Block) -> int:
         qkv = 2 * heads * b.head_dim + dv
         hidden = b.mlp_ratio * w
         p = 2 * w  # norm1
-        p += w * qkv + qkv
-        p += dv * 9 + dv  # depthwise V conv (with bias)
+        p += w * qkv + (0 if b.reference else qkv)  # the reference qkv and V conv have no bias
+        p += dv * 9 + (0 if b.reference else dv)  # depthwise V conv
         p += (2 * b.h - 1) ** 2 * heads  # relative-position bias, cropped
         p += dv * w + w  # proj
         p += 2 * w  # norm2
@@ -180,16 +199,16 @@ def stage_blocks(ss: StageSpace, h: int, c_in: int, stage: Stage, head_dim: int,
             stride = ss.stride if j == 0 else 1
             blocks.append(Block("mbconv", h, c_in if j == 0 else stage.width, stage.width,
                                 expansion=stage.expansion, kernel=stage.kernel, stride=stride, se=ss.se,
-                                se_reduction=se_reduction))
+                                se_reduction=se_reduction, variant=ss.variant))
             h = out_side(h, stride)
         return tuple(blocks)
     ds = Block("mbconv", h, c_in, stage.width, expansion=ds_expansion, kernel=3, stride=ss.stride, se=True,
-               se_reduction=se_reduction)
+               se_reduction=se_reduction, variant=ss.variant)
     blocks.append(ds)
     h = ds.h_out
     for _ in range(stage.depth):
         blocks.append(Block("attn", h, stage.width, stage.width, mlp_ratio=stage.mlp_ratio,
-                            v_scale=stage.v_scale, head_dim=head_dim))
+                            v_scale=stage.v_scale, head_dim=head_dim, variant=ss.variant))
     return tuple(blocks)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from evit.arch import Arch, ArchError, MBStage, Stage, Stem, ViTStage
 
 _MAX_TRIES = 1000
+VARIANTS = ("default", "reference")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class StageSpace:
     # transformer stages
     mlp_ratios: tuple[int, ...] = ()
     v_scales: tuple[int, ...] = ()
+    variant: str = "default"
+    """Module family of the stage's blocks: "default" (evit's) or "reference" (the layout of
+    the paper's released supernet, `evit.nn.reference`); set from `SearchSpace.variant`."""
 
     def choices(self) -> dict[str, tuple[int, ...]]:
         """Field name -> allowed values, in the order of the stage's dataclass fields."""
@@ -73,9 +77,18 @@ class SearchSpace:
     tolerance: float = 10.0
     num_classes: int = 1000
     """Classifier width; set from the prepared data's manifest (it changes head FLOPs)."""
+    variant: str = "default"
+    """"default": evit's own supernet modules; "reference": modules with the parameter layout
+    and forward of the paper's released supernet (`evit.nn.reference`, built by
+    `evit.reference_space`), so its checkpoint imports exactly. Same arch type, sampler,
+    FLOPs counter, LUTs, search and export for both."""
     max_kernel: int = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ArchError(f"space '{self.name}': unknown variant {self.variant!r}; accepted: {list(VARIANTS)}")
+        if any(s.variant != self.variant for s in self.stages):
+            object.__setattr__(self, "stages", tuple(replace(s, variant=self.variant) for s in self.stages))
         kernels = [*self.stem_kernels, *(k for s in self.stages for k in s.kernels), 3]
         object.__setattr__(self, "max_kernel", max(kernels))
 
@@ -214,15 +227,22 @@ class SearchSpace:
         return replace(self, levels=tuple(levels), tolerance=self.tolerance if tolerance is None else tolerance)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data description, stored in checkpoints and LUTs to detect a space mismatch."""
+        """Plain-data description, stored in checkpoints and LUTs to detect a space mismatch.
+
+        `variant` appears only when it is not "default", so files written before variants
+        existed still match their space.
+        """
+        extra: dict[str, Any] = {} if self.variant == "default" else {"variant": self.variant}
         return {
+            **extra,
             "name": self.name,
             "resolutions": list(self.resolutions),
             "stem_widths": list(self.stem_widths),
             "stem_depths": list(self.stem_depths),
             "stem_kernels": list(self.stem_kernels),
             "stages": [
-                {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()} for s in self.stages
+                {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()
+                 if k != "variant" or v != "default"} for s in self.stages
             ],
             "first_stride": self.first_stride,
             "head_expansion": self.head_expansion,
@@ -313,6 +333,17 @@ def get_space(
 
 
 def space_from_params(space_params: object, num_classes: int | None = None) -> SearchSpace:
-    """The search space that a validated `params.space` section describes."""
+    """The search space that a validated `params.space` section describes.
+
+    `preset: reference` builds the space from the reference's own config file
+    (`space.reference_config`, see `evit.reference_space`).
+    """
     sp: Any = space_params
+    if sp.preset == "reference":
+        from evit.reference_space import load_reference_space
+
+        space = load_reference_space(sp.reference_config, num_classes=num_classes)
+        if sp.levels is not None or sp.tolerance is not None:
+            space = space.with_levels(sp.levels if sp.levels is not None else space.levels, sp.tolerance)
+        return space
     return get_space(sp.preset, sp.levels, sp.tolerance, num_classes)

@@ -102,3 +102,19 @@ def test_imagenet_space_flops_and_params_match_hooks() -> None:
     archs.append(replace(space.largest(), resolution=128))
     worst = max(_check(space, a) for a in archs)
     assert worst < 1e-9
+
+
+def test_reference_variant_flops_and_params_match_hooks() -> None:
+    """The reference-variant blocks (no shortcut BN, pooled identity, no qkv/V bias) count exactly too."""
+    from evit.reference_space import reference_space
+
+    cfg = {"search_space": {"stage": ["C", "C", "T", "T"], "res": [32, 40], "downsampling": [True, True, False, True],
+                            "se": [False, True, True, True], "max_channels": [24, 24, 32, 48],
+                            "min_channels": [16, 16, 16, 32], "max_depth": [2, 2, 2, 2], "min_depth": [1, 1, 1, 1],
+                            "conv_ratio": [4, 3], "mlp_ratio": [3, 2], "v_scale": [[3, 2], [3, 2]],
+                            "classifier_mul": 2},
+           "classifer_head_dim": [16, 32], "dataloader": {"num_classes": 10}}
+    space = reference_space(cfg)
+    archs = [space.smallest(), space.largest(), *_archs(space, 12, seed=3)]
+    worst = max(_check(space, a) for a in archs)
+    assert worst < 1e-9

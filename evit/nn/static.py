@@ -178,6 +178,10 @@ def build_block(block: Block, head_dropout: float = 0.0) -> nn.Module:
     channels, or (B, classes) logits for the head. `head_dropout` only matters in training.
     """
     b = block
+    if b.variant == "reference":
+        from evit.nn.reference_static import build_reference_block
+
+        return build_reference_block(b)
     if b.kind == "first_conv":
         return ConvBNAct(b.c_in, b.c_out, 3, b.stride)
     if b.kind == "mbconv":

@@ -129,3 +129,16 @@ class Supernet(nn.Module):
         for module, block in self.active(arch):
             x = module(x, block)
         return x
+
+
+def build_supernet(space: SearchSpace, drop_path: float = 0.0) -> nn.Module:
+    """The supernet module family of `space.variant`: `Supernet`, or `ReferenceSupernet`
+    (the paper's released layout, `evit.nn.reference`). Both take `forward(x, arch)`."""
+    if space.variant == "reference":
+        from evit.errors import UserError
+        from evit.nn.reference import ReferenceSupernet
+
+        if drop_path > 0:
+            raise UserError("train.drop_path > 0 is not supported for a reference-variant space; set it to 0")
+        return ReferenceSupernet(space)
+    return Supernet(space, drop_path=drop_path)

@@ -80,7 +80,15 @@ def restore_rng(state: dict[str, Any]) -> None:
 # --- space ------------------------------------------------------------------------------------------
 
 def space_from_dict(d: dict[str, Any]) -> SearchSpace:
-    """Rebuild a preset space from its `to_dict` (checking every structural field matches)."""
+    """Rebuild a preset space from its `to_dict` (checking every structural field matches).
+
+    A reference-variant space is not a preset (it comes from the reference's config file),
+    so it is rebuilt from the dict itself.
+    """
+    if d.get("variant", "default") != "default":
+        from evit.export.card import space_from_dict as plain_space_from_dict
+
+        return plain_space_from_dict(d)
     space = get_space(str(d["name"]), levels=list(d.get("levels") or []) or None, tolerance=d.get("tolerance"),
                       num_classes=int(d["num_classes"]))
     if space.structure_dict() != {k: v for k, v in d.items() if k not in ("levels", "tolerance")}:
@@ -142,11 +150,11 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None,
     meta keys: space (dict), weights ("ema" | "raw"), data_hash, params_hash, step,
     evaluation, banks (JSON form) and sampler.
     """
-    from evit.nn.supernet import Supernet
+    from evit.nn.supernet import build_supernet
 
     ckpt = load_checkpoint(path, space=space)
     sp = space if space is not None else space_from_dict(ckpt["space"])
-    net = Supernet(sp)
+    net = build_supernet(sp)
     try:
         net.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as exc:

@@ -137,7 +137,7 @@ class Trainer:
                  data: Any | None = None, mlflow_run_id: str | None = None, progress: bool = True,
                  on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> None:
         from evit.data.loader import PreparedData
-        from evit.nn.supernet import Supernet
+        from evit.nn.supernet import build_supernet
 
         self.params = params
         t = self.t = params.train
@@ -159,7 +159,7 @@ class Trainer:
         self.params_hash = ckpt_mod.params_hash(params, self.data_hash)
 
         _seed_everything(t.seed)
-        self.module = Supernet(self.space, drop_path=t.drop_path).to(self.device)
+        self.module = build_supernet(self.space, drop_path=t.drop_path).to(self.device)
         self.channels_last = bool(t.channels_last and on_gpu)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)

@@ -89,6 +89,9 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
     from evit.level_sampler import LevelSampler
     from evit.train.distributed import init_distributed
 
+    from evit.reference_import import refuse_training_over_import
+
+    refuse_training_over_import(paths.checkpoint_path(params), resume)
     if params.train.sampler != "uniform":  # fail on unreachable custom levels before any work
         LevelSampler(space_for(params)).check_levels()
     info = init_distributed(params.train.device)
