@@ -24,7 +24,6 @@ staging tar besides the output until pass 2 ends.
 
 from __future__ import annotations
 
-import mmap
 import tarfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -122,7 +121,7 @@ def write_split_shards(out: Path, split: str, rows: Sequence[int], labels: np.nd
     """
     index = np.zeros((len(rows), 3), dtype=np.int64)
     shards: list[dict[str, Any]] = []
-    with open(staging, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as src:
+    with open(staging, "rb") as src:  # plain reads, not mmap: touched mmap pages would count as RSS
         writer: _IndexedTarWriter | None = None
         for r, item in enumerate(rows):
             k = r // shard_size
@@ -133,7 +132,8 @@ def write_split_shards(out: Path, split: str, rows: Sequence[int], labels: np.nd
                 shards.append({"name": tar_name(split, k), "rows": min(shard_size, len(rows) - r)})
             offset, size = (int(v) for v in where[item])
             assert writer is not None
-            pos, n = writer.write(f"{r:08d}", exts[item], src[offset:offset + size],
+            src.seek(offset)
+            pos, n = writer.write(f"{r:08d}", exts[item], src.read(size),
                                   {"cls": str(int(labels[r])).encode()})
             index[r] = (k, pos, n)
         if writer is not None:
