@@ -232,10 +232,12 @@ ATTENTION_IMPLS: tuple[str, ...] = ("auto", "explicit", "sdpa")
 
 
 def resolve_attention_impl(impl: str, device: torch.device) -> str:
-    """'auto' -> the faster path for `device`: SDPA on CUDA (fused kernels, the bias as the
-    additive mask), the explicit softmax on CPU, where bench/gpu.py measured SDPA no faster
-    at the paper's short sequences (<= 196 tokens) and PyTorch falls back to its math kernel
-    for an additive float mask with a different V head dim anyway."""
+    """'auto' -> SDPA on CUDA (fused kernels with the bias as additive mask; bench/gpu.py
+    prints both paths so a GPU run checks this), the explicit softmax on CPU. On CPU,
+    bench/gpu.py's attention micro-benchmark found SDPA 1.2x faster for paper-scale layers
+    (batch 96, 196-784 tokens) but slower for the default CPU space's tiny token maps, which
+    is what the CPU pipeline trains; the explicit path also keeps CPU training in exactly
+    the static subnet's (export's) form. Pass 'sdpa' to force it."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r}; accepted: {list(ATTENTION_IMPLS)}")
     if impl == "auto":
