@@ -299,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.tiny:
         args.__dict__.update(space="cpu", classes=10, batch=4, resolution=32, warmup=1, steps=2, config_seconds=60,
-                             search_images=16, search_subnets=2, bn_batches=1, eval_batch=8, loader_images=6,
+                             search_images=16, search_subnets=2, bn_batches=1, eval_batch=8, loader_images=12,
                              compile_backend="eager", amp="float32", attention_repeats=2, max_minutes=60.0)
     return args
 
