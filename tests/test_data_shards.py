@@ -95,3 +95,33 @@ def test_loader_uses_photo_transforms_and_is_seeded(tiny_params, image_folder, t
 def test_max_side_needs_shards() -> None:
     with pytest.raises(ConfigError, match="max_side"):
         parse_params({"data": {"max_side": 256}})
+
+
+def test_workers_and_ranks_read_disjoint_rows_and_same_batches(tiny_params, image_folder, tmp_path: Path) -> None:
+    src = image_folder(tmp_path / "src", train={"ant": 12, "bee": 12}, size=(40, 30))
+    prepare_data(load_params(_shard_params(tiny_params, src)))
+    data = PreparedData(OUT)
+    kw = {"resolution": 24, "batch_size": 4, "train": True, "seed": 5}
+    solo = [x for x, _ in data.loader("train", workers=0, **kw)]
+    multi = [x for x, _ in data.loader("train", workers=2, **kw)]
+    assert len(solo) == len(multi) > 1 and all(torch.equal(a, b) for a, b in zip(solo, multi, strict=True))
+    ranks = [list(data.loader("train", rank=r, world_size=2, **kw).sampler) for r in (0, 1)]
+    rows = [{i for i, _seed in r} for r in ranks]
+    assert not rows[0] & rows[1] and len(rows[0] | rows[1]) == len(data.split("train"))
+
+
+@pytest.mark.slow
+def test_training_runs_on_shards(tiny_params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evit.train.loop import Trainer
+    from train_helpers import SMALL_PER_CLASS, tiny_overrides
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    prepared = tmp_path / "prepared-shards"
+    prepare_data(parse_params({"data": {"out_dir": str(prepared), "format": "shards",
+                                        "max_per_class": SMALL_PER_CLASS}}))
+    assert PreparedData(prepared).layout == "shards"
+    params = load_params(tiny_params(tiny_overrides(prepared, epochs=1, steps_per_epoch=2, checkpoint_every=1,
+                                                    workers=2, hflip=0.5, reprob=0.2)))
+    result = Trainer(params, resume=False, progress=False).fit()
+    assert (tmp_path / "models/supernet.pt").is_file()
+    assert result is not None
