@@ -184,14 +184,14 @@ def search_throughput(base: torch.nn.Module, space: Any, args: argparse.Namespac
 def attention_micro(device: torch.device, amp: torch.dtype | None, repeats: int, tiny: bool) -> dict[str, Any]:
     """Forward + backward of one paper-scale attention layer per path, interleaved; median ms.
 
-    Shapes of the paper space at 224 px: stage 5 (14x14 tokens, width 288, 18 heads) and
-    stage 3 (28x28, width 96, 6 heads), V-scale 4, batch 96 (tiny: 7x7, width 32, batch 4).
+    Largest layers of the paper space at 224 px, V-scale 4, batch 96: stage 4 (14x14 tokens,
+    width 160, 10 heads) and stage 5 (7x7 tokens, width 288, 18 heads) (tiny: 7x7, width 32).
     """
     from evit.nn.elastic import ElasticAttention
 
-    shapes = [(4, 7, 32, 2, 2)] if tiny else [(96, 14, 288, 4, 18), (96, 28, 96, 4, 6)]
+    shapes = [(4, 7, 32, 2)] if tiny else [(96, 14, 160, 4), (96, 7, 288, 4)]
     out: dict[str, Any] = {}
-    for batch, side, width, v_scale, _heads in shapes:
+    for batch, side, width, v_scale in shapes:
         attn = ElasticAttention(width, 16, v_scale, side).to(device)
         with torch.no_grad():
             attn.rel_bias.uniform_(-1, 1)

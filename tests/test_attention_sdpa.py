@@ -43,6 +43,7 @@ def test_impl_selection() -> None:
     net = Supernet(CPU)
     assert set_attention_impl(net, "sdpa") == sum(isinstance(m, ElasticAttention) for m in net.modules()) > 0
     assert resolve_attention_impl("auto", torch.device("cuda")) == "sdpa"
-    assert resolve_attention_impl("auto", torch.device("cpu")) == "explicit"
+    assert resolve_attention_impl("auto", torch.device("cpu"), 16) == "explicit"
+    assert resolve_attention_impl("auto", torch.device("cpu"), 196) == "sdpa"
     with pytest.raises(ValueError, match="accepted"):
         set_attention_impl(net, "flash")

@@ -231,17 +231,20 @@ AttentionImpl = Literal["auto", "explicit", "sdpa"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "explicit", "sdpa")
 
 
-def resolve_attention_impl(impl: str, device: torch.device) -> str:
-    """'auto' -> SDPA on CUDA (fused kernels with the bias as additive mask; bench/gpu.py
-    prints both paths so a GPU run checks this), the explicit softmax on CPU. On CPU,
-    bench/gpu.py's attention micro-benchmark found SDPA 1.2x faster for paper-scale layers
-    (batch 96, 196-784 tokens) but slower for the default CPU space's tiny token maps, which
-    is what the CPU pipeline trains; the explicit path also keeps CPU training in exactly
-    the static subnet's (export's) form. Pass 'sdpa' to force it."""
+SDPA_CPU_MIN_TOKENS = 196
+"""On CPU, 'auto' takes SDPA from this many tokens (14x14) up: measured 1.06-1.2x faster
+there (paper-scale layers, batch 96), 0.67-0.94x at 2x2-8x8 token maps (the CPU space's)."""
+
+
+def resolve_attention_impl(impl: str, device: torch.device, tokens: int = 0) -> str:
+    """'auto' -> the path measured faster (bench/gpu.py's attention micro-benchmark prints it):
+    SDPA on CUDA (fused kernels, the bias as additive mask); on CPU, SDPA from
+    `SDPA_CPU_MIN_TOKENS` tokens up and the explicit softmax below, which is also exactly
+    the static subnet's (export's) form. 'explicit' / 'sdpa' force a path."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r}; accepted: {list(ATTENTION_IMPLS)}")
     if impl == "auto":
-        return "sdpa" if device.type == "cuda" else "explicit"
+        return "sdpa" if device.type == "cuda" or tokens >= SDPA_CPU_MIN_TOKENS else "explicit"
     return impl
 
 
@@ -321,7 +324,7 @@ class ElasticAttention(nn.Module):
                      self.v_conv.bias.index_select(0, v_rows), 1, 1, 1, dv)
         v = v.reshape(b, heads, dv // heads, n).transpose(2, 3)
         bias = self.rel_bias[:heads][:, self.rel_index(h, t.device)]
-        if resolve_attention_impl(self.impl, t.device) == "sdpa":
+        if resolve_attention_impl(self.impl, t.device, n) == "sdpa":
             ctx = F.scaled_dot_product_attention(q, k.transpose(2, 3), v, attn_mask=bias.to(q.dtype).unsqueeze(0),
                                                  scale=d ** -0.5)
         else:
