@@ -44,8 +44,17 @@ class DataParams(_Section):
     """'digits' (scikit-learn's bundled handwritten digits), a local ImageFolder directory
     (train/<class>/*, optional val/<class>/*), or s3://bucket/prefix with the same layout."""
     out_dir: str = "data/prepared"
+    format: Literal["npy", "shards"] = "npy"
+    """How prepared images are stored. 'npy': decoded once into square uint8 arrays at
+    `storage_resolution` (fast to read, large on disk; the small-data default). 'shards':
+    WebDataset tar shards of the encoded bytes (JPEG kept as is), decoded in DataLoader
+    workers, so training crops from the original photo (paper-scale data)."""
     storage_resolution: Annotated[int, Field(ge=8, le=1024)] = 48
-    """Side of the square uint8 images stored once; loaders resize/crop from here."""
+    """npy: side of the square uint8 images stored once; loaders resize/crop from here.
+    shards: only the side the digits source is rendered at (photos keep their own size)."""
+    max_side: Annotated[int, Field(ge=32, le=16384)] | None = None
+    """shards only: images whose longer side exceeds this are downscaled (and re-encoded)
+    once at prepare time; None keeps every image at its original size."""
     search_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     """Share of each class's train images held out as `search` (ranks subnets only)."""
     val_fraction: Fraction = 0.15
@@ -55,7 +64,7 @@ class DataParams(_Section):
     """A class with fewer train images than this (after excluding unreadable files and
     holding out search/val) is an error, not a silent skip."""
     shard_size: PosInt = 4096
-    """Images per .npy shard file."""
+    """Images per shard file (.npy or .tar)."""
     seed: int = 0
     max_per_class: PosInt | None = None
     """Cap images per class and source split (quick experiments on a large source); None keeps all."""
@@ -83,6 +92,9 @@ class DataParams(_Section):
                 f"search_fraction + val_fraction = {self.search_fraction + self.val_fraction:.2f} leaves "
                 "too little for training; keep the sum below 0.9"
             )
+        if self.max_side is not None and self.format != "shards":
+            raise ValueError(f"max_side = {self.max_side} only applies to format: shards (format is "
+                             f"{self.format!r}); set format: shards or max_side: null")
         return self
 
 

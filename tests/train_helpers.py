@@ -9,11 +9,11 @@ SMALL_PER_CLASS = 40
 """Images per class kept from digits: about 280 train, 60 search, 60 val (fast evaluations)."""
 
 
-def prepare_small_digits(out: Path) -> Path:
+def prepare_small_digits(out: Path, fmt: str = "npy") -> Path:
     from evit.config import parse_params
     from evit.data.prepare import prepare_data
 
-    prepare_data(parse_params({"data": {"out_dir": str(out), "max_per_class": SMALL_PER_CLASS}}))
+    prepare_data(parse_params({"data": {"out_dir": str(out), "max_per_class": SMALL_PER_CLASS, "format": fmt}}))
     return out
 
 

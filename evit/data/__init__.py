@@ -1,9 +1,10 @@
 """Data: the `prepare` stage and loading its output.
 
 - `prepare.prepare_data(params)`: a source (digits / ImageFolder dir / s3://) -> stratified
-  train/search/val uint8 `.npy` shards + manifest.json under data.out_dir, atomically.
+  train/search/val shards + manifest.json under data.out_dir, atomically: uint8 `.npy`
+  squares (`data.format: npy`) or WebDataset tars of the encoded images (`shards`).
 - `loader.PreparedData(path)`: the prepared data as torch Datasets / DataLoaders with timm
   transforms at any resolution, or whole splits as tensors.
-- `sources`, `s3`, `images`, `split`, `shards`: listing, S3 access, decoding, the split
-  rule and the on-disk format, each small enough to read in one sitting.
+- `sources`, `s3`, `images`, `split`, `shards`, `tarshards`: listing, S3 access, decoding,
+  the split rule and the two on-disk formats, each small enough to read in one sitting.
 """

@@ -63,5 +63,59 @@ def decode(data: bytes, size: int) -> np.ndarray:
         raise BadImage(f"corrupt or truncated image: {_clean(exc)}") from None
 
 
+JPEG_QUALITY = 95
+"""Quality of the one re-encode of a downscaled JPEG (`max_side`); other formats go to PNG (lossless)."""
+
+
+def encode_for_shard(data: bytes, max_side: int | None) -> tuple[bytes, str]:
+    """Source bytes -> (bytes to store in a tar shard, extension 'jpg' or 'png'), or `BadImage`.
+
+    A JPEG within `max_side` is kept byte for byte (no generation loss, no CPU spent);
+    it is still decoded once (at 1/8 DCT scale, which parses all the entropy-coded data)
+    so that truncated or corrupt files are excluded here, not in a training worker. Any
+    other format is re-encoded once to PNG (lossless), and any image over `max_side` is
+    downscaled (bicubic, antialiased) and re-encoded (JPEG at `JPEG_QUALITY` for JPEG
+    sources, else PNG). Output bytes are a pure function of the input bytes.
+    """
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            is_jpeg = img.format == "JPEG"
+            too_big = max_side is not None and max(img.size) > max_side
+            if is_jpeg and not too_big:
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+                return data, "jpg"
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode not in ("RGB", "L"):
+                img = img.convert("RGB")
+            if too_big:
+                assert max_side is not None
+                scale = max_side / max(img.size)
+                size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+                img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+            out = io.BytesIO()
+            if is_jpeg:
+                img.save(out, format="JPEG", quality=JPEG_QUALITY)
+                return out.getvalue(), "jpg"
+            img.save(out, format="PNG", optimize=False)
+            return out.getvalue(), "png"
+    except UnidentifiedImageError:
+        raise BadImage("not a recognised image format") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"image too large to decode safely: {_clean(exc)}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        raise BadImage(f"corrupt or truncated image: {_clean(exc)}") from None
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Stored shard bytes -> an RGB PIL image in its upright orientation (full resolution)."""
+    img = Image.open(io.BytesIO(data))
+    img = ImageOps.exif_transpose(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def _clean(exc: BaseException) -> str:
     return _ADDRESS.sub("", str(exc)).strip() or type(exc).__name__

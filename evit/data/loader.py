@@ -7,7 +7,10 @@
 
 Images are memory-mapped from the `.npy` shards (opened lazily in each process, so
 DataLoader workers share the page cache instead of pickling arrays) and turned into
-tensors by timm's `create_transform`.
+tensors by timm's `create_transform`. `shards` data (evit/data/tarshards.py) is read the
+same way, by random access into memory-mapped tars through a 24-byte-per-image index, and
+decoded from JPEG/PNG in the DataLoader worker; its transforms are timm's ImageNet ones
+(`PHOTO_TRAIN_AUG_DEFAULTS`, eval resize + centre crop 0.875), on the original photo.
 
 Choices for small images (the digits are 8x8 scans upsampled to the storage side):
 - eval: resize to the target side with `crop_pct=1.0` (no centre crop: a 10% crop of a
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -42,6 +46,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from evit.data.images import decode_rgb
 from evit.data.shards import FORMAT, MANIFEST
 from evit.data.split import SPLITS
 from evit.errors import DataError
@@ -65,17 +70,41 @@ AUG_KEYS = frozenset({*TRAIN_AUG_DEFAULTS, "re_mode", "re_count", "color_jitter_
 """The `create_transform` arguments `aug` may set."""
 
 
-def build_transform(resolution: int, *, train: bool, aug: dict[str, Any] | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's train or eval transform at `resolution` (see the module docstring for the defaults)."""
+PHOTO_TRAIN_AUG_DEFAULTS: dict[str, Any] = {
+    "scale": (0.08, 1.0),
+    "ratio": (3.0 / 4.0, 4.0 / 3.0),
+    "hflip": 0.5,
+    "vflip": 0.0,
+    "color_jitter": 0.0,
+    "auto_augment": None,
+    "re_prob": 0.0,
+    "interpolation": "bicubic",
+}
+"""timm's ImageNet recipe for `shards` data (original photos): RandomResizedCrop over the
+whole image with the standard scale and aspect jitter, bicubic; eval is resize + centre
+crop at timm's crop_pct 0.875."""
+PHOTO_EVAL_CROP_PCT = 0.875
+
+
+def build_transform(resolution: int, *, train: bool, aug: dict[str, Any] | None = None,
+                    photos: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's train or eval transform at `resolution`.
+
+    photos=False: the small pre-squared images of `npy` data (module docstring);
+    photos=True: original photos from `shards` data (`PHOTO_TRAIN_AUG_DEFAULTS`).
+    """
     if not train:
         if aug:
             raise ValueError("aug is only used with train=True")
+        if photos:
+            return create_transform(resolution, is_training=False, crop_pct=PHOTO_EVAL_CROP_PCT,
+                                    interpolation="bicubic", mean=MEAN, std=STD)
         return create_transform(resolution, is_training=False, crop_pct=1.0, interpolation="bilinear",
                                 mean=MEAN, std=STD)
     unknown = sorted(set(aug or {}) - AUG_KEYS)
     if unknown:
         raise ValueError(f"unknown augmentation key(s) {unknown}; accepted: {sorted(AUG_KEYS)}")
-    kwargs = {**TRAIN_AUG_DEFAULTS, **(aug or {})}
+    kwargs = {**(PHOTO_TRAIN_AUG_DEFAULTS if photos else TRAIN_AUG_DEFAULTS), **(aug or {})}
     if kwargs["color_jitter"] in (0, 0.0, None):
         kwargs["color_jitter"] = None  # timm: None disables the ColorJitter op entirely
     return create_transform(resolution, is_training=True, mean=MEAN, std=STD, **kwargs)
@@ -153,6 +182,78 @@ class ShardDataset(Dataset):
         if self.transform is None:
             return torch.from_numpy(np.array(arr)).permute(2, 0, 1), label
         img = Image.fromarray(np.asarray(arr), mode="RGB")
+        if seed is None:
+            return self.transform(img), label
+        with seeded_rngs(int(seed)):
+            return self.transform(img), label
+
+
+class EncodedShardDataset(Dataset):
+    """One split of `shards` data: images decoded from memory-mapped tar shards in the worker.
+
+    Same item contract as `ShardDataset` (int or (int, seed) keys); without a transform the
+    image is a uint8 (3, H, W) tensor at its stored size. Each process maps the shards
+    lazily (pickling to a worker copies only paths and the small index handle).
+    """
+
+    def __init__(self, shard_files: list[Path], index_file: Path, labels: np.ndarray,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+        self.shard_files = list(shard_files)
+        self.index_file = index_file
+        self.labels = labels
+        self.transform = transform
+        self._maps: list[mmap.mmap] | None = None
+        self._index: np.ndarray | None = None
+        self._pid = -1
+        if len(self._rows()) != len(labels):
+            raise DataError(f"{index_file.name} lists {len(self._rows())} images but there are {len(labels)} "
+                            "labels; re-run `evit prepare`")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = state["_index"] = None
+        return state
+
+    def _rows(self) -> np.ndarray:
+        if self._index is None or self._pid != os.getpid():
+            self._index = np.load(self.index_file, mmap_mode="r")
+            self._maps = None
+            self._pid = os.getpid()
+        return self._index
+
+    def _shards(self) -> list[mmap.mmap]:
+        self._rows()
+        if self._maps is None:
+            maps = []
+            for f in self.shard_files:
+                with open(f, "rb") as fh:
+                    maps.append(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+            self._maps = maps
+        return self._maps
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def encoded(self, index: int) -> bytes:
+        """The stored (JPEG or PNG) bytes of row `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        shard, offset, size = (int(v) for v in self._rows()[index])
+        return self._shards()[shard][offset:offset + size]
+
+    def pil(self, index: int) -> Image.Image:
+        return decode_rgb(self.encoded(index))
+
+    def image(self, index: int) -> np.ndarray:
+        """The decoded (H, W, 3) uint8 image at `index`, at its stored size."""
+        return np.asarray(self.pil(index))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img = self.pil(int(index))
+        label = int(self.labels[index])
+        if self.transform is None:
+            return torch.from_numpy(np.array(img)).permute(2, 0, 1), label
         if seed is None:
             return self.transform(img), label
         with seeded_rngs(int(seed)):
@@ -248,11 +349,25 @@ class PreparedData:
             raise DataError(f"unknown split {split!r}; accepted: {list(SPLITS)}")
         return split
 
-    def split(self, name: str, transform: Callable[[Image.Image], torch.Tensor] | None = None) -> ShardDataset:
-        """The split as a Dataset of (uint8 (3,S,S) tensor, label), or transformed images if given a transform."""
+    @property
+    def layout(self) -> str:
+        """'npy' (decoded squares) or 'shards' (encoded images in tar shards)."""
+        return str(self.manifest.get("layout", "npy"))
+
+    def split(self, name: str, transform: Callable[[Image.Image], torch.Tensor] | None = None
+              ) -> ShardDataset | EncodedShardDataset:
+        """The split as a Dataset of (uint8 (3,H,W) tensor, label), or transformed images if given a transform."""
         info = self.manifest["splits"][self._check(name)]
         labels = np.load(self.path / info["labels"], mmap_mode="r")
-        return ShardDataset([self.path / s["name"] for s in info["shards"]], labels, transform)
+        files = [self.path / s["name"] for s in info["shards"]]
+        if self.layout == "shards":
+            return EncodedShardDataset(files, self.path / info["index"], labels, transform)
+        return ShardDataset(files, labels, transform)
+
+    def transform(self, resolution: int, *, train: bool, aug: dict[str, Any] | None = None
+                  ) -> Callable[[Image.Image], torch.Tensor]:
+        """timm's train/eval transform suited to this data's layout (`build_transform`)."""
+        return build_transform(resolution, train=train, aug=aug, photos=self.layout == "shards")
 
     def loader(self, split: str, *, resolution: int, batch_size: int, train: bool, seed: int,
                workers: int = 0, aug: dict[str, Any] | None = None, rank: int = 0, world_size: int = 1,
@@ -265,7 +380,7 @@ class PreparedData:
         """
         if resolution < 1 or batch_size < 1:
             raise ValueError(f"resolution ({resolution}) and batch_size ({batch_size}) must be positive")
-        ds = self.split(split, build_transform(resolution, train=train, aug=aug))
+        ds = self.split(split, self.transform(resolution, train=train, aug=aug))
         # Own generator: DataLoader draws its workers' base seed from it (else from torch's global RNG).
         common: dict[str, Any] = {"batch_size": batch_size, "num_workers": workers, "pin_memory": pin_memory,
                                   "persistent_workers": workers > 0,
@@ -286,7 +401,14 @@ class PreparedData:
         transform's PIL bilinear resize to within rounding (about 1/255 per pixel).
         Memory is N*3*R*R*4 bytes: use `loader` for large splits.
         """
+        if self.layout == "shards":  # photos of any size: the eval transform, image by image
+            ds = self.split(split, self.transform(resolution, train=False))
+            if len(ds) == 0:
+                return torch.zeros((0, 3, resolution, resolution), dtype=dtype), torch.zeros((0,), dtype=torch.int64)
+            x = torch.stack([ds[i][0] for i in range(len(ds))]).to(dtype)
+            return x.contiguous(), torch.from_numpy(np.array(ds.labels, dtype=np.int64))
         ds = self.split(split)
+        assert isinstance(ds, ShardDataset)
         x = torch.from_numpy(ds.images()).permute(0, 3, 1, 2).to(torch.float32)
         if x.shape[-1] != resolution or x.shape[-2] != resolution:
             x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)

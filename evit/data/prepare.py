@@ -1,11 +1,16 @@
-"""The `prepare` stage: a data source -> stratified train/search/val uint8 shards + manifest.
+"""The `prepare` stage: a data source -> stratified train/search/val shards + manifest.
+
+`data.format` picks the storage: `npy` (decoded uint8 squares, evit/data/shards.py) or
+`shards` (encoded images in WebDataset tars, evit/data/tarshards.py). Steps 2 and 4
+differ; listing, checks, split, manifest and the atomic swap are shared.
 
 Order of work, so that bad data fails early and nothing half-done is ever visible:
 
 1. list the source (names only) and check the layout: a train/ split with images, no
    val class missing from train, a val share when the source has no val split;
 2. inside `atomic_dir(out_dir)` (a hidden temporary directory), decode every listed image
-   into a memory-mapped buffer; unreadable files are recorded as excluded, not fatal;
+   into a memory-mapped buffer (npy) or stream its encoded bytes into a staging tar
+   (shards); unreadable files are recorded as excluded, not fatal;
 3. check every class (empty, too few images, missing from val) and split;
 4. write the shards, labels and manifest, drop the buffer, and swap the directory in.
 
@@ -18,7 +23,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,6 +32,7 @@ import numpy as np
 
 from evit import paths
 from evit.config import DataParams, Params
+from evit.data import tarshards
 from evit.data.images import BadImage
 from evit.data.shards import FORMAT, MANIFEST, labels_name, paths_name, shard_name
 from evit.data.sources import SOURCE_SPLITS, LAYOUT_HINT, Excluded, Item, Listing, Source, open_source
@@ -50,16 +56,26 @@ def prepare_data(params: Params) -> dict[str, Any]:
     try:
         listing = source.list()
         classes, items = _plan(listing, data, source)
-        log.info("%s: %d classes, %d images listed, %d files excluded by name; decoding at %dpx",
-                 source.uri, len(classes), len(items), len(listing.excluded), data.storage_resolution)
+        log.info("%s: %d classes, %d images listed, %d files excluded by name; storing as %s",
+                 source.uri, len(classes), len(items), len(listing.excluded),
+                 f"npy at {data.storage_resolution}px" if data.format == "npy" else "encoded tar shards")
         with atomic_dir(out) as tmp:
-            buffer_path = tmp / _BUFFER
-            images, bad = _decode_all(source, items, data, buffer_path)
+            if data.format == "npy":
+                buffer_path = tmp / _BUFFER
+                images, bad = _decode_all(source, items, data, buffer_path)
+                write_split = _npy_writer(tmp, images, data)
+            else:
+                buffer_path = tmp / tarshards.STAGING
+                threads = 1 if source.kind == "digits" else data.read_threads
+                with _progress(len(items), f"reading {source.uri}") as advance:
+                    where, exts, bad = tarshards.stage_encoded(source, items, data, buffer_path, advance, threads)
+                write_split = _shard_writer(tmp, buffer_path, where, exts, data)
             excluded = sorted([*listing.excluded, *bad])
             by_class = _class_images(classes, items, {b.path for b in bad}, excluded)
             assignment = stratified_split(by_class, data, has_val=listing.has_val)
-            manifest = _write_output(tmp, images, items, classes, assignment, excluded, data, source, listing.has_val)
-            del images
+            manifest = _write_output(tmp, write_split, items, classes, assignment, excluded, data, source,
+                                     listing.has_val)
+            write_split = images = None  # drop the memmap (npy) before the buffer goes
             buffer_path.unlink()
     finally:
         source.close()
@@ -203,7 +219,28 @@ def _write_array(path: Path, array: np.ndarray) -> None:
         np.save(fh, array, allow_pickle=False)
 
 
-def _write_output(tmp: Path, images: np.ndarray, items: Sequence[Item], classes: Sequence[str],
+SplitWriter = Callable[[str, Sequence[int], np.ndarray], list[dict[str, Any]]]
+"""(split, item rows, labels) -> the split's shard list [{"name", "rows"}]; writes the shard files."""
+
+
+def _npy_writer(tmp: Path, images: np.ndarray, data: DataParams) -> SplitWriter:
+    def write(split: str, rows: Sequence[int], labels: np.ndarray) -> list[dict[str, Any]]:
+        shards = []
+        for k, chunk in enumerate(_chunks(len(rows), data.shard_size)):
+            name = shard_name(split, k)
+            _write_array(tmp / name, np.ascontiguousarray(images[[rows[j] for j in chunk]]))
+            shards.append({"name": name, "rows": len(chunk)})
+        return shards
+    return write
+
+
+def _shard_writer(tmp: Path, staging: Path, where: np.ndarray, exts: Sequence[str], data: DataParams) -> SplitWriter:
+    def write(split: str, rows: Sequence[int], labels: np.ndarray) -> list[dict[str, Any]]:
+        return tarshards.write_split_shards(tmp, split, rows, labels, staging, where, exts, data.shard_size)
+    return write
+
+
+def _write_output(tmp: Path, write_split: SplitWriter, items: Sequence[Item], classes: Sequence[str],
                   assignment: dict[str, list[int]], excluded: Sequence[Excluded], data: DataParams,
                   source: Source, has_val: bool) -> dict[str, Any]:
     class_index = {c: k for k, c in enumerate(classes)}
@@ -212,33 +249,39 @@ def _write_output(tmp: Path, images: np.ndarray, items: Sequence[Item], classes:
     for split in SPLITS:
         rows = assignment[split]
         labels = np.asarray([class_index[items[i].cls] for i in rows], dtype=np.int64)
-        shards = []
-        for k, chunk in enumerate(_chunks(len(rows), data.shard_size)):
-            name = shard_name(split, k)
-            _write_array(tmp / name, np.ascontiguousarray(images[[rows[j] for j in chunk]]))
-            shards.append({"name": name, "rows": len(chunk)})
+        shards = write_split(split, rows, labels)
         _write_array(tmp / labels_name(split), labels)
         (tmp / paths_name(split)).write_text("".join(items[i].path + "\n" for i in rows), encoding="utf-8")
         per_class = Counter(items[i].cls for i in rows)
         counts[split] = {c: per_class[c] for c in classes}
         splits[split] = {"num": len(rows), "shards": shards, "labels": labels_name(split), "paths": paths_name(split)}
+        if data.format == "shards":
+            splits[split]["index"] = tarshards.index_name(split)
 
     files = [{"name": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(tmp.iterdir()) if p.name != _BUFFER and not p.name.startswith(".")]
-    content_hash = sha256_json({
+             for p in sorted(tmp.iterdir()) if not p.name.startswith(".")]
+    hashed: dict[str, Any] = {
         "format": FORMAT,
         "classes": list(classes),
         "storage_resolution": data.storage_resolution,
         "files": {f["name"]: f["sha256"] for f in files},
-    })
+    }
+    if data.format != "npy":  # npy hashes stay what they were before the shards layout existed
+        hashed["layout"] = data.format
+    content_hash = sha256_json(hashed)
+    image_info: dict[str, Any] = (
+        {"image_shape": [data.storage_resolution, data.storage_resolution, 3], "dtype": "uint8"}
+        if data.format == "npy" else {"image_encoding": "jpg|png (original size" + (
+            f", longer side <= {data.max_side})" if data.max_side else ")")}
+    )
     manifest = {
         "format": FORMAT,
+        "layout": data.format,
         "source": {"kind": source.kind, "uri": source.uri, "has_val": has_val},
         "classes": list(classes),
         "num_classes": len(classes),
         "storage_resolution": data.storage_resolution,
-        "image_shape": [data.storage_resolution, data.storage_resolution, 3],
-        "dtype": "uint8",
+        **image_info,
         "counts": counts,
         "totals": {s: splits[s]["num"] for s in SPLITS},
         "splits": splits,

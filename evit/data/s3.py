@@ -156,11 +156,14 @@ class S3Source(Source):
         return f"bucket {self.bucket!r} holds nothing at or next to {self.prefix or 'its top level'!r}"
 
     def read(self, item: Item, size: int) -> np.ndarray:
+        return decode(self.read_bytes(item, size), size)
+
+    def read_bytes(self, item: Item, size: int) -> bytes:
         from botocore.exceptions import ClientError
 
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(item.path))["Body"]
-            data = body.read()
+            return bytes(body.read())
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in {"NoSuchKey", "404", *_DENIED_CODES}:
@@ -168,7 +171,6 @@ class S3Source(Source):
             raise self._translated(exc) from None
         except Exception as exc:
             raise self._translated(exc) from None
-        return decode(data, size)
 
     def _translated(self, exc: BaseException) -> BaseException:
         return translate_error(exc, url=self.uri, endpoint=self.endpoint) or exc

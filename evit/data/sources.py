@@ -16,6 +16,7 @@ prepared data does not depend on where the source was mounted.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterable
@@ -76,6 +77,13 @@ class Source:
         raise NotImplementedError
 
     def read(self, item: Item, size: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_bytes(self, item: Item, size: int) -> bytes:
+        """The file's encoded bytes as stored at the source (`size`: digits' render side only).
+
+        Raises `BadImage` when the file cannot be read at all.
+        """
         raise NotImplementedError
 
     def close(self) -> None:
@@ -147,6 +155,12 @@ class DigitsSource(Source):
         index = int(item.path.rsplit("/", 1)[1])
         return to_stored(Image.fromarray(self._images[index], mode="L"), size)
 
+    def read_bytes(self, item: Item, size: int) -> bytes:
+        """A PNG of the digit rendered at `size` (the digits have no file of their own)."""
+        buf = io.BytesIO()
+        Image.fromarray(self.read(item, size), mode="RGB").save(buf, format="PNG")
+        return buf.getvalue()
+
 
 # --- local directory -------------------------------------------------------------------------
 
@@ -190,11 +204,13 @@ class FolderSource(Source):
         return merge(parts)
 
     def read(self, item: Item, size: int) -> np.ndarray:
+        return decode(self.read_bytes(item, size), size)
+
+    def read_bytes(self, item: Item, size: int) -> bytes:
         try:
-            data = (self.root / item.path).read_bytes()
+            return (self.root / item.path).read_bytes()
         except OSError as exc:
             raise BadImage(f"unreadable file: {exc.strerror or type(exc).__name__}") from None
-        return decode(data, size)
 
 
 def open_source(params: Params) -> Source:

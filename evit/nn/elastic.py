@@ -19,7 +19,7 @@ supernet like any other network.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -227,13 +227,54 @@ class ElasticMBConv(nn.Module):
         return state
 
 
+AttentionImpl = Literal["auto", "explicit", "sdpa"]
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "explicit", "sdpa")
+
+
+SDPA_CPU_MIN_TOKENS = 196
+"""On CPU, 'auto' takes SDPA from this many tokens (14x14) up: measured 1.06-1.2x faster
+there (paper-scale layers, batch 96), 0.67-0.94x at 2x2-8x8 token maps (the CPU space's)."""
+
+
+def resolve_attention_impl(impl: str, device: torch.device, tokens: int = 0) -> str:
+    """'auto' -> the path measured faster (bench/gpu.py's attention micro-benchmark prints it):
+    SDPA on CUDA (fused kernels, the bias as additive mask); on CPU, SDPA from
+    `SDPA_CPU_MIN_TOKENS` tokens up and the explicit softmax below, which is also exactly
+    the static subnet's (export's) form. 'explicit' / 'sdpa' force a path."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {impl!r}; accepted: {list(ATTENTION_IMPLS)}")
+    if impl == "auto":
+        return "sdpa" if device.type == "cuda" or tokens >= SDPA_CPU_MIN_TOKENS else "explicit"
+    return impl
+
+
+def set_attention_impl(model: nn.Module, impl: str) -> int:
+    """Select how every `ElasticAttention` in `model` computes attention; returns how many.
+
+    Both paths compute the same function (tests/test_attention_sdpa.py, forward and
+    backward in fp32), so the choice is about speed only and never changes a checkpoint.
+    """
+    resolve_attention_impl(impl, torch.device("cpu"))  # validate
+    layers = [m for m in model.modules() if isinstance(m, ElasticAttention)]
+    for m in layers:
+        m.impl = impl
+    return len(layers)
+
+
 class ElasticAttention(nn.Module):
     """Elastic twin of `static.Attention`: heads (from the width) and V-scale per call.
 
     Rows of `qkv.weight`: q of all `max_heads` heads, k likewise, then v as `max_heads`
     blocks of `head_dim * max_v_scale` rows. `rel_bias` is one table per layer for the
     largest token map of its stage (`table_side`); smaller maps index its centre.
+
+    `impl` picks how softmax(q.k/sqrt(d) + bias).v is computed (`set_attention_impl`):
+    'explicit' (matmul, add, softmax, matmul: the static subnet's and export's form) or
+    'sdpa' (`F.scaled_dot_product_attention` with the relative-position bias as the
+    additive float mask); 'auto' picks per device (`resolve_attention_impl`).
     """
+
+    impl: str = "auto"
 
     def __init__(self, width: int, head_dim: int, v_scale: int, table_side: int) -> None:
         super().__init__()
@@ -282,8 +323,13 @@ class ElasticAttention(nn.Module):
         v = F.conv2d(v.transpose(1, 2).reshape(b, dv, h, w), self.v_conv.weight.index_select(0, v_rows),
                      self.v_conv.bias.index_select(0, v_rows), 1, 1, 1, dv)
         v = v.reshape(b, heads, dv // heads, n).transpose(2, 3)
-        attn = torch.matmul(q, k) * (d ** -0.5) + self.rel_bias[:heads][:, self.rel_index(h, t.device)]
-        out = torch.matmul(attn.softmax(dim=-1), v).transpose(1, 2).reshape(b, n, dv)
+        bias = self.rel_bias[:heads][:, self.rel_index(h, t.device)]
+        if resolve_attention_impl(self.impl, t.device, n) == "sdpa":
+            ctx = F.scaled_dot_product_attention(q, k.transpose(2, 3), v, attn_mask=bias.to(q.dtype).unsqueeze(0),
+                                                 scale=d ** -0.5)
+        else:
+            ctx = torch.matmul((torch.matmul(q, k) * (d ** -0.5) + bias).softmax(dim=-1), v)
+        out = ctx.transpose(1, 2).reshape(b, n, dv)
         return F.linear(F.hardswish(out), self.proj.weight[:c].index_select(1, v_rows), self.proj.bias[:c])
 
     def static_state(self, width: int, v_scale: int, side: int) -> State:
