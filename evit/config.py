@@ -93,6 +93,12 @@ class SpaceParams(_Section):
     levels: list[Annotated[float, Field(gt=0)]] | None = None
     """FLOPs levels in MMACs; None takes the preset's."""
     tolerance: Annotated[float, Field(gt=0)] | None = None
+    flops_convention: Literal["true", "reference"] = "true"
+    """How FLOPs are counted for levels, budgets and reports. true: every multiply-accumulate
+    of the real forward pass (hook-exact). reference: the paper's reference counter (no SE
+    and no shortcut conv in the transformer stages' downsampling block, 1 MAC per element
+    for the depthwise conv on V, the downsampling expand conv taken at 2x its output side),
+    so that "level 200" and the released models' figures mean what they mean in the paper."""
 
     @field_validator("levels")
     @classmethod
@@ -270,6 +276,10 @@ class SearchParams(_Section):
     bn_calib_batches: PosInt = 2
     eval_batch_size: PosInt = 256
     seed: int = 0
+    fixed_archs: list[str] = []
+    """Architectures exported and registered beside the searched ones, for every device, without
+    searching: released model names (T1, T2, S1, S2, M, L1, L1.5, L2, L3; `evit arch list`) or
+    arch JSON files. Each is evaluated on val and gets a card and an alias named after it."""
 
     @model_validator(mode="after")
     def _sizes(self) -> SearchParams:
@@ -344,6 +354,28 @@ class Params(_Section):
             raise ValueError(f"device names must be unique; repeated: {dups}")
         return v
 
+    @model_validator(mode="after")
+    def _fixed_archs(self) -> Params:
+        """Every `search.fixed_archs` entry resolves and lies in the configured space (checked up front)."""
+        if not self.search.fixed_archs:
+            return self
+        from evit.released import arch_label, resolve_arch
+        from evit.space import get_space
+
+        space = get_space(self.space.preset)
+        labels: dict[str, str] = {}
+        for spec in self.search.fixed_archs:
+            try:
+                name, arch = resolve_arch(spec)
+                space.validate(arch)
+            except UserError as exc:
+                raise ValueError(f"search.fixed_archs entry {spec!r}: {exc}") from None
+            label = arch_label(name)
+            if label in labels:
+                raise ValueError(f"search.fixed_archs: {labels[label]!r} and {spec!r} share the label {label!r}")
+            labels[label] = spec
+        return self
+
     def device(self, name: str) -> DeviceParams:
         for d in self.devices:
             if d.name == name:
@@ -391,6 +423,9 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "literal_error":
             msg = msg.replace("Input should be", "accepted:")
+        if not loc:  # a check across sections: the message names the keys itself
+            lines.append(f"  - {msg.removeprefix('Value error, ')}")
+            continue
         value = "" if err["type"] == "missing" else f" = {inp!r}"
         lines.append(f"  - {loc}{value}: {msg}")
     return "\n".join(lines)

@@ -7,11 +7,16 @@ small inputs, four stages, what the embedded default trains on 2 cores).
 
 Choices of ours where the paper is silent:
 - The "width never smaller than the previous stage's" rule applies between consecutive
-  stages; the stem is not a stage and is not constrained against stage 1.
+  stages and, as in the reference implementation, between the stem and MBConv stage 1
+  (in the `imagenet` space a 24-wide stem needs stage 1 at 24 or 32; in `cpu` the rule
+  never binds there).
 - `uniform` means uniform over the valid space: every field is drawn uniformly and the
   whole draw is rejected while the width rule fails (cheap: acceptance is > 30%).
 - `mutate` and `crossover` repair a width-rule violation by re-drawing (bounded tries),
   so they always return a valid arch.
+
+Each space also names its FLOPs convention (`flops_convention`: "true" MACs or the
+paper's "reference" counting), which `evit.flops` applies; see there.
 
 Drawing inside a FLOPs level and each level's "min" subnet need the FLOPs counter, so
 they live in `evit.level_sampler.LevelSampler` (`sample(level, rng)`, `min_arch(level)`).
@@ -27,6 +32,12 @@ from typing import Any, Literal
 from evit.arch import Arch, ArchError, MBStage, Stage, Stem, ViTStage
 
 _MAX_TRIES = 1000
+
+FlopsConvention = Literal["true", "reference"]
+FLOPS_CONVENTIONS: tuple[str, ...] = ("true", "reference")
+"""true: every MAC of the real forward pass (hook-exact). reference: the counting of the
+paper's reference implementation, so that FLOPs levels and budgets mean the paper's
+numbers (rules in `evit.flops`)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,8 @@ class SearchSpace:
     tolerance: float = 10.0
     num_classes: int = 1000
     """Classifier width; set from the prepared data's manifest (it changes head FLOPs)."""
+    flops_convention: FlopsConvention = "true"
+    """How `evit.flops` counts this space's FLOPs (levels, budgets, reports); not structural."""
     max_kernel: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -119,7 +132,7 @@ class SearchSpace:
                 f"arch.stages has {len(arch.stages)} stages; the '{self.name}' space has "
                 f"{len(self.stages)} ({', '.join(s.kind for s in self.stages)})"
             )
-        prev_width = 0
+        prev_width = arch.stem.width
         for i, (stage, ss) in enumerate(zip(arch.stages, self.stages)):
             where = f"arch.stages[{i}]"
             if stage.kind != ss.kind:
@@ -127,9 +140,10 @@ class SearchSpace:
             for name, allowed in ss.choices().items():
                 check(f"{where}.{name}", getattr(stage, name), allowed)
             if stage.width < prev_width:
+                before = "the stem's" if i == 0 else "the previous stage's"
                 raise ArchError(
-                    f"{where}.width = {stage.width} is smaller than the previous stage's width "
-                    f"{prev_width}; widths must not decrease from stage to stage"
+                    f"{where}.width = {stage.width} is smaller than {before} width "
+                    f"{prev_width}; widths must not decrease from the stem on"
                 )
             prev_width = stage.width
         return arch
@@ -142,7 +156,10 @@ class SearchSpace:
         return True
 
     @staticmethod
-    def widths_ok(stages: Sequence[Stage]) -> bool:
+    def widths_ok(stages: Sequence[Stage], stem_width: int = 0) -> bool:
+        """Widths never decrease from the stem (width `stem_width`) through the stages."""
+        if stages and stages[0].width < stem_width:
+            return False
         return all(b.width >= a.width for a, b in zip(stages, stages[1:]))
 
     # --- extremes -------------------------------------------------------------------------
@@ -159,11 +176,12 @@ class SearchSpace:
 
     # --- sampling primitives (all seeded through the `rng` argument) ------------------------
     def sample_uniform(self, rng: random.Random) -> Arch:
-        stem = Stem(rng.choice(self.stem_widths), rng.choice(self.stem_depths), rng.choice(self.stem_kernels))
         resolution = rng.choice(self.resolutions)
         for _ in range(_MAX_TRIES):
+            # the stem is redrawn too: it is tied to stage 1 by the width rule
+            stem = Stem(rng.choice(self.stem_widths), rng.choice(self.stem_depths), rng.choice(self.stem_kernels))
             stages = tuple(ss.make(**{k: rng.choice(v) for k, v in ss.choices().items()}) for ss in self.stages)
-            if self.widths_ok(stages):
+            if self.widths_ok(stages, stem.width):
                 return Arch(resolution, stem, stages)
         raise RuntimeError(f"space '{self.name}': no width-monotone draw in {_MAX_TRIES} tries")
 
@@ -186,7 +204,7 @@ class SearchSpace:
                 })
                 for st, ss in zip(arch.stages, self.stages)
             )
-            if self.widths_ok(stages):
+            if self.widths_ok(stages, stem.width):
                 return Arch(resolution, stem, stages)
         return arch
 
@@ -202,7 +220,7 @@ class SearchSpace:
                 ss.make(**{k: pick(getattr(sa, k), getattr(sb, k)) for k in ss.choices()})
                 for sa, sb, ss in zip(a.stages, b.stages, self.stages)
             )
-            if self.widths_ok(stages):
+            if self.widths_ok(stages, stem.width):
                 return Arch(pick(a.resolution, b.resolution), stem, stages)
         return a
 
@@ -233,14 +251,25 @@ class SearchSpace:
             "levels": list(self.levels),
             "tolerance": self.tolerance,
             "num_classes": self.num_classes,
+            "flops_convention": self.flops_convention,
         }
 
     def structure_dict(self) -> dict[str, Any]:
-        """`to_dict` without the levels: what decides whether weights/LUTs are compatible."""
+        """`to_dict` without levels and FLOPs convention: what decides whether weights/LUTs are compatible."""
         d = self.to_dict()
-        d.pop("levels")
-        d.pop("tolerance")
+        for k in NON_STRUCTURAL:
+            d.pop(k, None)
         return d
+
+    def with_convention(self, convention: str) -> SearchSpace:
+        """This space counted under another FLOPs convention (same structure, same weights)."""
+        if convention not in FLOPS_CONVENTIONS:
+            raise ArchError(f"unknown FLOPs convention {convention!r}; accepted: {list(FLOPS_CONVENTIONS)}")
+        return self if convention == self.flops_convention else replace(self, flops_convention=convention)
+
+
+NON_STRUCTURAL = ("levels", "tolerance", "flops_convention")
+"""`to_dict` keys that change how subnets are grouped and counted, not the weights."""
 
 
 def _r(lo: int, hi: int, step: int) -> tuple[int, ...]:
@@ -299,8 +328,9 @@ def get_space(
     levels: Sequence[int] | None = None,
     tolerance: float | None = None,
     num_classes: int | None = None,
+    flops_convention: str | None = None,
 ) -> SearchSpace:
-    """A preset by name, optionally with its FLOPs levels/tolerance/classes overridden."""
+    """A preset by name, optionally with its FLOPs levels/tolerance/classes/convention overridden."""
     try:
         space = PRESETS[name]
     except KeyError:
@@ -309,10 +339,12 @@ def get_space(
         space = space.with_levels(levels if levels is not None else space.levels, tolerance)
     if num_classes is not None:
         space = space.with_classes(num_classes)
+    if flops_convention is not None:
+        space = space.with_convention(flops_convention)
     return space
 
 
 def space_from_params(space_params: object, num_classes: int | None = None) -> SearchSpace:
     """The search space that a validated `params.space` section describes."""
     sp: Any = space_params
-    return get_space(sp.preset, sp.levels, sp.tolerance, num_classes)
+    return get_space(sp.preset, sp.levels, sp.tolerance, num_classes, sp.flops_convention)

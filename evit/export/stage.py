@@ -158,6 +158,8 @@ def build_card(
 
 def _budget_text(budget: dict[str, Any]) -> str:
     value = budget["value"]
+    if budget["kind"] == "arch":
+        return f"arch {budget.get('name') or budget['label']}"
     return f"{value:g} ms" if budget["kind"] == "latency" else f"{value:g} MFLOPs"
 
 

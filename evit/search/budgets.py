@@ -4,6 +4,11 @@ A `Budget` knows its label, which doubles as the export folder name and the MLfl
 of the model chosen for it. MLflow aliases may only hold letters, digits, `_` and `-`
 (and must not look like `v3` or be `latest`), so `1.5 ms` becomes `1_5ms` and
 `12 MFLOPs` becomes `12mflops`.
+
+A third kind, "arch", is not searched: it is a fixed architecture (a released model
+such as `S1`, or an arch JSON file) listed in `search.fixed_archs` or given to
+`evit export --arch`. It goes through the same evaluation, export and registry as a
+searched subnet; its label is the arch's name (`s1`, `l1_5`) and its value its FLOPs.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Literal
 
-BudgetKind = Literal["latency", "flops"]
+BudgetKind = Literal["latency", "flops", "arch"]
 
 
 def _plain_number(value: float) -> str:
