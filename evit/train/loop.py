@@ -157,6 +157,10 @@ class Trainer:
         self.space = space_from_params(params.space, self.data.num_classes)
         self.data_hash = str(self.data.content_hash)
         self.params_hash = ckpt_mod.params_hash(params, self.data_hash)
+        # teachers first: a teacher that cannot load fails before anything else is built
+        from evit.train.losses import load_teachers
+
+        teacher = load_teachers(t.teachers, self.space.num_classes)
 
         _seed_everything(t.seed)
         self.module = Supernet(self.space, drop_path=t.drop_path).to(self.device)
@@ -201,11 +205,8 @@ class Trainer:
 
         self.sampler: SubnetSampler = make_sampler(t.sampler, self.space, t.seed, self.total_steps,
                                                    settings_from_params(t))
-        teacher = None
-        if t.teacher is not None:
-            from evit.train.losses import load_teacher
-
-            teacher = load_teacher(t.teacher, self.space.num_classes).to(self.device)
+        if teacher is not None:
+            teacher = teacher.to(self.device)
             if self.channels_last:
                 teacher = teacher.to(memory_format=torch.channels_last)
         self.model: nn.Module = self.module
