@@ -53,16 +53,19 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _params(path: Path, overrides: list[str] | None = None) -> Any:
-    """Validated params with the overrides on top; the overrides go into $EVIT_OVERRIDES too, so
-    that processes this command starts (dvc, torchrun, Prefect tasks) load the same settings."""
+def _params(path: Path, overrides: list[str] | None = None, *, to_children: bool = False) -> Any:
+    """Validated params with the `--set` overrides on top (after $EVIT_OVERRIDES).
+
+    `to_children`: also put the overrides into $EVIT_OVERRIDES, for commands whose work runs
+    in other processes that load params themselves (pipeline: Prefect tasks, dvc, torchrun).
+    """
     from evit.config import OVERRIDES_ENV, load_params, override_items
 
-    if overrides:
-        items = override_items([str(Path(o).resolve()) if "=" not in o and Path(o).is_file() else o
-                                for o in overrides])
-        os.environ[OVERRIDES_ENV] = "\n".join(items)
-    return load_params(path)
+    items = [str(Path(o).resolve()) if "=" not in o and Path(o).is_file() else o for o in overrides or []]
+    if to_children and items:
+        os.environ[OVERRIDES_ENV] = "\n".join(override_items(items))
+        return load_params(path)
+    return load_params(path, items)
 
 
 def _echo_json(obj: Any) -> None:
@@ -250,7 +253,7 @@ def pipeline(
     """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits."""
     from flows.pipeline import run_pipeline
 
-    _params(params, overrides)  # validate before Prefect starts (and pass the overrides on)
+    _params(params, overrides, to_children=True)  # validate before Prefect starts (and pass the overrides on)
     _echo_json(run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None))
 
 
@@ -260,7 +263,7 @@ def serve(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> 
     """Serve the scheduled deployments (nightly re-search, weekly retraining) on this machine."""
     from flows.deploy import serve_deployments
 
-    _params(params, overrides)
+    _params(params, overrides, to_children=True)
     serve_deployments(str(params))
 
 

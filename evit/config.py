@@ -177,6 +177,9 @@ class TrainParams(_Section):
     """None: one pass over the train split per epoch."""
     checkpoint_every: PosInt = 50
     eval_every_epochs: PosInt = 1
+    eval_subnets: Literal["min", "min+draw"] = "min+draw"
+    """Validation subnets of the final report: each level's min subnet, plus one fixed seeded
+    draw per level (min+draw). Every epoch evaluates the min subnets only."""
     bn_calib_batches: PosInt = 4
     workers: NonNegInt = 0
     threads: PosInt | None = None
