@@ -176,13 +176,21 @@ class SearchSpace:
 
     # --- sampling primitives (all seeded through the `rng` argument) ------------------------
     def sample_uniform(self, rng: random.Random) -> Arch:
+        def draw_stem() -> Stem:
+            return Stem(rng.choice(self.stem_widths), rng.choice(self.stem_depths), rng.choice(self.stem_kernels))
+
+        stem = draw_stem()
         resolution = rng.choice(self.resolutions)
         for _ in range(_MAX_TRIES):
-            # the stem is redrawn too: it is tied to stage 1 by the width rule
-            stem = Stem(rng.choice(self.stem_widths), rng.choice(self.stem_depths), rng.choice(self.stem_kernels))
             stages = tuple(ss.make(**{k: rng.choice(v) for k, v in ss.choices().items()}) for ss in self.stages)
-            if self.widths_ok(stages, stem.width):
+            if not self.widths_ok(stages):
+                continue  # independent of the stem: keep it
+            if stages[0].width >= stem.width:
                 return Arch(resolution, stem, stages)
+            # stem wider than stage 1: reject the pair, draw both again. Still uniform over the
+            # valid space (stem uniform x stages uniform over the monotone ones, pairs rejected),
+            # and the same random stream as before wherever the stem never binds (cpu space).
+            stem = draw_stem()
         raise RuntimeError(f"space '{self.name}': no width-monotone draw in {_MAX_TRIES} tries")
 
     def mutate(self, arch: Arch, rng: random.Random, prob: float = 0.2, depth_prob: float = 0.4) -> Arch:

@@ -283,11 +283,11 @@ def _export_fixed(params: Params, device: str, archs: list[str], register: bool 
     exported = export_result(params, device, result, inputs.supernet.eval(), inputs.data,
                              supernet_sha256=inputs.sources["checkpoint_sha256"],
                              out_root=paths.export_dir(params, device), merge_index=True)
-    return _register_and_report(params, device, exported, register)
+    return _register_and_report(params, device, exported, register, merge_metrics=True)
 
 
 def _register_and_report(params: Params, device: str, exported: list[dict[str, Any]],
-                         register: bool | None) -> dict[str, Any]:
+                         register: bool | None, merge_metrics: bool = False) -> dict[str, Any]:
     registered: list[dict[str, Any]] = []
     if params.export.register_model if register is None else register:
         from evit.registry import register_export
@@ -295,7 +295,12 @@ def _register_and_report(params: Params, device: str, exported: list[dict[str, A
         for e in exported:
             registered.append(register_export(params, Path(e["folder"])))
     metrics = export_metrics(exported, registered)
-    write_json_atomic(paths.export_metrics_path(device), metrics)
+    metrics_path = paths.export_metrics_path(device)
+    if merge_metrics and metrics_path.is_file():  # keep the searched models' entries
+        old = read_json(metrics_path)
+        merged = {k: {**old.get(k, {}), **metrics[k]} for k in ("budgets", "registered")}
+        metrics = {**merged, "exported": len(merged["budgets"])}
+    write_json_atomic(metrics_path, metrics)
     return {"device": device, "model_name": params.export.model_name.format(device=device),
             "exported": [e["folder"] for e in exported], "registered": registered, "metrics": metrics}
 
