@@ -338,7 +338,8 @@ class _CostTables:
         key = (resolution, width, depth, kernel)
         v = self.prefix.get(key)
         if v is None:
-            v = self.prefix[key] = _sum_costs(prefix_blocks(self.space, resolution, Stem(width, depth, kernel)), self.convention)
+            blocks = prefix_blocks(self.space, resolution, Stem(width, depth, kernel))
+            v = self.prefix[key] = _sum_costs(blocks, self.convention)
             self.prefix_f[key] = v[0]
         return v
 

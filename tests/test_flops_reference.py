@@ -118,7 +118,8 @@ def test_convention_is_a_params_option_and_only_changes_counting() -> None:
     assert sp.flops_convention == "reference"
     assert sp.structure_dict() == IMAGENET.structure_dict()  # same weights, same LUTs
     t1 = RELEASED["T1"].arch
-    assert flops.flops_by_convention(t1, sp) == {"true": flops.flops_m(t1, IMAGENET), "reference": flops.flops_m(t1, REF)}
+    want = {"true": flops.flops_m(t1, IMAGENET), "reference": flops.flops_m(t1, REF)}
+    assert flops.flops_by_convention(t1, sp) == want
     assert sp.level_of(flops.flops_m(RELEASED["S1"].arch, sp)) == 1  # 217.6 lies in level 200 (200..220)
     with pytest.raises(Exception, match="flops_convention"):
         parse_params({"space": {"flops_convention": "paper"}})
