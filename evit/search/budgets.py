@@ -31,6 +31,8 @@ def _plain_number(value: float) -> str:
 class Budget:
     kind: BudgetKind
     value: float
+    name: str = ""
+    """kind "arch" only: the arch's name (e.g. 'S1')."""
 
     @property
     def unit(self) -> str:
@@ -38,23 +40,32 @@ class Budget:
 
     @property
     def label(self) -> str:
-        """Alias-safe name, e.g. '1_5ms' or '12mflops' (MLflow alias rules: [A-Za-z0-9_-])."""
+        """Alias-safe name, e.g. '1_5ms', '12mflops' or 's1' (MLflow alias rules: [A-Za-z0-9_-])."""
+        if self.kind == "arch":
+            from evit.released import arch_label
+
+            return arch_label(self.name)
         return _plain_number(self.value).replace(".", "_") + self.unit
 
     @property
     def text(self) -> str:
-        """Human form for logs and cards, e.g. '1.5 ms'."""
+        """Human form for logs and cards, e.g. '1.5 ms' or 'arch S1'."""
+        if self.kind == "arch":
+            return f"arch {self.name}"
         return f"{_plain_number(self.value)} {'ms' if self.kind == 'latency' else 'MFLOPs'}"
 
     def to_dict(self) -> dict[str, object]:
-        return {"kind": self.kind, "value": self.value, "label": self.label, "unit": self.unit}
+        d: dict[str, object] = {"kind": self.kind, "value": self.value, "label": self.label, "unit": self.unit}
+        if self.kind == "arch":
+            d["name"] = self.name
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> Budget:
         kind = data["kind"]
-        if kind not in ("latency", "flops"):
-            raise ValueError(f"budget kind {kind!r}; accepted: 'latency', 'flops'")
-        return cls(kind, float(data["value"]))  # type: ignore[arg-type]
+        if kind not in ("latency", "flops", "arch"):
+            raise ValueError(f"budget kind {kind!r}; accepted: 'latency', 'flops', 'arch'")
+        return cls(kind, float(data["value"]), str(data.get("name", "")))  # type: ignore[arg-type]
 
 
 def device_budgets(budgets_ms: Sequence[float], flops_budgets_m: Sequence[float]) -> list[Budget]:
