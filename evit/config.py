@@ -126,9 +126,10 @@ class TrainParams(_Section):
         if isinstance(data, dict) and "teacher" in data:
             data = dict(data)
             one = data.pop("teacher")
-            if "teachers" in data and one is not None:
+            if data.get("teachers") and one is not None:
                 raise ValueError("give train.teachers (a list) or train.teacher, not both")
-            data.setdefault("teachers", [] if one is None else [one])
+            if one is not None or "teachers" not in data:
+                data["teachers"] = [] if one is None else [one]
         return data
 
     sampler: Literal["elastic", "complexity", "uniform"] = "elastic"
