@@ -172,3 +172,9 @@ def test_fixed_archs_and_teachers_are_checked_up_front() -> None:
     assert [t.model for t in p.train.teachers] == ["resnet18"]
     assert parse_params({"train": {"teachers": [{"model": "resnet18"}]}}).train.teachers[0].weights is None
     assert parse_params({"train": {"teacher": None}}).train.teachers == []
+
+
+def test_cli_export_arch_rejects_a_bad_name_before_loading_anything(tiny_params) -> None:
+    tiny_params()
+    bad = runner.invoke(app, ["export", "-d", "cpu-1t", "--arch", "T9"])
+    assert bad.exit_code == 2 and "neither a released model" in bad.output and "Traceback" not in bad.output
