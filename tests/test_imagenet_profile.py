@@ -66,7 +66,8 @@ def test_imagenet_profile_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
     assert result["space"]["flops_convention"] == "reference"
     by_label = {b["label"]: b for b in result["budgets"]}
     assert by_label["t1"]["key"] == RELEASED["T1"].arch.key and by_label["s1"]["fixed"]
-    assert by_label["t1"]["flops_m"] == pytest.approx(62.915, abs=0.001)
+    # the paper's 62.915 M at 1000 classes; this data has 3 (the classifier: 1984 x 997 MACs fewer)
+    assert by_label["t1"]["flops_m"] == pytest.approx(62.915 - 1984 * 997 / 1e6, abs=0.001)
     flops_budgets = [b for b in result["budgets"] if b["budget"]["kind"] == "flops" and b["feasible"]]
     assert flops_budgets and all(b["flops_m"] <= b["budget"]["value"] for b in flops_budgets)
 
