@@ -85,5 +85,5 @@ def test_imagenet_profile_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
 
     model = exported["model_name"]
     fetched = _run(["fetch", f"{model}@t2", "--format", "onnx", "--out", str(tmp_path / "fetched"), *base])
-    assert fetched["arch_key"] == RELEASED["T2"].arch.key
+    assert fetched["card"]["arch_key"] == RELEASED["T2"].arch.key and "t2" in fetched["aliases"]
     assert (tmp_path / "fetched" / "model.onnx").stat().st_size > 0
