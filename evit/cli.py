@@ -27,6 +27,10 @@ arch_app = typer.Typer(help="Inspect architectures and search spaces.", no_args_
 app.add_typer(arch_app, name="arch")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (default: params.yaml or $EVIT_PARAMS)")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE|FILE.yaml",
+    help="override params (repeatable): KEY=VALUE (e.g. train.epochs=2, devices.cpu-4t.repeats=5) or a YAML "
+         "file merged on top; also read from $EVIT_OVERRIDES (one item per line)")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -49,17 +53,28 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _params(path: Path) -> Any:
-    from evit.config import load_params
+def _params(path: Path, overrides: list[str] | None = None, *, to_children: bool = False) -> Any:
+    """Validated params with the `--set` overrides on top (after $EVIT_OVERRIDES).
 
-    return load_params(path)
+    `to_children`: also put the overrides into $EVIT_OVERRIDES, for commands whose work runs
+    in other processes that load params themselves (pipeline: Prefect tasks, dvc, torchrun).
+    """
+    from evit.config import OVERRIDES_ENV, load_params, override_items
+
+    items = [str(Path(o).resolve()) if "=" not in o and Path(o).is_file() else o for o in overrides or []]
+    if to_children and items:
+        os.environ[OVERRIDES_ENV] = "\n".join(override_items(items))
+        return load_params(path)
+    return load_params(path, items)
 
 
-def _record_hand_run(kind: str, params_path: Path, device: str | None = None) -> None:
+def _record_hand_run(kind: str, params_path: Path, device: str | None = None, *,
+                     overrides: list[str] | None = None) -> None:
     """Record a stage run by hand in dvc.lock, as `evit pipeline` and `dvc repro` do, so that
     neither later overwrites what it produced. Only when this run is exactly the stage that
     dvc.yaml declares: run from the project root, with the params file dvc.yaml was rendered
     from; not under `dvc repro` (DVC records it) nor inside the pipeline's torchrun."""
+    from evit.config import OVERRIDES_ENV
     from flows import dvcfile, dvcrepo
 
     if os.environ.get("DVC_STAGE") or os.environ.get(dvcrepo.PIPELINE_ENV) or os.environ.get("RANK", "0") != "0":
@@ -69,6 +84,11 @@ def _record_hand_run(kind: str, params_path: Path, device: str | None = None) ->
         return
 
     name = dvcfile.stage_name(kind, device)
+    if overrides or os.environ.get(OVERRIDES_ENV):
+        logging.getLogger("evit").warning(
+            "%s: not recorded in dvc.lock: it ran with --set/$%s overrides that dvc.yaml does not declare; "
+            "write lasting changes into %s", name, OVERRIDES_ENV, params_path)
+        return
     if dvcfile.render(_params(params_path), params_path.name, root) != (root / "dvc.yaml").read_text(encoding="utf-8"):
         logging.getLogger("evit").warning(
             "%s: not recorded in dvc.lock: dvc.yaml declares another params file, devices or paths; "
@@ -91,29 +111,60 @@ def _main() -> None:
 
 @app.command()
 @_friendly
-def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
+def prepare(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Prepare the dataset: stratified train/search/val uint8 shards + manifest under data.out_dir."""
     from evit import stages
 
-    out = stages.prepare(_params(params))
-    _record_hand_run("prepare", params)
+    out = stages.prepare(_params(params, overrides))
+    _record_hand_run("prepare", params, overrides=overrides)
     _echo_json(out)
+
+
+@arch_app.command("list")
+@_friendly
+def arch_list() -> None:
+    """The paper's released models (usable by name in `arch info`, `export --arch`, search.fixed_archs)."""
+    from evit import flops
+    from evit.released import RELEASED, RELEASED_SPACE
+    from evit.space import get_space
+
+    sp = get_space(RELEASED_SPACE)
+    rows = []
+    for m in RELEASED.values():
+        f = flops.flops_by_convention(m.arch, sp)
+        rows.append({"name": m.name, "key": m.arch.key, "resolution": m.arch.resolution,
+                     "paper_flops_m": m.reference_flops_m, "flops_reference_m": round(f["reference"], 4),
+                     "flops_true_m": round(f["true"], 4), "params_m": round(flops.params_m(m.arch, sp), 4)})
+    _echo_json({"space": RELEASED_SPACE, "models": rows})
 
 
 @arch_app.command("info")
 @_friendly
 def arch_info(
-    arch_json: Annotated[Path | None, typer.Argument(help="arch JSON file")] = None,
-    space: Annotated[str, typer.Option(help="search space preset: cpu or imagenet")] = "cpu",
+    arch: Annotated[str | None, typer.Argument(help="a released model name (`evit arch list`) or an arch JSON file")]
+    = None,
+    space: Annotated[str | None, typer.Option(
+        help="search space preset: cpu or imagenet (default: --params's, imagenet for a released name, else cpu)")]
+    = None,
+    convention: Annotated[str | None, typer.Option(
+        help="FLOPs convention of `flops_m`: true or reference (default: --params's space.flops_convention, "
+             "else true); both are always printed as flops_true_m and flops_reference_m")] = None,
     num_classes: Annotated[int | None, typer.Option(help="classifier width (default: the preset's)")] = None,
     supernet: Annotated[bool, typer.Option("--supernet", help="report the supernet's parameter count")] = False,
+    params: Annotated[Path | None, typer.Option("--params", "-p", help="take space and convention from this "
+                                                                         "params file")] = None,
+    overrides: SetOpt = None,
 ) -> None:
-    """Print FLOPs (MMACs) and params of an architecture, or of the whole supernet."""
+    """Print FLOPs (MMACs, both conventions) and params of an architecture, or of the whole supernet."""
     from evit import flops
-    from evit.arch import Arch
+    from evit.released import released, resolve_arch
     from evit.space import get_space
 
-    sp = get_space(space, num_classes=num_classes)
+    p = _params(params, overrides) if params is not None else None
+    named = released(arch) if arch else None
+    preset = space or (p.space.preset if p else None) or ("imagenet" if named else "cpu")
+    conv = convention or (p.space.flops_convention if p else None) or "true"
+    sp = get_space(preset, p.space.levels if p else None, p.space.tolerance if p else None, num_classes, conv)
     if supernet:
         from evit.nn.supernet import Supernet
 
@@ -121,16 +172,21 @@ def arch_info(
         _echo_json({"space": sp.name, "num_classes": sp.num_classes,
                     "supernet_params": sum(p.numel() for p in net.parameters()),
                     "supernet_params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3),
-                    "flops_range_m": list(flops.flops_range(sp))})
+                    "flops_convention": sp.flops_convention, "flops_range_m": list(flops.flops_range(sp))})
         return
-    if arch_json is None:
-        raise UserError("give an ARCH.json file, or --supernet")
-    if not arch_json.is_file():
-        raise UserError(f"arch file {str(arch_json)!r} not found")
-    arch = sp.validate(Arch.from_json(arch_json.read_text()))
-    cost = flops.count(arch, sp)
-    _echo_json({"arch": arch.to_dict(), "key": arch.key, "flops_m": round(cost.flops_m, 4),
-                "params_m": round(cost.params_m, 4), "level": sp.level_of(cost.flops_m)})
+    if arch is None:
+        raise UserError("give a released model name (`evit arch list`), an ARCH.json file, or --supernet")
+    name, a = resolve_arch(arch)
+    a = sp.validate(a)
+    cost = flops.count(a, sp)
+    both = flops.flops_by_convention(a, sp)
+    out = {"arch": a.to_dict(), "key": a.key, "space": sp.name, "flops_convention": sp.flops_convention,
+           "flops_m": round(cost.flops_m, 4), "flops_true_m": round(both["true"], 4),
+           "flops_reference_m": round(both["reference"], 4), "params_m": round(cost.params_m, 4),
+           "level": sp.level_of(cost.flops_m)}
+    if named is not None:
+        out.update(name=named.name, paper_flops_m=named.reference_flops_m)
+    _echo_json(out)
 
 
 DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="device name from params.yaml `devices:`")]
@@ -141,47 +197,48 @@ DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="device name from
 def train(
     params: ParamsOpt = Path("params.yaml"),
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore models/last.pt and start over")] = False,
+    overrides: SetOpt = None,
 ) -> None:
     """Train the weight-sharing supernet with the configured sampler (resumes by default)."""
     from evit import stages
 
-    out = stages.train(_params(params), resume=not fresh)
-    _record_hand_run("train", params)
+    out = stages.train(_params(params, overrides), resume=not fresh)
+    _record_hand_run("train", params, overrides=overrides)
     _echo_json(out)
 
 
 @app.command()
 @_friendly
-def ablate(params: ParamsOpt = Path("params.yaml")) -> None:
+def ablate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Train the same budget with each sampler and seed; compare accuracy per FLOPs level."""
     from evit import stages
 
-    _echo_json(stages.ablate(_params(params)))
+    _echo_json(stages.ablate(_params(params, overrides)))
 
 
-def _device_stage(stage: str, device: str, params_path: Path) -> None:
+def _device_stage(stage: str, device: str, params_path: Path, overrides: list[str] | None = None) -> None:
     """Validate params and the device name up front, then run one per-device stage."""
     from evit import stages
 
-    p = _params(params_path)
+    p = _params(params_path, overrides)
     p.device(device)
     out = getattr(stages, stage)(p, device)
-    _record_hand_run(stage, params_path, device)
+    _record_hand_run(stage, params_path, device, overrides=overrides)
     _echo_json(out)
 
 
 @app.command()
 @_friendly
-def lut(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+def lut(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Build (or resume) the latency lookup table of one device and validate it."""
-    _device_stage("lut", device, params)
+    _device_stage("lut", device, params, overrides)
 
 
 @app.command()
 @_friendly
-def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
-    """Evolutionary search of the best subnet per latency budget of one device."""
-    _device_stage("search", device, params)
+def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Evolutionary search of the best subnet per latency budget of one device (+ search.fixed_archs)."""
+    _device_stage("search", device, params, overrides)
 
 
 @app.command()
@@ -192,16 +249,27 @@ def export(
     register_only: Annotated[bool, typer.Option(
         "--register-only", help="export nothing; register the already exported subnets the registry lacks "
                                 "(a new MLflow server, a wiped database)")] = False,
+    arch: Annotated[list[str] | None, typer.Option(
+        "--arch", help="export this architecture instead of the search result (repeatable): a released "
+                       "model name (`evit arch list`) or an arch JSON file; added beside the searched ones")] = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Export the chosen subnets of one device (ONNX, safetensors, card) and register them."""
-    if not register_only:
-        _device_stage("export", device, params)
-        return
-    from evit.registry import restore_registrations
+    if register_only:
+        from evit.registry import restore_registrations
 
-    p = _params(params)
+        p = _params(params, overrides)
+        p.device(device)
+        _echo_json({"device": device, "registered_again": restore_registrations(p, device)})
+        return
+    if not arch:
+        _device_stage("export", device, params, overrides)
+        return
+    from evit import stages
+
+    p = _params(params, overrides)
     p.device(device)
-    _echo_json({"device": device, "registered_again": restore_registrations(p, device)})
+    _echo_json(stages.export(p, device, archs=arch))
 
 
 @app.command()
@@ -212,11 +280,12 @@ def fetch(
     out: Annotated[Path, typer.Option("--out", help="directory to write the model files to")] = Path("fetched"),
     params: ParamsOpt = Path("params.yaml"),
     card: Annotated[bool, typer.Option("--card", help="print the full card and file list as JSON")] = False,
+    overrides: SetOpt = None,
 ) -> None:
     """Download a registered model, verify its files against the recorded hashes, print a summary."""
     from evit.registry import fetch_model, fetch_report
 
-    summary = fetch_model(_params(params), ref, fmt, out)
+    summary = fetch_model(_params(params, overrides), ref, fmt, out)
     if card:
         _echo_json(summary)
     else:
@@ -251,11 +320,12 @@ def pipeline(
         "--device", "-d", help="run the per-device stages for these devices only (repeatable)")] = None,
     force: Annotated[list[str] | None, typer.Option(
         "--force", help="rerun these stage kinds even when cached (repeatable), e.g. --force prepare")] = None,
+    overrides: SetOpt = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits."""
     from flows.pipeline import run_pipeline, subnets_table
 
-    _params(params)  # validate before Prefect starts
+    _params(params, overrides, to_children=True)  # validate before Prefect starts (and pass the overrides on)
     summary = run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None)
     _echo_json(summary)  # stdout: the machine-readable summary; the table below is for people (stderr)
     typer.echo(f"\nChosen subnets ({len(summary['ran'])} stage(s) ran, {len(summary['cached'])} cached):\n"
@@ -264,11 +334,11 @@ def pipeline(
 
 @app.command()
 @_friendly
-def serve(params: ParamsOpt = Path("params.yaml")) -> None:
+def serve(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Serve the scheduled deployments (nightly re-search, weekly retraining) on this machine."""
     from flows.deploy import serve_deployments
 
-    _params(params)
+    _params(params, overrides, to_children=True)
     serve_deployments(str(params))
 
 

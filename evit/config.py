@@ -109,6 +109,12 @@ class SpaceParams(_Section):
     levels: list[Annotated[float, Field(gt=0)]] | None = None
     """FLOPs levels in MMACs; None takes the preset's."""
     tolerance: Annotated[float, Field(gt=0)] | None = None
+    flops_convention: Literal["true", "reference"] = "true"
+    """How FLOPs are counted for levels, budgets and reports. true: every multiply-accumulate
+    of the real forward pass (hook-exact). reference: the paper's reference counter (no SE
+    and no shortcut conv in the transformer stages' downsampling block, 1 MAC per element
+    for the depthwise conv on V, the downsampling expand conv taken at 2x its output side),
+    so that "level 200" and the released models' figures mean what they mean in the paper."""
 
     @field_validator("levels")
     @classmethod
@@ -131,12 +137,26 @@ class SpaceParams(_Section):
 
 class TeacherParams(_Section):
     model: str
-    """Any timm model name; weights come from `weights` (nothing is downloaded)."""
-    weights: str
+    """Any timm model name (e.g. swsl_resnext101_32x4d, the paper's)."""
+    weights: str | None = None
+    """A local state_dict file; None downloads timm's pretrained weights from the hub (online)."""
     temperature: Annotated[float, Field(gt=0)] = 1.0
 
 
 class TrainParams(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _single_teacher(cls, data: Any) -> Any:
+        """`teacher: {...}` (one teacher, the older spelling) is `teachers: [{...}]`."""
+        if isinstance(data, dict) and "teacher" in data:
+            data = dict(data)
+            one = data.pop("teacher")
+            if data.get("teachers") and one is not None:
+                raise ValueError("give train.teachers (a list) or train.teacher, not both")
+            if one is not None or "teachers" not in data:
+                data["teachers"] = [] if one is None else [one]
+        return data
+
     sampler: Literal["elastic", "complexity", "uniform"] = "elastic"
     out_dir: str = "models"
     epochs: PosInt = 8
@@ -158,7 +178,10 @@ class TrainParams(_Section):
     alpha_min: float = -1.0
     alpha_max: float = 1.0
     alpha_clip: Annotated[float, Field(gt=0)] = 5.0
-    teacher: TeacherParams | None = None
+    teachers: list[TeacherParams] = []
+    """Teachers of the level subnets, their softmax(logits / temperature) averaged (the paper:
+    swsl_resnext101_32x4d + _32x8d at 0.2). Empty: hard labels. Checked before training: a
+    teacher that cannot be loaded, or predicts another number of classes, is an error."""
     # performance-aware sampling
     bank_capacity: PosInt = 30
     exploit_p_start: Annotated[float, Field(ge=0, le=1)] = 0.2
@@ -180,6 +203,9 @@ class TrainParams(_Section):
     """None: one pass over the train split per epoch."""
     checkpoint_every: PosInt = 50
     eval_every_epochs: PosInt = 1
+    eval_subnets: Literal["min", "min+draw"] = "min+draw"
+    """Validation subnets of the final report: each level's min subnet, plus one fixed seeded
+    draw per level (min+draw). Every epoch evaluates the min subnets only."""
     bn_calib_batches: PosInt = 4
     workers: NonNegInt = 0
     threads: PosInt | None = None
@@ -295,6 +321,10 @@ class SearchParams(_Section):
     bn_calib_batches: PosInt = 2
     eval_batch_size: PosInt = 256
     seed: int = 0
+    fixed_archs: list[str] = []
+    """Architectures exported and registered beside the searched ones, for every device, without
+    searching: released model names (T1, T2, S1, S2, M, L1, L1.5, L2, L3; `evit arch list`) or
+    arch JSON files. Each is evaluated on val and gets a card and an alias named after it."""
 
     @model_validator(mode="after")
     def _sizes(self) -> SearchParams:
@@ -369,6 +399,28 @@ class Params(_Section):
             raise ValueError(f"device names must be unique; repeated: {dups}")
         return v
 
+    @model_validator(mode="after")
+    def _fixed_archs(self) -> Params:
+        """Every `search.fixed_archs` entry resolves and lies in the configured space (checked up front)."""
+        if not self.search.fixed_archs:
+            return self
+        from evit.released import arch_label, resolve_arch
+        from evit.space import get_space
+
+        space = get_space(self.space.preset)
+        labels: dict[str, str] = {}
+        for spec in self.search.fixed_archs:
+            try:
+                name, arch = resolve_arch(spec)
+                space.validate(arch)
+            except UserError as exc:
+                raise ValueError(f"search.fixed_archs entry {spec!r}: {exc}") from None
+            label = arch_label(name)
+            if label in labels:
+                raise ValueError(f"search.fixed_archs: {labels[label]!r} and {spec!r} share the label {label!r}")
+            labels[label] = spec
+        return self
+
     def device(self, name: str) -> DeviceParams:
         for d in self.devices:
             if d.name == name:
@@ -416,6 +468,9 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "literal_error":
             msg = msg.replace("Input should be", "accepted:")
+        if not loc:  # a check across sections: the message names the keys itself
+            lines.append(f"  - {msg.removeprefix('Value error, ')}")
+            continue
         value = "" if err["type"] == "missing" else f" = {inp!r}"
         lines.append(f"  - {loc}{value}: {msg}")
     return "\n".join(lines)
@@ -432,8 +487,81 @@ def parse_params(data: Any, source: str = "params") -> Params:
         raise ConfigError(_format_errors(exc, source)) from None
 
 
-def load_params(path: str | os.PathLike[str] | None = None) -> Params:
-    """Read and validate params.yaml (or `path`); errors name key, value and what is accepted."""
+OVERRIDES_ENV = "EVIT_OVERRIDES"
+"""Override items applied on top of every params file loaded, one per line (a YAML file or
+KEY=VALUE). The CLI's `--set` appends to it, so `dvc`, torchrun and Prefect task processes
+started from that command load the same settings."""
+
+
+def _merge(base: Any, over: Any, where: str) -> Any:
+    """`over` merged into `base`: mappings key by key, a mapping onto a list of named entries
+    (`devices`) entry by name, anything else replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(base[k], v, f"{where}.{k}" if where else str(k)) if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(over, dict) and all(isinstance(e, dict) and "name" in e for e in base):
+        names = [e["name"] for e in base]
+        unknown = sorted(set(over) - set(names))
+        if unknown:
+            raise ConfigError(f"override of {where}: no entry named {unknown}; entries: {names}")
+        return [_merge(e, over[e["name"]], f"{where}.{e['name']}") if e["name"] in over else e for e in base]
+    return over
+
+
+def _item_to_mapping(item: str) -> tuple[Any, str]:
+    """One override item -> (nested mapping, description): `a.b=VALUE` (VALUE parsed as YAML) or a YAML file."""
+    key, eq, value = item.partition("=")
+    if eq and key.strip() and not Path(item).is_file():
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        parts = [p for p in key.strip().split(".")]
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, e.g. train.epochs=2")
+        out: Any = parsed
+        for part in reversed(parts):
+            out = {part: out}
+        return out, f"--set {key.strip()}"
+    path = Path(item)
+    if not path.is_file():
+        raise ConfigError(f"override {item!r} is neither KEY=VALUE (e.g. train.epochs=2) nor an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an override file is a mapping of sections, got {type(data).__name__}")
+    return data, str(path)
+
+
+def override_items(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The override items in force: those of $EVIT_OVERRIDES, then `extra`."""
+    env = [line.strip() for line in os.environ.get(OVERRIDES_ENV, "").splitlines() if line.strip()]
+    return env + [x for x in extra if x.strip()]
+
+
+def apply_overrides(data: dict[str, Any], items: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+    """`data` with every override item merged on top, in order; also the items' descriptions."""
+    described = []
+    for item in items:
+        mapping, desc = _item_to_mapping(item)
+        data = _merge(data, mapping, "")
+        described.append(desc)
+    return data, described
+
+
+def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read and validate params.yaml (or `path`); errors name key, value and what is accepted.
+
+    Override items ($EVIT_OVERRIDES, then `overrides`: YAML files or KEY=VALUE) are merged on
+    top before validation, so a budget profile (`tests/data/imagenet-smoke.yaml`) or a
+    one-off `--set train.epochs=2` is checked like the file itself.
+    """
     path = Path(path or os.environ.get("EVIT_PARAMS", DEFAULT_PARAMS))
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} not found (pass --params PATH or run from the project root)")
@@ -441,4 +569,13 @@ def load_params(path: str | os.PathLike[str] | None = None) -> Params:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_params(data, str(path))
+    items = override_items(tuple(overrides))
+    source = str(path)
+    if items:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        data, described = apply_overrides(data, items)
+        source = " + ".join([source, *described])
+    return parse_params(data, source)

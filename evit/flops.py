@@ -12,6 +12,23 @@ Convention (documented once, used by sampling, training levels, search and repor
 - Params: every `nn.Parameter` of the extracted static subnet, including norms and the
   relative-position-bias table cropped to the subnet's token map ((2H-1)^2 per head).
 
+Two conventions, chosen per space (`SearchSpace.flops_convention`, params
+`space.flops_convention`); both come from this one counter and the same blocks:
+- "true" (default): the rules above, i.e. exactly the MACs of the real forward pass.
+- "reference": what the paper's reference implementation (microsoft/Moonlit, ElasticViT)
+  counts, so that FLOPs levels, budgets and the released models' figures (T1 62.915 ...
+  L3 815.399 MMACs) mean the paper's numbers. It differs from "true" in four rules, all
+  about the transformer stages:
+  1. the squeeze-excite of a transformer stage's downsampling MBConv is not counted (the
+     SE of MBConv stage 2 is);
+  2. the 1x1 shortcut conv of that downsampling block is not counted (the strided blocks
+     of the MBConv stages keep theirs);
+  3. the 3x3 depthwise conv on V costs 1 MAC per output element (N * dv), not 9;
+  4. the downsampling block's expand conv is counted at an input side of stride x its
+     output side, which overcounts where the input side is odd (160, 176, 224 px).
+  Everything else is identical; `tests/test_flops_reference.py` checks the nine released
+  models and a hook-based count of random subnets under these rules.
+
 `tests/test_flops_hooks.py` checks these numbers, block by block, against forward hooks on
 the real static modules (`evit.nn.static`).
 
@@ -27,7 +44,7 @@ and `head_cost` expose the exact integer parts (used by `evit.level_sampler`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from operator import attrgetter
 
@@ -62,6 +79,9 @@ class Block:
     head_width: int = 0
     se_reduction: int = 4
     variant: str = "default"
+    downsample: bool = field(default=False, compare=False)
+    """The downsampling MBConv that opens a transformer stage. Only the "reference" FLOPs
+    convention reads it; it takes no part in equality, order or `key` (LUT entries)."""
 
     @property
     def key(self) -> str:
@@ -110,23 +130,31 @@ def has_shortcut_conv(b: Block) -> bool:
 
 # --- per-block costs ---------------------------------------------------------------------
 
-def block_flops(b: Block) -> int:
-    """MACs of one block under the convention above."""
+def block_flops(b: Block, convention: str = "true") -> int:
+    """MACs of one block under `convention` ("true" or "reference", see the module docstring)."""
+    ref = convention == "reference"
+    if not ref and convention != "true":
+        raise ValueError(f"unknown FLOPs convention {convention!r}; accepted: ['true', 'reference']")
     if b.kind == "first_conv":
         ho = b.h_out
         return 3 * b.c_out * 9 * ho * ho
     if b.kind == "mbconv":
         hi, ho = b.h, b.h_out
         mid = mbconv_mid(b.c_in, b.expansion)
+        ref_ds = ref and b.downsample
+        if ref_ds:
+            hi = b.stride * ho  # rule 4
         f = 0
         if b.expansion != 1:
             f += b.c_in * mid * hi * hi
         f += mid * b.kernel * b.kernel * ho * ho
-        if b.se:
+        if b.se and not ref_ds:  # rule 1
             rd = se_channels(mid, b.se_reduction)
             f += 2 * mid * rd
         f += mid * b.c_out * ho * ho
-        if has_shortcut_conv(b):
+        # rule 2; the reference counter also charges a 1x1 shortcut conv to every strided
+        # MBConv-stage block, even where its own module pools instead (equal widths)
+        if ((b.c_in != b.c_out or b.stride != 1) if ref else has_shortcut_conv(b)) and not ref_ds:
             f += b.c_in * b.c_out * ho * ho
         return f
     if b.kind == "attn":
@@ -136,7 +164,7 @@ def block_flops(b: Block) -> int:
         dv = heads * b.head_dim * b.v_scale
         qk = heads * b.head_dim
         f = n * w * (2 * qk + dv)  # qkv projection (a reference block holds the same rows, laid out otherwise)
-        f += dv * 9 * n  # depthwise 3x3 on V
+        f += dv * (1 if ref else 9) * n  # depthwise 3x3 on V (rule 3)
         f += heads * n * n * b.head_dim  # Q.K^T
         f += heads * n * n  # softmax
         f += heads * n * n * b.head_dim * b.v_scale  # A.V
@@ -203,7 +231,7 @@ def stage_blocks(ss: StageSpace, h: int, c_in: int, stage: Stage, head_dim: int,
             h = out_side(h, stride)
         return tuple(blocks)
     ds = Block("mbconv", h, c_in, stage.width, expansion=ds_expansion, kernel=3, stride=ss.stride, se=True,
-               se_reduction=se_reduction, variant=ss.variant)
+               se_reduction=se_reduction, variant=ss.variant, downsample=True)
     blocks.append(ds)
     h = ds.h_out
     for _ in range(stage.depth):
@@ -277,8 +305,8 @@ def prefix_blocks(space: SearchSpace, resolution: int, stem: Stem) -> list[Block
     return [first, *([stem_block] * stem.depth)]
 
 
-def _sum_costs(blocks: Sequence[Block]) -> _Pair:
-    return sum(block_flops(b) for b in blocks), sum(block_params(b) for b in blocks)
+def _sum_costs(blocks: Sequence[Block], convention: str = "true") -> _Pair:
+    return sum(block_flops(b, convention) for b in blocks), sum(block_params(b) for b in blocks)
 
 
 class _CostTables:
@@ -290,11 +318,12 @@ class _CostTables:
     `macs` reads MAC-only dicts (no pair to unpack); both are filled together.
     """
 
-    __slots__ = ("space", "sides", "prefix", "prefix_f", "stages", "stages_f", "head", "head_f", "is_mb",
+    __slots__ = ("space", "convention", "sides", "prefix", "prefix_f", "stages", "stages_f", "head", "head_f", "is_mb",
                  "choice_of", "prefix_ok", "per_layer")
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
+        self.convention = space.flops_convention
         self.sides: dict[int, list[int]] = {}
         self.prefix: dict[tuple[int, ...], _Pair] = {}
         self.prefix_f: dict[tuple[int, ...], int] = {}
@@ -330,7 +359,8 @@ class _CostTables:
         key = (resolution, width, depth, kernel)
         v = self.prefix.get(key)
         if v is None:
-            v = self.prefix[key] = _sum_costs(prefix_blocks(self.space, resolution, Stem(width, depth, kernel)))
+            blocks = prefix_blocks(self.space, resolution, Stem(width, depth, kernel))
+            v = self.prefix[key] = _sum_costs(blocks, self.convention)
             self.prefix_f[key] = v[0]
         return v
 
@@ -346,7 +376,7 @@ class _CostTables:
         key = (resolution, c)
         v = self.head.get(key)
         if v is None:
-            v = self.head[key] = _sum_costs([_head(self.space, self.side_list(resolution)[-1], c)])
+            v = self.head[key] = _sum_costs([_head(self.space, self.side_list(resolution)[-1], c)], self.convention)
             self.head_f[key] = v[0]
         return v
 
@@ -382,7 +412,7 @@ class _CostTables:
 
         if self.prefix_ok[index] is False:
             for d in depths:
-                put(d, _sum_costs(self._blocks(index, resolution, c_in, replace(stage, depth=d))))
+                put(d, _sum_costs(self._blocks(index, resolution, c_in, replace(stage, depth=d)), self.convention))
             return
         deepest = self._blocks(index, resolution, c_in, replace(stage, depth=hi))
         n_lo = len(deepest) - (hi - lo) * self.per_layer[index]
@@ -395,13 +425,13 @@ class _CostTables:
             self.per_layer[index] = per_layer
             if not ok:
                 for d, b in zip(depths, shallow):
-                    put(d, _sum_costs(b))
+                    put(d, _sum_costs(b, self.convention))
                 return
             n_lo = len(shallow[0])
         f = p = 0
         sums = [(0, 0)]
         for b in deepest:
-            f += block_flops(b)
+            f += block_flops(b, self.convention)
             p += block_params(b)
             sums.append((f, p))
         for d in depths:
@@ -515,6 +545,13 @@ def flops_many(archs: Iterable[Arch], space: SearchSpace) -> np.ndarray:
 
 def flops_m(arch: Arch, space: SearchSpace) -> float:
     return cost_tables(space).macs(arch) / 1e6
+
+
+def flops_by_convention(arch: Arch, space: SearchSpace) -> dict[str, float]:
+    """FLOPs (MMACs) of `arch` under every convention: {"true": ..., "reference": ...}."""
+    from evit.space import FLOPS_CONVENTIONS
+
+    return {c: flops_m(arch, space.with_convention(c)) for c in FLOPS_CONVENTIONS}
 
 
 def params_m(arch: Arch, space: SearchSpace) -> float:

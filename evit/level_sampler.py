@@ -139,7 +139,7 @@ class LevelSampler:
             names = list(ss.choices())
             all_choices.append([ss.make(**dict(zip(names, vals)))
                                 for vals in itertools.product(*ss.choices().values())])
-        # input widths of every stage (the stem's for stage 0, whose width is not tied to it)
+        # input widths of every stage (the stem's for stage 0); widths never decrease from the stem on
         self._in_widths = [tuple(sp.stem_widths)] + [tuple(ss.widths) for ss in sp.stages[:-1]]
         self._stems = [Stem(w, d, k) for w in sp.stem_widths for d in sp.stem_depths for k in sp.stem_kernels]
         # per resolution: _cands[r][i][ci] (the last stage's costs include the head), _cum[r][i] =
@@ -160,7 +160,7 @@ class LevelSampler:
                     cum_r[i] = _cumulative(nxt).ravel()
                 cur = np.zeros((len(self._in_widths[i]), K))
                 for ci, c in enumerate(self._in_widths[i]):
-                    sts = [st for st in all_choices[i] if i == 0 or st.width >= c]
+                    sts = [st for st in all_choices[i] if st.width >= c]
                     costs = np.array([t.stage_cost(i, r, c, st)[0] for st in sts], dtype=np.int64)
                     cout = np.array([widx[st.width] for st in sts], dtype=np.int64)
                     if last:
@@ -598,7 +598,7 @@ class _Fields:
         return out
 
     def _widths_ok(self, idx: list[int]) -> bool:
-        prev = 0
+        prev = self.values[1][idx[1]]  # the stem's width
         pos = 4
         for names in self.stage_fields:
             w = self.values[pos][idx[pos]]

@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 from evit.config import Params
 from evit.errors import RegistryError
 from evit.io import read_json, sha256_file, sha256_json, write_text_atomic
+from evit.space import NON_STRUCTURAL
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def content_hash(card: dict[str, Any]) -> str:
     """Identity of the model itself: architecture, weights and space (not budget, not timings)."""
     weights = card.get("weights_sha256") or card["files"]["model.safetensors"]
     return sha256_json({"arch": card["arch"], "weights": weights,
-                        "space": {k: v for k, v in card["space"].items() if k not in ("levels", "tolerance")}})
+                        "space": {k: v for k, v in card["space"].items() if k not in NON_STRUCTURAL}})
 
 
 def card_tags(card: dict[str, Any], card_files: dict[str, str]) -> dict[str, str]:

@@ -7,11 +7,16 @@ small inputs, four stages, what the embedded default trains on 2 cores).
 
 Choices of ours where the paper is silent:
 - The "width never smaller than the previous stage's" rule applies between consecutive
-  stages; the stem is not a stage and is not constrained against stage 1.
+  stages and, as in the reference implementation, between the stem and MBConv stage 1
+  (in the `imagenet` space a 24-wide stem needs stage 1 at 24 or 32; in `cpu` the rule
+  never binds there).
 - `uniform` means uniform over the valid space: every field is drawn uniformly and the
   whole draw is rejected while the width rule fails (cheap: acceptance is > 30%).
 - `mutate` and `crossover` repair a width-rule violation by re-drawing (bounded tries),
   so they always return a valid arch.
+
+Each space also names its FLOPs convention (`flops_convention`: "true" MACs or the
+paper's "reference" counting), which `evit.flops` applies; see there.
 
 Drawing inside a FLOPs level and each level's "min" subnet need the FLOPs counter, so
 they live in `evit.level_sampler.LevelSampler` (`sample(level, rng)`, `min_arch(level)`).
@@ -28,6 +33,12 @@ from evit.arch import Arch, ArchError, MBStage, Stage, Stem, ViTStage
 
 _MAX_TRIES = 1000
 VARIANTS = ("default", "reference")
+
+FlopsConvention = Literal["true", "reference"]
+FLOPS_CONVENTIONS: tuple[str, ...] = ("true", "reference")
+"""true: every MAC of the real forward pass (hook-exact). reference: the counting of the
+paper's reference implementation, so that FLOPs levels and budgets mean the paper's
+numbers (rules in `evit.flops`)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,8 @@ class SearchSpace:
     and forward of the paper's released supernet (`evit.nn.reference`, built by
     `evit.reference_space`), so its checkpoint imports exactly. Same arch type, sampler,
     FLOPs counter, LUTs, search and export for both."""
+    flops_convention: FlopsConvention = "true"
+    """How `evit.flops` counts this space's FLOPs (levels, budgets, reports); not structural."""
     max_kernel: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,7 +145,7 @@ class SearchSpace:
                 f"arch.stages has {len(arch.stages)} stages; the '{self.name}' space has "
                 f"{len(self.stages)} ({', '.join(s.kind for s in self.stages)})"
             )
-        prev_width = 0
+        prev_width = arch.stem.width
         for i, (stage, ss) in enumerate(zip(arch.stages, self.stages)):
             where = f"arch.stages[{i}]"
             if stage.kind != ss.kind:
@@ -140,9 +153,10 @@ class SearchSpace:
             for name, allowed in ss.choices().items():
                 check(f"{where}.{name}", getattr(stage, name), allowed)
             if stage.width < prev_width:
+                before = "the stem's" if i == 0 else "the previous stage's"
                 raise ArchError(
-                    f"{where}.width = {stage.width} is smaller than the previous stage's width "
-                    f"{prev_width}; widths must not decrease from stage to stage"
+                    f"{where}.width = {stage.width} is smaller than {before} width "
+                    f"{prev_width}; widths must not decrease from the stem on"
                 )
             prev_width = stage.width
         return arch
@@ -155,7 +169,10 @@ class SearchSpace:
         return True
 
     @staticmethod
-    def widths_ok(stages: Sequence[Stage]) -> bool:
+    def widths_ok(stages: Sequence[Stage], stem_width: int = 0) -> bool:
+        """Widths never decrease from the stem (width `stem_width`) through the stages."""
+        if stages and stages[0].width < stem_width:
+            return False
         return all(b.width >= a.width for a, b in zip(stages, stages[1:]))
 
     # --- extremes -------------------------------------------------------------------------
@@ -172,12 +189,21 @@ class SearchSpace:
 
     # --- sampling primitives (all seeded through the `rng` argument) ------------------------
     def sample_uniform(self, rng: random.Random) -> Arch:
-        stem = Stem(rng.choice(self.stem_widths), rng.choice(self.stem_depths), rng.choice(self.stem_kernels))
+        def draw_stem() -> Stem:
+            return Stem(rng.choice(self.stem_widths), rng.choice(self.stem_depths), rng.choice(self.stem_kernels))
+
+        stem = draw_stem()
         resolution = rng.choice(self.resolutions)
         for _ in range(_MAX_TRIES):
             stages = tuple(ss.make(**{k: rng.choice(v) for k, v in ss.choices().items()}) for ss in self.stages)
-            if self.widths_ok(stages):
+            if not self.widths_ok(stages):
+                continue  # independent of the stem: keep it
+            if stages[0].width >= stem.width:
                 return Arch(resolution, stem, stages)
+            # stem wider than stage 1: reject the pair, draw both again. Still uniform over the
+            # valid space (stem uniform x stages uniform over the monotone ones, pairs rejected),
+            # and the same random stream as before wherever the stem never binds (cpu space).
+            stem = draw_stem()
         raise RuntimeError(f"space '{self.name}': no width-monotone draw in {_MAX_TRIES} tries")
 
     def mutate(self, arch: Arch, rng: random.Random, prob: float = 0.2, depth_prob: float = 0.4) -> Arch:
@@ -199,7 +225,7 @@ class SearchSpace:
                 })
                 for st, ss in zip(arch.stages, self.stages)
             )
-            if self.widths_ok(stages):
+            if self.widths_ok(stages, stem.width):
                 return Arch(resolution, stem, stages)
         return arch
 
@@ -215,7 +241,7 @@ class SearchSpace:
                 ss.make(**{k: pick(getattr(sa, k), getattr(sb, k)) for k in ss.choices()})
                 for sa, sb, ss in zip(a.stages, b.stages, self.stages)
             )
-            if self.widths_ok(stages):
+            if self.widths_ok(stages, stem.width):
                 return Arch(pick(a.resolution, b.resolution), stem, stages)
         return a
 
@@ -253,14 +279,25 @@ class SearchSpace:
             "levels": list(self.levels),
             "tolerance": self.tolerance,
             "num_classes": self.num_classes,
+            "flops_convention": self.flops_convention,
         }
 
     def structure_dict(self) -> dict[str, Any]:
-        """`to_dict` without the levels: what decides whether weights/LUTs are compatible."""
+        """`to_dict` without levels and FLOPs convention: what decides whether weights/LUTs are compatible."""
         d = self.to_dict()
-        d.pop("levels")
-        d.pop("tolerance")
+        for k in NON_STRUCTURAL:
+            d.pop(k, None)
         return d
+
+    def with_convention(self, convention: str) -> SearchSpace:
+        """This space counted under another FLOPs convention (same structure, same weights)."""
+        if convention not in FLOPS_CONVENTIONS:
+            raise ArchError(f"unknown FLOPs convention {convention!r}; accepted: {list(FLOPS_CONVENTIONS)}")
+        return self if convention == self.flops_convention else replace(self, flops_convention=convention)
+
+
+NON_STRUCTURAL = ("levels", "tolerance", "flops_convention")
+"""`to_dict` keys that change how subnets are grouped and counted, not the weights."""
 
 
 def _r(lo: int, hi: int, step: int) -> tuple[int, ...]:
@@ -319,8 +356,9 @@ def get_space(
     levels: Sequence[int] | None = None,
     tolerance: float | None = None,
     num_classes: int | None = None,
+    flops_convention: str | None = None,
 ) -> SearchSpace:
-    """A preset by name, optionally with its FLOPs levels/tolerance/classes overridden."""
+    """A preset by name, optionally with its FLOPs levels/tolerance/classes/convention overridden."""
     try:
         space = PRESETS[name]
     except KeyError:
@@ -329,6 +367,8 @@ def get_space(
         space = space.with_levels(levels if levels is not None else space.levels, tolerance)
     if num_classes is not None:
         space = space.with_classes(num_classes)
+    if flops_convention is not None:
+        space = space.with_convention(flops_convention)
     return space
 
 
@@ -345,5 +385,5 @@ def space_from_params(space_params: object, num_classes: int | None = None) -> S
         space = load_reference_space(sp.reference_config, num_classes=num_classes)
         if sp.levels is not None or sp.tolerance is not None:
             space = space.with_levels(sp.levels if sp.levels is not None else space.levels, sp.tolerance)
-        return space
-    return get_space(sp.preset, sp.levels, sp.tolerance, num_classes)
+        return space.with_convention(sp.flops_convention)
+    return get_space(sp.preset, sp.levels, sp.tolerance, num_classes, sp.flops_convention)

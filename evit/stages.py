@@ -49,8 +49,8 @@ def search(params: Params, device: str) -> dict[str, Any]:
     return search_device(params, device)
 
 
-def export(params: Params, device: str) -> dict[str, Any]:
-    """Chosen subnets -> ONNX / safetensors / model card, registered in MLflow."""
+def export(params: Params, device: str, archs: list[str] | None = None) -> dict[str, Any]:
+    """Chosen subnets (or the named `archs`) -> ONNX / safetensors / model card, registered in MLflow."""
     from evit.export.stage import export_device
 
-    return export_device(params, device)
+    return export_device(params, device, archs=archs)

@@ -173,12 +173,16 @@ def test_decreasing_width_is_rejected_naming_both_widths() -> None:
         IMAGENET.validate(Arch.from_dict(data))
     msg = str(info.value)
     assert "arch.stages[5].width = 176" in msg and "208" in msg and "must not decrease" in msg
-    # equal widths are fine, and the stem is not a stage: stage 1 may be narrower than it
+    # equal widths are fine; as in the reference, stage 1 may not be narrower than the stem
     data["stages"][5]["width"] = 208
     IMAGENET.validate(Arch.from_dict(data))
     narrow = _mutated(["stem", "width"], 24)
     narrow["stages"][0]["width"] = 16
     narrow["stages"][1]["width"] = 16
+    with pytest.raises(ArchError, match=r"arch.stages\[0\].width = 16 is smaller than the stem's width 24"):
+        IMAGENET.validate(Arch.from_dict(narrow))
+    narrow["stages"][0]["width"] = 24
+    narrow["stages"][1]["width"] = 24
     IMAGENET.validate(Arch.from_dict(narrow))
 
 

@@ -127,3 +127,54 @@ def test_cli_unknown_device(tiny_params) -> None:
     result, text = _cli(["lut", "--device", "pixel-9", "--params", str(path)])
     assert result.exit_code == 2
     assert "pixel-9" in text and "cpu-1t" in text
+
+
+# --- overrides (--set KEY=VALUE | FILE, $EVIT_OVERRIDES) ---------------------------------------
+
+def test_overrides_merge_files_keys_and_devices_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EVIT_OVERRIDES", raising=False)
+    profile = REPO / "params.imagenet.yaml"
+    p = load_params(profile, [str(REPO / "params.smoke.yaml"), "train.epochs=3", "data.source=/data/tiny"])
+    assert p.train.epochs == 3 and p.train.steps_per_epoch == 2 and p.data.source == "/data/tiny"
+    cpu4 = p.device("cpu-4t")
+    assert cpu4.lut_mode == "sampled" and cpu4.budgets_ms == [10.0, 20.0, 40.0]  # merged by name: others kept
+    assert [d.name for d in p.devices] == ["gpu-bf16", "cpu-4t", "pixel6"]
+    assert p.space.flops_convention == "reference" and p.train.lr == 0.001  # not a budget knob: untouched
+    monkeypatch.setenv("EVIT_OVERRIDES", "train.epochs=5\nsearch.generations=2")
+    p = load_params(profile, ["train.epochs=7"])  # the environment first, then the explicit items
+    assert (p.train.epochs, p.search.generations) == (7, 2)
+    monkeypatch.delenv("EVIT_OVERRIDES")
+    with pytest.raises(ConfigError, match=r"(?s)--set train.epochs.*train.epochs = 0"):
+        load_params(profile, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"no entry named \['cpu-9t'\]"):
+        load_params(profile, ["devices.cpu-9t.repeats=3"])
+    with pytest.raises(ConfigError, match="neither KEY=VALUE"):
+        load_params(profile, [str(tmp_path / "missing.yaml")])
+
+
+def test_cli_set_reaches_the_stage_and_bad_override_is_one_line(tiny_params) -> None:
+    tiny_params()
+    out = runner.invoke(app, ["arch", "info", "T1", "-p", "params.yaml", "--set", "space.preset=imagenet",
+                              "--set", "space.flops_convention=reference"])
+    assert out.exit_code == 0, out.output
+    assert '"flops_m": 62.9151' in out.output
+    bad = runner.invoke(app, ["prepare", "--set", "data.shard_size=-1"])
+    assert bad.exit_code == 2 and "data.shard_size" in bad.output and "Traceback" not in bad.output
+
+
+def test_fixed_archs_and_teachers_are_checked_up_front() -> None:
+    assert "outside the 'cpu' space" in _error({"search": {"fixed_archs": ["T1"]}})
+    assert "neither a released model" in _error({"space": {"preset": "imagenet"}, "search": {"fixed_archs": ["T7"]}})
+    p = parse_params({"space": {"preset": "imagenet"}, "search": {"fixed_archs": ["T1", "l1.5"]}})
+    assert p.search.fixed_archs == ["T1", "l1.5"]
+    # one teacher (the older spelling) is a list of one; weights null means the hub
+    p = parse_params({"train": {"teacher": {"model": "resnet18", "weights": "/w.pth"}}})
+    assert [t.model for t in p.train.teachers] == ["resnet18"]
+    assert parse_params({"train": {"teachers": [{"model": "resnet18"}]}}).train.teachers[0].weights is None
+    assert parse_params({"train": {"teacher": None}}).train.teachers == []
+
+
+def test_cli_export_arch_rejects_a_bad_name_before_loading_anything(tiny_params) -> None:
+    tiny_params()
+    bad = runner.invoke(app, ["export", "-d", "cpu-1t", "--arch", "T9"])
+    assert bad.exit_code == 2 and "neither a released model" in bad.output and "Traceback" not in bad.output

@@ -118,3 +118,28 @@ def test_teacher_loads_local_timm_weights_and_rejects_bad_ones(tmp_path) -> None
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_teacher(TeacherParams(model="test_resnet", weights=str(tmp_path / "junk.pth")), 10)
+
+
+def test_teachers_are_averaged_and_a_class_mismatch_is_named(tmp_path) -> None:
+    import timm
+
+    from evit.train.losses import load_teachers
+
+    a = timm.create_model("test_resnet", pretrained=False, num_classes=10)
+    b = timm.create_model("test_efficientnet", pretrained=False, num_classes=10)
+    torch.save(a.state_dict(), tmp_path / "a.pth")
+    torch.save(b.state_dict(), tmp_path / "b.pth")
+    both = load_teachers([TeacherParams(model="test_resnet", weights=str(tmp_path / "a.pth"), temperature=0.2),
+                          TeacherParams(model="test_efficientnet", weights=str(tmp_path / "b.pth"), temperature=2.0)],
+                         10)
+    x = torch.randn(2, 3, 32, 32)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        want = (torch.softmax(a(x) / 0.2, -1) + torch.softmax(b(x) / 2.0, -1)) / 2
+    assert torch.allclose(both.probs(x), want, atol=1e-6)
+    assert load_teachers([], 10) is None
+    with pytest.raises(CheckpointError, match="predicts 10 classes, the data has 3"):
+        load_teachers([TeacherParams(model="test_resnet", weights=str(tmp_path / "a.pth"))], 3)
+    with pytest.raises(ConfigError, match=r"train.teachers\[1\].weights .* does not exist"):
+        load_teachers([TeacherParams(model="test_resnet", weights=str(tmp_path / "a.pth")),
+                       TeacherParams(model="test_resnet", weights=str(tmp_path / "nope.pth"))], 10)

@@ -115,6 +115,8 @@ def test_budgets_and_labels() -> None:
     b = device_budgets([1.5, 3.0, 1.50], [12.0])
     assert [x.label for x in b] == ["1_5ms", "3ms", "12mflops"]
     assert Budget.from_dict(b[0].to_dict()) == b[0]
+    fixed = Budget("arch", 618.78, "L1.5")
+    assert (fixed.label, fixed.text) == ("l1_5", "arch L1.5") and Budget.from_dict(fixed.to_dict()) == fixed
 
 
 def test_match_level_maps_a_budget_to_the_bank_that_fits() -> None:

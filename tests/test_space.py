@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from evit import flops
-from evit.arch import Arch, ArchError, MBStage, ViTStage
+from evit.arch import Arch, ArchError, MBStage, Stem, ViTStage
 from evit.cli import app
 from evit.level_sampler import LevelSampler
 from evit.space import CPU, IMAGENET, PRESETS, SearchSpace, get_space
@@ -165,6 +165,24 @@ def test_mutation_redraws_choices_at_the_spec_rates() -> None:
     assert all(k == base for k in custom)
 
 
+def test_widths_never_decrease_from_the_stem_in_sampling_mutation_crossover_and_validation() -> None:
+    """The reference's rule: MBConv stage 1 is never narrower than the stem (imagenet: stem 24 -> 24/32)."""
+    space = IMAGENET
+    bad = replace(space.largest(), stem=Stem(24, 1, 3))
+    bad = replace(bad, stages=(replace(bad.stages[0], width=16), *bad.stages[1:]))
+    with pytest.raises(ArchError, match="smaller than the stem's width 24"):
+        space.validate(bad)
+    rng = random.Random(0)
+    draws = [space.sample_uniform(rng) for _ in range(400)]
+    assert any(a.stem.width == 24 for a in draws)
+    assert all(a.stages[0].width >= a.stem.width for a in draws)
+    wide = space.largest()  # stem 24
+    for _ in range(300):
+        m = space.mutate(wide, rng, prob=0.6, depth_prob=0.6)
+        c = space.crossover(space.smallest(), m, rng)
+        assert m.stages[0].width >= m.stem.width and c.stages[0].width >= c.stem.width
+
+
 def test_crossover_takes_each_field_from_either_parent() -> None:
     space, n = IMAGENET, 1500
     a, b = space.smallest(), space.largest()
@@ -176,7 +194,7 @@ def test_crossover_takes_each_field_from_either_parent() -> None:
     for name in fa:
         vals = Counter(f[name] for f in kid_fields)
         assert set(vals) <= {fa[name], fb[name]}
-        if not (name.startswith("stages") and name.endswith(".width")):  # widths: repaired by re-draw
+        if not name.endswith(".width"):  # widths (the stem's too): repaired by re-draw
             assert abs(vals[fa[name]] / n - 0.5) < 0.05, name
     assert space.crossover(a, a, rng) == a
 

@@ -108,6 +108,7 @@ def space_from_dict(d: dict[str, Any]) -> SearchSpace:
         head_dim=d["head_dim"], ds_expansion=d["ds_expansion"], se_reduction=d["se_reduction"],
         levels=tuple(d.get("levels", ())), tolerance=d.get("tolerance", 10.0), num_classes=d["num_classes"],
         variant=d.get("variant", "default"),
+        flops_convention=d.get("flops_convention", "true"),
     )
 
 

@@ -156,6 +156,8 @@ def build_card(
 
 def _budget_text(budget: dict[str, Any]) -> str:
     value = budget["value"]
+    if budget["kind"] == "arch":
+        return f"arch {budget.get('name') or budget['label']}"
     return f"{value:g} ms" if budget["kind"] == "latency" else f"{value:g} MFLOPs"
 
 
@@ -168,8 +170,12 @@ def export_result(
     *,
     supernet_sha256: str,
     out_root: Path,
+    merge_index: bool = False,
 ) -> list[dict[str, Any]]:
     """Export every feasible budget of a search `result` (the parsed result.json).
+
+    `merge_index` keeps the entries of `index.json` that this result does not replace (used by
+    `evit export --arch`, which adds models beside the searched ones).
 
     The exported weights are the BN-calibrated static subnet (evit.search.fitness), checked
     to reproduce the search's val top-1 before anything is written.
@@ -215,15 +221,27 @@ def export_result(
         log.info("exported %s %s -> %s (val top-1 %.4f, %.3f ms measured)", device, entry["label"], folder,
                  val, entry["measured_latency_ms"])
         exported.append({"label": entry["label"], "folder": str(folder), "card": full})
-    index = {"device": device, "model_name": name,
-             "subnets": [{"label": e["label"], "folder": e["folder"], "arch_key": e["card"]["arch_key"],
-                          "files": e["card"]["files"]} for e in exported]}
+    entries = [{"label": e["label"], "folder": e["folder"], "arch_key": e["card"]["arch_key"],
+                "files": e["card"]["files"]} for e in exported]
+    index_path = out_root / "index.json"
+    if merge_index and index_path.is_file():
+        new = {e["label"] for e in entries}
+        entries = [e for e in read_json(index_path).get("subnets", []) if e.get("label") not in new] + entries
+    index = {"device": device, "model_name": name, "subnets": entries}
     write_json_atomic(out_root / "index.json", index)
     return exported
 
 
-def export_device(params: Params, device: str, *, register: bool | None = None) -> dict[str, Any]:
-    """Stage entry point (evit.stages.export). `register` overrides `export.register_model`."""
+def export_device(params: Params, device: str, *, register: bool | None = None,
+                  archs: list[str] | None = None) -> dict[str, Any]:
+    """Stage entry point (evit.stages.export). `register` overrides `export.register_model`.
+
+    `archs` (released names or arch JSON files; `evit export --arch`): export and register
+    those architectures instead of the search result, evaluated the same way (search and val
+    top-1, predicted and measured latency), beside the models already exported.
+    """
+    if archs:
+        return _export_fixed(params, device, archs, register)
     from evit.data.loader import PreparedData
     from evit.latency.spaces import space_for
     from evit.train.checkpoint import load_supernet
@@ -245,6 +263,29 @@ def export_device(params: Params, device: str, *, register: bool | None = None) 
     out_root = paths.export_dir(params, device)
     exported = export_result(params, device, result, supernet.eval(), data, supernet_sha256=ckpt_sha,
                              out_root=out_root)
+    return _register_and_report(params, device, exported, register)
+
+
+def _export_fixed(params: Params, device: str, archs: list[str], register: bool | None) -> dict[str, Any]:
+    """`evit export --arch`: evaluate the named archs like search winners, export them beside the others."""
+    from evit.released import resolve_arch
+    from evit.search.stage import load_inputs, run_device_search
+
+    params.device(device)
+    for spec in archs:  # fail on a bad name before loading anything
+        resolve_arch(spec)
+    inputs = load_inputs(params, device)
+    for spec in archs:
+        inputs.space.validate(resolve_arch(spec)[1])
+    result = run_device_search(params, inputs, paths.search_dir(params, device), fixed_archs=archs, search=False)
+    exported = export_result(params, device, result, inputs.supernet.eval(), inputs.data,
+                             supernet_sha256=inputs.sources["checkpoint_sha256"],
+                             out_root=paths.export_dir(params, device), merge_index=True)
+    return _register_and_report(params, device, exported, register, merge_metrics=True)
+
+
+def _register_and_report(params: Params, device: str, exported: list[dict[str, Any]],
+                         register: bool | None, merge_metrics: bool = False) -> dict[str, Any]:
     registered: list[dict[str, Any]] = []
     if params.export.register_model if register is None else register:
         from evit.registry import register_export
@@ -252,7 +293,12 @@ def export_device(params: Params, device: str, *, register: bool | None = None) 
         for e in exported:
             registered.append(register_export(params, Path(e["folder"])))
     metrics = export_metrics(exported, registered)
-    write_json_atomic(paths.export_metrics_path(device), metrics)
+    metrics_path = paths.export_metrics_path(device)
+    if merge_metrics and metrics_path.is_file():  # keep the searched models' entries
+        old = read_json(metrics_path)
+        merged = {k: {**old.get(k, {}), **metrics[k]} for k in ("budgets", "registered")}
+        metrics = {**merged, "exported": len(merged["budgets"])}
+    write_json_atomic(metrics_path, metrics)
     return {"device": device, "model_name": params.export.model_name.format(device=device),
             "exported": [e["folder"] for e in exported], "registered": registered, "metrics": metrics}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -263,18 +264,49 @@ def final_evaluation(inputs: SearchInputs, params: Params,
     return out, runner.describe()
 
 
-def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path) -> dict[str, Any]:
-    """Search every budget of `inputs.device`, evaluate the winners, write all outputs."""
+def fixed_arch_summaries(inputs: SearchInputs, specs: Sequence[str], costs: _Costs, cache: FitnessCache,
+                         fitness: Any) -> tuple[list[dict[str, Any]], dict[str, tuple[Arch, float]]]:
+    """Result entries for fixed architectures (released names or arch JSON files), not searched.
+
+    Each is scored like a search candidate (top-1 on `search`, cached) so that its entry has
+    exactly the fields of a searched budget's and export/registry treat it the same way.
+    """
+    from evit.released import resolve_arch
+
+    summaries: list[dict[str, Any]] = []
+    chosen: dict[str, tuple[Arch, float]] = {}
+    for spec in specs:
+        name, arch = resolve_arch(spec)
+        arch = inputs.space.validate(arch)
+        budget = Budget("arch", costs.cost(arch).flops_m, name)
+        top1 = cache.evaluate(arch, fitness)
+        cache.flush()
+        log.info("fixed arch %s (%s): search top-1 %.4f", name, arch.key, top1)
+        summaries.append({"budget": budget.to_dict(), "label": budget.label, "feasible": True, "fixed": True})
+        chosen[budget.label] = (arch, top1)
+    return summaries, chosen
+
+
+def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path,
+                      fixed_archs: Sequence[str] | None = None, *, search: bool = True) -> dict[str, Any]:
+    """Search every budget of `inputs.device`, add the fixed archs, evaluate the winners, write all outputs.
+
+    `fixed_archs` defaults to `search.fixed_archs`; `search=False` skips the budgets (only the
+    fixed archs: what `evit export --arch` uses).
+    """
     dev = inputs.device
-    budgets = device_budgets(dev.budgets_ms, params.search.flops_budgets_m)
-    if not budgets:
+    fixed = list(params.search.fixed_archs if fixed_archs is None else fixed_archs)
+    budgets = device_budgets(dev.budgets_ms, params.search.flops_budgets_m) if search else []
+    if not budgets and not fixed:
         raise SearchError(
             f"device {dev.name!r} has no budgets: set devices[name={dev.name}].budgets_ms and/or "
-            "search.flops_budgets_m in params.yaml (e.g. budgets_ms: [1.5, 3.0])"
+            "search.flops_budgets_m (or search.fixed_archs) in params.yaml (e.g. budgets_ms: [1.5, 3.0])"
         )
     t0 = time.perf_counter()
     settings = EvolutionSettings.from_params(params.search)
-    cache = FitnessCache(out_dir / CACHE_FILE, inputs.fitness_context)
+    # `evit export --arch` must not touch the search stage's outputs (DVC tracks them)
+    cache_dir = out_dir if search else Path(tempfile.mkdtemp(prefix="evit-fixed-"))
+    cache = FitnessCache(cache_dir / CACHE_FILE, inputs.fitness_context)
     costs = _Costs(inputs.space, inputs.predictor)
     fitness = _fitness_fn(inputs, params)
 
@@ -285,24 +317,32 @@ def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path) -> di
         summaries.append(summary)
         if result is not None:
             results[budget.label] = result
-    if not results:
+    chosen = {label: (r.best, r.best_fitness) for label, r in results.items()}
+    fixed_summaries, fixed_chosen = fixed_arch_summaries(inputs, fixed, costs, cache, fitness)
+    clash = sorted(set(fixed_chosen) & {s["label"] for s in summaries})
+    if clash:
+        raise SearchError(f"search.fixed_archs: label(s) {clash} collide with budget labels; rename the arch files")
+    summaries += fixed_summaries
+    chosen.update(fixed_chosen)
+    if not chosen:
         reasons = "; ".join(f"{s['label']}: {s['reason']}" for s in summaries)
         raise SearchError(f"every budget of device {dev.name!r} is infeasible ({reasons}); raise the budgets")
 
-    final, device_description = final_evaluation(inputs, params, [r.best for r in results.values()])
+    final, device_description = final_evaluation(inputs, params, [a for a, _ in chosen.values()])
     for s in summaries:
-        r = results.get(s["label"])
-        if r is None:
+        hit = chosen.get(s["label"])
+        if hit is None:
             continue
-        c = costs.cost(r.best)
-        s.update(arch=r.best.to_dict(), key=r.best.key, search_top1=r.best_fitness,
-                 predicted_latency_ms=costs.latency_many([r.best])[0], flops_m=c.flops_m, params_m=c.params_m,
-                 **final[r.best])
+        arch, top1 = hit
+        c = costs.cost(arch)
+        s.update(arch=arch.to_dict(), key=arch.key, search_top1=top1,
+                 predicted_latency_ms=costs.latency_many([arch])[0], flops_m=c.flops_m, params_m=c.params_m,
+                 **final[arch])
 
     population = _population(results, costs)
     front = pareto_front(population, x="latency_ms", y="top1")
-    chosen = [{"label": s["label"], "latency_ms": s["predicted_latency_ms"], "top1": s["search_top1"]}
-              for s in summaries if s.get("feasible")]
+    plotted = [{"label": s["label"], "latency_ms": s["predicted_latency_ms"], "top1": s["search_top1"]}
+               for s in summaries if s.get("feasible")]
     seconds = time.perf_counter() - t0
     result_doc = {
         "device": dev.name,
@@ -316,10 +356,12 @@ def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path) -> di
         "cache": cache.stats(),
         "seconds": round(seconds, 2),
     }
+    if not search:  # evit export --arch: the entries only, the search's own files stay as they are
+        return result_doc
     write_json_atomic(out_dir / POPULATION_FILE, {"device": dev.name, "subnets": population})
     write_json_atomic(out_dir / PARETO_FILE, {"device": dev.name, "x": "latency_ms", "y": "top1", "front": front})
     write_json_atomic(out_dir / RESULT_FILE, result_doc)
-    _write_plots(params, dev.name, population, front, chosen, [b.value for b in budgets if b.kind == "latency"])
+    _write_plots(params, dev.name, population, front, plotted, [b.value for b in budgets if b.kind == "latency"])
     metrics = _metrics(summaries, cache, seconds)
     write_json_atomic(paths.search_metrics_path(dev.name), headline_metrics(metrics))
     return {"device": dev.name, "result": str(out_dir / RESULT_FILE), "metrics": metrics}

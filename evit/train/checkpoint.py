@@ -31,7 +31,7 @@ import torch
 from evit.arch import Arch
 from evit.errors import CheckpointError
 from evit.io import atomic_path, sha256_json
-from evit.space import SearchSpace, get_space
+from evit.space import NON_STRUCTURAL, SearchSpace, get_space
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ def space_from_dict(d: dict[str, Any]) -> SearchSpace:
 
         return plain_space_from_dict(d)
     space = get_space(str(d["name"]), levels=list(d.get("levels") or []) or None, tolerance=d.get("tolerance"),
+                      flops_convention=d.get("flops_convention"),
                       num_classes=int(d["num_classes"]))
-    if space.structure_dict() != {k: v for k, v in d.items() if k not in ("levels", "tolerance")}:
+    if space.structure_dict() != {k: v for k, v in d.items() if k not in NON_STRUCTURAL}:
         raise CheckpointError(f"the checkpoint's search space '{d['name']}' differs from this version's preset "
                               "of that name; it was written by an incompatible evit version")
     return space
@@ -99,7 +100,7 @@ def space_from_dict(d: dict[str, Any]) -> SearchSpace:
 
 def check_space(found: dict[str, Any], space: SearchSpace, path: Path) -> None:
     want = space.structure_dict()
-    got = {k: v for k, v in found.items() if k not in ("levels", "tolerance")}
+    got = {k: v for k, v in found.items() if k not in NON_STRUCTURAL}
     if got != want:
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         raise CheckpointError(

@@ -84,8 +84,8 @@ class FitResult:
     step_log: Path | None = None
 
 
-def fixed_eval_archs(space: SearchSpace, seed: int) -> dict[str, Arch]:
-    """The subnets of the final report: per level its min arch and one fixed seeded draw.
+def fixed_eval_archs(space: SearchSpace, seed: int, draws: bool = True) -> dict[str, Arch]:
+    """The subnets of the final report: per level its min arch and (`draws`) one fixed seeded draw.
 
     Every epoch (and to choose between EMA and raw weights) only the min archs are
     evaluated ("level<i>/min"), to keep the per-epoch cost at one subnet per level.
@@ -100,7 +100,8 @@ def fixed_eval_archs(space: SearchSpace, seed: int) -> dict[str, Arch]:
     out: dict[str, Arch] = {}
     for lv in range(len(space.levels)):
         out[f"level{lv}/min"] = ls.min_arch(lv)
-        out[f"level{lv}/draw"] = ls.sample(lv, random.Random(f"evit-eval-arch:{seed}:{lv}"))
+        if draws:
+            out[f"level{lv}/draw"] = ls.sample(lv, random.Random(f"evit-eval-arch:{seed}:{lv}"))
     return out
 
 
@@ -157,6 +158,10 @@ class Trainer:
         self.space = space_from_params(params.space, self.data.num_classes)
         self.data_hash = str(self.data.content_hash)
         self.params_hash = ckpt_mod.params_hash(params, self.data_hash)
+        # teachers first: a teacher that cannot load fails before anything else is built
+        from evit.train.losses import load_teachers
+
+        teacher = load_teachers(t.teachers, self.space.num_classes)
 
         _seed_everything(t.seed)
         self.module = build_supernet(self.space, drop_path=t.drop_path).to(self.device)
@@ -201,11 +206,8 @@ class Trainer:
 
         self.sampler: SubnetSampler = make_sampler(t.sampler, self.space, t.seed, self.total_steps,
                                                    settings_from_params(t))
-        teacher = None
-        if t.teacher is not None:
-            from evit.train.losses import load_teacher
-
-            teacher = load_teacher(t.teacher, self.space.num_classes).to(self.device)
+        if teacher is not None:
+            teacher = teacher.to(self.device)
             if self.channels_last:
                 teacher = teacher.to(memory_format=torch.channels_last)
         self.model: nn.Module = self.module
@@ -219,7 +221,7 @@ class Trainer:
         self.runner = StepRunner(self.model, self.space, cfg, self.device, teacher=teacher,
                                  mixup=make_mixup(t.mixup_alpha, t.label_smoothing, self.space.num_classes),
                                  scaler=self.scaler)
-        self.report_archs = fixed_eval_archs(self.space, t.seed)
+        self.report_archs = fixed_eval_archs(self.space, t.seed, draws=t.eval_subnets == "min+draw")
         self.eval_archs = {k: a for k, a in self.report_archs.items() if not k.endswith("/draw")}
         self.mlflow_run_id = mlflow_run_id
         self.step = 0

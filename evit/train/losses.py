@@ -3,7 +3,7 @@
 - Level subnets (and the largest of the sandwich rule): label-smoothed cross-entropy
   against the labels, soft-target cross-entropy against timm's mixup targets when mixup
   is on, or soft cross-entropy against a teacher's softmax(logits / T) when
-  `train.teacher` is configured.
+  `train.teachers` are configured (their probabilities averaged).
 - Distilled subnets (the level's min subnet; the sandwich rule's smaller subnets):
   AlphaNet's adaptive alpha-divergence against the detached mean prediction of the
   step's supervised subnets: alpha in {alpha_min, alpha_max}, per sample keep the
@@ -104,12 +104,25 @@ class AdaptiveAlphaDivergence(nn.Module):
 # --- teacher ---------------------------------------------------------------------------------------
 
 class Teacher(nn.Module):
-    """A frozen timm classifier; `probs(x)` = softmax(logits / temperature)."""
+    """Frozen timm classifiers; `probs(x)` = the mean over them of softmax(logits_i / T_i).
 
-    def __init__(self, model: nn.Module, temperature: float) -> None:
+    One teacher is the common case; the paper averages two (swsl_resnext101_32x4d and
+    _32x8d at temperature 0.2), which is what a list in `train.teachers` gives.
+    """
+
+    def __init__(self, model: nn.Module | list[nn.Module], temperature: float | list[float]) -> None:
         super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.temperature = temperature
+        models = model if isinstance(model, list) else [model]
+        temps = temperature if isinstance(temperature, list) else [temperature] * len(models)
+        if len(temps) != len(models) or not models:
+            raise ValueError("one temperature per teacher model")
+        self.models = nn.ModuleList(m.eval().requires_grad_(False) for m in models)
+        self.temperatures = [float(t) for t in temps]
+
+    @property
+    def model(self) -> nn.Module:
+        """The first (often only) teacher model."""
+        return self.models[0]
 
     def train(self, mode: bool = True) -> Teacher:  # always eval (BN/dropout frozen)
         super().train(False)
@@ -117,37 +130,82 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def probs(self, x: Tensor) -> Tensor:
-        return torch.softmax(self.model(x).float() / self.temperature, dim=-1)
+        out = None
+        for m, t in zip(self.models, self.temperatures):
+            p = torch.softmax(m(x).float() / t, dim=-1)
+            out = p if out is None else out + p
+        assert out is not None
+        return out / len(self.models)
 
 
-def load_teacher(teacher_params: Any, num_classes: int) -> Teacher:
-    """`train.teacher` -> a frozen timm model with local weights (nothing is downloaded).
+def _where(index: int | None) -> str:
+    return "train.teachers" if index is None else f"train.teachers[{index}]"
 
-    The weights file is a state_dict (optionally under a "state_dict", "model" or
-    "state_dict_ema" key), loaded with weights_only=True.
-    """
+
+def _teacher_model(teacher_params: Any, num_classes: int, where: str) -> nn.Module:
+    """One frozen timm model: local state_dict (`weights`) or the hub's pretrained weights (weights: null)."""
     import timm
 
-    name, weights = teacher_params.model, Path(teacher_params.weights)
+    name, weights = teacher_params.model, teacher_params.weights
+    if weights is None:  # online: timm's pretrained weights from the Hugging Face hub
+        try:
+            model = timm.create_model(name, pretrained=True)
+        except RuntimeError as exc:
+            raise ConfigError(f"{where}.model = {name!r} is not a timm model ({exc}); "
+                              "accepted: any name from timm.list_models()") from None
+        except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+            raise ConfigError(f"{where}: could not download the pretrained weights of {name!r} "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); offline, set {where}.weights to a "
+                              "local state_dict file") from None
+        got = getattr(model, "num_classes", None)
+        if got != num_classes:
+            raise ConfigError(f"{where}: the pretrained {name!r} predicts {got} classes but the data has "
+                              f"{num_classes}; give fine-tuned weights in {where}.weights")
+        return model
+    path = Path(weights)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     except RuntimeError as exc:
-        raise ConfigError(f"train.teacher.model = {name!r} is not a timm model ({exc}); "
+        raise ConfigError(f"{where}.model = {name!r} is not a timm model ({exc}); "
                           "accepted: any name from timm.list_models()") from None
-    if not weights.is_file():
-        raise ConfigError(f"train.teacher.weights = {str(weights)!r} does not exist; give a local "
-                          "state_dict file of the teacher (nothing is downloaded)")
+    if not path.is_file():
+        raise ConfigError(f"{where}.weights = {str(path)!r} does not exist; give a local "
+                          "state_dict file of the teacher, or weights: null to download the hub's")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for bad files
-        raise CheckpointError(f"teacher weights {str(weights)!r} are unreadable ({exc})") from None
+        raise CheckpointError(f"teacher weights {str(path)!r} are unreadable ({exc})") from None
     for key in ("state_dict_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
+    head = f"{model.pretrained_cfg.get('classifier', '')}.weight"
+    if isinstance(state, dict) and isinstance(state.get(head), torch.Tensor) and state[head].shape[0] != num_classes:
+        raise CheckpointError(f"teacher weights {str(path)!r} do not fit: {name!r} there predicts "
+                              f"{state[head].shape[0]} classes, the data has {num_classes}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"teacher weights {str(weights)!r} do not fit timm model {name!r} with "
+        raise CheckpointError(f"teacher weights {str(path)!r} do not fit timm model {name!r} with "
                               f"{num_classes} classes: {str(exc)[:500]}") from None
+    return model
+
+
+def load_teacher(teacher_params: Any, num_classes: int, index: int | None = None) -> Teacher:
+    """One `train.teachers` entry -> a frozen timm teacher (see `load_teachers`)."""
+    model = _teacher_model(teacher_params, num_classes, _where(index))
     return Teacher(model, teacher_params.temperature)
+
+
+def load_teachers(teachers: Any, num_classes: int) -> Teacher | None:
+    """`train.teachers` -> one averaging teacher, or None for an empty list.
+
+    Each entry is a timm model name with a local state_dict (`weights`, optionally under a
+    "state_dict", "model" or "state_dict_ema" key, loaded with weights_only=True) or, with
+    `weights: null`, timm's pretrained weights from the hub (online). Every teacher must
+    predict the data's classes; any problem is a ConfigError/CheckpointError naming the entry.
+    """
+    if not teachers:
+        return None
+    models = [_teacher_model(tp, num_classes, _where(i)) for i, tp in enumerate(teachers)]
+    return Teacher(models, [tp.temperature for tp in teachers])
