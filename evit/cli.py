@@ -8,12 +8,14 @@ code 2, never as a stack trace.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -31,17 +33,44 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _friendly(fn: F) -> F:
-    """Turn the errors a user can act on into one line on stderr and exit code 2."""
+    """Turn the errors a user can act on into one line on stderr and exit code 2, and a stop by
+    SIGTERM / SIGINT (`evit.cancel`) into one line and exit code 143 / 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from evit import cancel
+
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+        except cancel.Cancelled as exc:
+            typer.secho(f"stopped: {exc}", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.secho("stopped: interrupted", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(cancel.exit_code(cancel.requested() or signal.SIGINT)) from None
+        except Exception as exc:
+            if type(exc).__name__ != "TerminationSignal":  # Prefect's SIGTERM bridge in a flow
+                raise
+            typer.secho(f"stopped: {exc}", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(cancel.exit_code(getattr(exc, "signal", None) or signal.SIGTERM)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+NoWaitOpt = Annotated[bool, typer.Option(
+    "--no-wait", help="fail at once if another run holds this workspace, instead of waiting for it")]
+
+
+@contextlib.contextmanager
+def _writer(what: str, no_wait: bool) -> Iterator[None]:
+    """Hold this workspace (the current directory) while a stage writes into it."""
+    from evit.workspace import workspace_lock
+
+    with workspace_lock(Path.cwd(), what, wait=not no_wait):
+        yield
 
 
 def _setup_logging() -> None:
@@ -61,17 +90,22 @@ def _echo_json(obj: Any) -> None:
 
 @app.callback()
 def _main() -> None:
+    from evit import cancel
+
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _setup_logging()
+    cancel.install()
 
 
 @app.command()
 @_friendly
-def prepare(params: ParamsOpt = Path("params.yaml")) -> None:
+def prepare(params: ParamsOpt = Path("params.yaml"), no_wait: NoWaitOpt = False) -> None:
     """Prepare the dataset: stratified train/search/val uint8 shards + manifest under data.out_dir."""
     from evit import stages
 
-    out = stages.prepare(_params(params))
+    p = _params(params)
+    with _writer("evit prepare", no_wait):
+        out = stages.prepare(p)
     _echo_json(out)
 
 
@@ -116,50 +150,61 @@ DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="device name from
 def train(
     params: ParamsOpt = Path("params.yaml"),
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore models/last.pt and start over")] = False,
+    no_wait: NoWaitOpt = False,
 ) -> None:
-    """Train the weight-sharing supernet with the configured sampler (resumes by default)."""
+    """Train the weight-sharing supernet with the configured sampler (resumes by default).
+
+    SIGTERM / Ctrl-C stop it after the current step with a checkpoint of that step (exit 143 / 130)."""
     from evit import stages
 
-    _echo_json(stages.train(_params(params), resume=not fresh))
+    p = _params(params)
+    with _writer("evit train", no_wait):
+        out = stages.train(p, resume=not fresh)
+    _echo_json(out)
 
 
 @app.command()
 @_friendly
-def ablate(params: ParamsOpt = Path("params.yaml")) -> None:
+def ablate(params: ParamsOpt = Path("params.yaml"), no_wait: NoWaitOpt = False) -> None:
     """Train the same budget with each sampler and seed; compare accuracy per FLOPs level."""
     from evit import stages
 
-    _echo_json(stages.ablate(_params(params)))
+    p = _params(params)
+    with _writer("evit ablate", no_wait):
+        out = stages.ablate(p)
+    _echo_json(out)
 
 
-def _device_stage(stage: str, device: str, params_path: Path) -> None:
+def _device_stage(stage: str, device: str, params_path: Path, no_wait: bool = False) -> None:
     """Validate params and the device name up front, then run one per-device stage."""
     from evit import stages
 
     p = _params(params_path)
     p.device(device)
-    _echo_json(getattr(stages, stage)(p, device))
+    with _writer(f"evit {stage} -d {device}", no_wait):
+        out = getattr(stages, stage)(p, device)
+    _echo_json(out)
 
 
 @app.command()
 @_friendly
-def lut(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+def lut(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), no_wait: NoWaitOpt = False) -> None:
     """Build (or resume) the latency lookup table of one device and validate it."""
-    _device_stage("lut", device, params)
+    _device_stage("lut", device, params, no_wait)
 
 
 @app.command()
 @_friendly
-def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), no_wait: NoWaitOpt = False) -> None:
     """Evolutionary search of the best subnet per latency budget of one device."""
-    _device_stage("search", device, params)
+    _device_stage("search", device, params, no_wait)
 
 
 @app.command()
 @_friendly
-def export(device: DeviceOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+def export(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), no_wait: NoWaitOpt = False) -> None:
     """Export the chosen subnets of one device (ONNX, safetensors, card) and register them."""
-    _device_stage("export", device, params)
+    _device_stage("export", device, params, no_wait)
 
 
 @app.command()
@@ -186,12 +231,16 @@ def pipeline(
         "--device", "-d", help="run the per-device stages for these devices only (repeatable)")] = None,
     force: Annotated[list[str] | None, typer.Option(
         "--force", help="rerun these stage kinds even when cached (repeatable), e.g. --force prepare")] = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
-    """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits."""
-    from flows.pipeline import run_pipeline
+    """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits.
 
-    _params(params)  # validate before Prefect starts
-    _echo_json(run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None))
+    SIGTERM / Ctrl-C stop every running stage after its current step (exit 143 / 130)."""
+    from flows.pipeline import check_selection, run_pipeline
+
+    check_selection(_params(params), stage, device, force)  # before Prefect (or any server) starts
+    _echo_json(run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None,
+                            wait=not no_wait))
 
 
 @app.command()

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evit import paths
+from evit import cancel, paths
 from evit.arch import Arch
 from evit.config import DeviceParams, Params
 from evit.errors import LUTError
@@ -133,10 +133,9 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 def _progress(total: int, initial: int, desc: str, unit: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from evit.progress import Progress
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, mininterval=1.0,
-                dynamic_ncols=True, leave=False)
+    return Progress(total, desc, unit=unit, initial=initial, enabled=enabled, logger=log)
 
 
 def _block_item(b: Block, space: SearchSpace, batch: int, occurrence: int = 0) -> Item:
@@ -189,6 +188,7 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
         bar.update(n)
         done_here += n
         warned = warned or _eta_warning(device, t0, done_here, total - len(state.done))
+        cancel.check(f"lut@{device.name}: measured units are kept, re-run to resume")
 
     try:
         for r, count in enumerate(per_round):

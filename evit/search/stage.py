@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evit import flops, paths
+from evit import cancel, flops, paths
 from evit.arch import Arch
 from evit.config import DeviceParams, Params
 from evit.errors import CheckpointError, DataError, LUTError, UserError
@@ -205,8 +205,8 @@ def search_budget(
     progress = _progress(f"{inputs.device.name} {budget.text}", settings.generations + 1)
 
     def on_generation(st: GenerationStats) -> None:
-        progress.update(1)
-        progress.set_postfix(best=f"{st.best_fitness:.4f}", evaluated=st.evaluated)
+        progress.update(1, best=f"{st.best_fitness:.4f}", evaluated=st.evaluated)
+        cancel.check(f"search {inputs.device.name} {budget.text}: evaluated subnets are kept, re-run to resume")
         log.info("search %s %s: generation %d/%d, %d evaluated, best %.4f, top-k mean %.4f",
                  inputs.device.name, budget.text, st.generation, settings.generations, st.evaluated,
                  st.best_fitness, st.mean_top_k)
@@ -227,9 +227,10 @@ def search_budget(
 
 
 def _progress(desc: str, total: int):  # noqa: ANN202
-    from tqdm.auto import tqdm
+    from evit.progress import Progress
 
-    return tqdm(total=total, desc=f"search {desc}", unit="gen", leave=False, disable=None)
+    # the per-generation log line below already says it all when not on a terminal
+    return Progress(total, f"search {desc}", unit="gen", logger=log, min_interval_s=float("inf"))
 
 
 def _measurement_dict(m: Any) -> dict[str, Any]:
