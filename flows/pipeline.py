@@ -575,5 +575,7 @@ def run_pipeline(params_path: str = "params.yaml", *, stages: list[str] | None =
         state = pipeline_flow(params_path=params_path, stages=stages, devices=devices, force=force, wait=wait,
                               return_state=True)
     if state.is_cancelled():
-        raise cancel.Cancelled(cancel.requested() or signal.SIGTERM, f"(flow run {state.message})")
+        stop = cancel.Cancelled(cancel.requested() or signal.SIGTERM)
+        stop.args = (state.message or str(stop),)
+        raise stop
     return state.result()
