@@ -1,7 +1,7 @@
-"""One writer per workspace (`evit.workspace`), with real concurrent processes: a second
+"""Operations: one writer per workspace (`evit.workspace`), with real concurrent processes: a second
 writer waits naming the holder, or fails at once with --no-wait; the lock of a killed
 holder is taken over. (A real `evit pipeline` against `evit train --no-wait`:
-tests/test_cancel.py.)"""
+tests/test_cancel.py.) A bad `-d` fails before Prefect starts."""
 
 from __future__ import annotations
 
@@ -92,3 +92,14 @@ def _held_env() -> dict[str, str]:
     from evit.workspace import HELD_ENV
 
     return {HELD_ENV: os.environ[HELD_ENV]}
+
+
+def test_pipeline_unknown_device_fails_before_any_server(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("{}\n")
+    home = tmp_path / "prefect-home"
+    proc = subprocess.run([str(VENV_BIN / "evit"), "pipeline", "-d", "nosuch"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=clean_env({"PREFECT_HOME": str(home)}))
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown devices ['nosuch']; accepted: ['cpu-1t']" in proc.stderr
+    assert "Traceback" not in proc.stderr and "server" not in proc.stderr.lower()
+    assert not home.exists(), "Prefect was started"
