@@ -51,8 +51,8 @@ def _friendly(fn: F) -> F:
         except KeyboardInterrupt:
             typer.secho("stopped: interrupted", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(cancel.exit_code(cancel.requested() or signal.SIGINT)) from None
-        except Exception as exc:
-            if type(exc).__name__ != "TerminationSignal":  # Prefect's SIGTERM bridge in a flow
+        except BaseException as exc:  # Prefect's SIGTERM bridge in a flow (a BaseException)
+            if type(exc).__name__ != "TerminationSignal":
                 raise
             typer.secho(f"stopped: {exc}", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(cancel.exit_code(getattr(exc, "signal", None) or signal.SIGTERM)) from None
