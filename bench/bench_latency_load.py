@@ -68,7 +68,7 @@ def build(params_path: Path, device: str, workdir: Path, hogs: int) -> dict[str,
     return {"device": device, "hogs": hogs, "within_10pct": metrics["within_10pct"],
             "within_10pct_first_pass": metrics["within_10pct_first_pass"], "mape_pct": metrics["mape_pct"],
             "remeasured": metrics["remeasured_subnets"], "lowered": metrics["lowered_subnets"],
-            "load_avg_mean": metrics["load_avg_mean"], "load_avg_max": metrics["load_avg_max"],
+            "load_avg_mean": metrics["load_avg_1m_mean"], "load_avg_max": metrics["load_avg_1m_max"],
             "estimator": metrics["estimator"], "clock": metrics["clock"], "seconds": round(seconds, 1)}
 
 
