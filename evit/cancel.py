@@ -38,9 +38,13 @@ class Cancelled(Exception):  # noqa: N818 - reads as "the stage was cancelled"
     """
 
     def __init__(self, signum: int, what: str = "") -> None:
-        self.signum = signum
-        name = signal.Signals(signum).name
+        self.signum = int(signum)
+        self.what = what
+        name = signal.Signals(self.signum).name
         super().__init__(f"cancelled by {name}" + (f" {what}" if what else ""))
+
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:  # picklable despite the custom signature
+        return (type(self), (self.signum, self.what))
 
     @property
     def exit_code(self) -> int:

@@ -575,7 +575,7 @@ def run_pipeline(params_path: str = "params.yaml", *, stages: list[str] | None =
         state = pipeline_flow(params_path=params_path, stages=stages, devices=devices, force=force, wait=wait,
                               return_state=True)
     if state.is_cancelled():
-        stop = cancel.Cancelled(cancel.requested() or signal.SIGTERM)
-        stop.args = (state.message or str(stop),)
-        raise stop
+        signum = cancel.requested() or signal.SIGTERM
+        message, prefix = state.message or "", f"cancelled by {signal.Signals(signum).name} "
+        raise cancel.Cancelled(signum, message.removeprefix(prefix))
     return state.result()
