@@ -212,7 +212,7 @@ def search_budget(
                  st.best_fitness, st.mean_top_k)
 
     try:
-        result = evolve(space, settings, feasible=feasible, fitness=lambda a: cache.evaluate(a, fitness),
+        result = evolve(space, settings, feasible=feasible, fitness=lambda a: _checked(cache.evaluate, a, fitness),
                         cost=lambda a: metric([a])[0], random_arch=draw, rng=rng, seeds=seeding.seeds,
                         on_generation=on_generation)
     except ValueError as exc:
@@ -224,6 +224,12 @@ def search_budget(
     summary.update(feasible=True, level=seeding.level, seeded=result.seeded,
                    evaluated=len(result.scores), history=[h.to_dict() for h in result.history])
     return result, summary
+
+
+def _checked(evaluate: Any, arch: Arch, fitness: Any) -> Any:
+    """Stop between subnet evaluations on SIGTERM/SIGINT (the fitness cache keeps what was done)."""
+    cancel.check("during search: evaluated subnets are kept in the fitness cache, re-run to resume")
+    return evaluate(arch, fitness)
 
 
 def _progress(desc: str, total: int):  # noqa: ANN202
