@@ -15,7 +15,6 @@ Any error in 1-4 leaves the previous complete out_dir (or none) in place.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
