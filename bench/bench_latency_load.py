@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--device", "-d", action="append", help="device name (default: every CPU device)")
     ap.add_argument("--hogs", type=int, default=1, help="CPU-bound processes beside the measurement")
     ap.add_argument("--idle", action="store_true", help="also build each table without hogs")
+    ap.add_argument("--keep", type=Path, default=None, help="build under this directory and keep the tables, "
+                    "metrics and predicted-vs-measured CSVs (default: a temporary directory)")
     args = ap.parse_args()
 
     from evit.config import load_params
@@ -87,6 +89,9 @@ def main() -> int:
     print(f"host: {os.cpu_count()} CPUs, load average now {os.getloadavg()[0]:.2f}; hogs: {args.hogs}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="evit-bench-lat-") as tmp:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep.resolve())
         for name in names:
             for hogs in ([0] if args.idle else []) + [args.hogs]:
                 row = build(args.params.resolve(), name, Path(tmp), hogs)
