@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -69,8 +70,12 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, dynamic_ncols=True,
-                             mininterval=0.5, file=stream if stream is not None else sys.__stderr__, leave=True)
+            # a terminal that reports 0 columns (a pty without a size: some CI, `script`, containers)
+            # would get an empty bar; give it a fixed width instead
+            sized = shutil.get_terminal_size((0, 0)).columns > 0
+            self._bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, dynamic_ncols=sized,
+                             ncols=None if sized else 100, nrows=None if sized else 20, mininterval=0.5,
+                             file=stream if stream is not None else sys.__stderr__, leave=True)
 
     def _tenth(self, n: int) -> int:
         return 10 * n // self.total if self.total else 10
