@@ -66,9 +66,12 @@ NoWaitOpt = Annotated[bool, typer.Option(
 
 @contextlib.contextmanager
 def _writer(what: str, no_wait: bool) -> Iterator[None]:
-    """Hold this workspace (the current directory) while a stage writes into it."""
+    """Hold this workspace (the current directory) while a stage writes into it; SIGTERM /
+    Ctrl-C stop the stage after its current step (`evit.cancel`)."""
+    from evit import cancel
     from evit.workspace import workspace_lock
 
+    cancel.install()
     with workspace_lock(Path.cwd(), what, wait=not no_wait):
         yield
 
@@ -90,11 +93,8 @@ def _echo_json(obj: Any) -> None:
 
 @app.callback()
 def _main() -> None:
-    from evit import cancel
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     _setup_logging()
-    cancel.install()
 
 
 @app.command()
@@ -236,8 +236,10 @@ def pipeline(
     """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits.
 
     SIGTERM / Ctrl-C stop every running stage after its current step (exit 143 / 130)."""
+    from evit import cancel
     from flows.pipeline import check_selection, run_pipeline
 
+    cancel.install()
     check_selection(_params(params), stage, device, force)  # before Prefect (or any server) starts
     _echo_json(run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None,
                             wait=not no_wait))
