@@ -8,13 +8,14 @@ build also
 
 - records the host's load average over the measurement (`LoadWatch`), in the table and its
   metrics, beside the estimator, so a table measured on a busy machine says so;
-- re-measures the validation subnets whose measurement disagrees with the table by more
-  than the validation tolerance (`outliers`), instead of trusting one disturbed run; a
-  re-measurement replaces the recorded value only when it is lower (`keep_lower`): other
-  processes can only add time to a run, never remove it, so the lower of two estimates of
-  the same subnet is the less disturbed one. A subnet the table over-predicts gets no lower
-  by re-measuring, so this never flatters the validation; the share within tolerance
-  before re-measurement is recorded too.
+- re-measures what the table and its validation disagree on by more than the validation
+  tolerance (`outliers`), instead of trusting one disturbed run: a subnet measured slower
+  than predicted is measured again; a subnet measured faster than predicted points at table
+  entries timed during a burst, so the table units (carriers) holding its blocks are timed
+  again. A re-measurement replaces a recorded value only when it is lower (`keep_lower`):
+  other processes can only add time to a run, never remove it, so the lower of two
+  estimates of the same module is the less disturbed one. The share within tolerance
+  before any re-measurement is recorded too (`within_10pct_first_pass`).
 """
 
 from __future__ import annotations
