@@ -8,12 +8,14 @@ code 2, never as a stack trace.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -35,17 +37,47 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _friendly(fn: F) -> F:
-    """Turn the errors a user can act on into one line on stderr and exit code 2."""
+    """Turn the errors a user can act on into one line on stderr and exit code 2, and a stop by
+    SIGTERM / SIGINT (`evit.cancel`) into one line and exit code 143 / 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from evit import cancel
+
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
+        except cancel.Cancelled as exc:
+            typer.secho(f"stopped: {exc}", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.secho("stopped: interrupted", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(cancel.exit_code(cancel.requested() or signal.SIGINT)) from None
+        except BaseException as exc:  # Prefect's SIGTERM bridge in a flow (a BaseException)
+            if type(exc).__name__ != "TerminationSignal":
+                raise
+            typer.secho(f"stopped: {exc}", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(cancel.exit_code(getattr(exc, "signal", None) or signal.SIGTERM)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+NoWaitOpt = Annotated[bool, typer.Option(
+    "--no-wait", help="fail at once if another run holds this workspace, instead of waiting for it")]
+
+
+@contextlib.contextmanager
+def _writer(what: str, no_wait: bool) -> Iterator[None]:
+    """Hold this workspace (the current directory) while a stage writes into it; SIGTERM /
+    Ctrl-C stop the stage after its current step (`evit.cancel`)."""
+    from evit import cancel
+    from evit.workspace import workspace_lock
+
+    cancel.install()
+    with workspace_lock(Path.cwd(), what, wait=not no_wait):
+        yield
 
 
 def _setup_logging() -> None:
@@ -111,12 +143,14 @@ def _main() -> None:
 
 @app.command()
 @_friendly
-def prepare(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
-    """Prepare the dataset: stratified train/search/val uint8 shards + manifest under data.out_dir."""
+def prepare(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, no_wait: NoWaitOpt = False) -> None:
+    """Prepare the dataset: stratified train/search/val shards + manifest under data.out_dir."""
     from evit import stages
 
-    out = stages.prepare(_params(params, overrides))
-    _record_hand_run("prepare", params, overrides=overrides)
+    p = _params(params, overrides)
+    with _writer("evit prepare", no_wait):
+        out = stages.prepare(p)
+        _record_hand_run("prepare", params, overrides=overrides)
     _echo_json(out)
 
 
@@ -198,47 +232,59 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore models/last.pt and start over")] = False,
     overrides: SetOpt = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
-    """Train the weight-sharing supernet with the configured sampler (resumes by default)."""
+    """Train the weight-sharing supernet with the configured sampler (resumes by default).
+
+    SIGTERM / Ctrl-C stop it after the current step with a checkpoint of that step (exit 143 / 130)."""
     from evit import stages
 
-    out = stages.train(_params(params, overrides), resume=not fresh)
-    _record_hand_run("train", params, overrides=overrides)
+    p = _params(params, overrides)
+    with _writer("evit train", no_wait):
+        out = stages.train(p, resume=not fresh)
+        _record_hand_run("train", params, overrides=overrides)
     _echo_json(out)
 
 
 @app.command()
 @_friendly
-def ablate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+def ablate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, no_wait: NoWaitOpt = False) -> None:
     """Train the same budget with each sampler and seed; compare accuracy per FLOPs level."""
     from evit import stages
 
-    _echo_json(stages.ablate(_params(params, overrides)))
+    p = _params(params, overrides)
+    with _writer("evit ablate", no_wait):
+        out = stages.ablate(p)
+    _echo_json(out)
 
 
-def _device_stage(stage: str, device: str, params_path: Path, overrides: list[str] | None = None) -> None:
+def _device_stage(stage: str, device: str, params_path: Path, overrides: list[str] | None = None,
+                  no_wait: bool = False) -> None:
     """Validate params and the device name up front, then run one per-device stage."""
     from evit import stages
 
     p = _params(params_path, overrides)
     p.device(device)
-    out = getattr(stages, stage)(p, device)
-    _record_hand_run(stage, params_path, device, overrides=overrides)
+    with _writer(f"evit {stage} -d {device}", no_wait):
+        out = getattr(stages, stage)(p, device)
+        _record_hand_run(stage, params_path, device, overrides=overrides)
     _echo_json(out)
 
 
 @app.command()
 @_friendly
-def lut(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+def lut(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+        no_wait: NoWaitOpt = False) -> None:
     """Build (or resume) the latency lookup table of one device and validate it."""
-    _device_stage("lut", device, params, overrides)
+    _device_stage("lut", device, params, overrides, no_wait)
 
 
 @app.command()
 @_friendly
-def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+def search(device: DeviceOpt, params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None,
+           no_wait: NoWaitOpt = False) -> None:
     """Evolutionary search of the best subnet per latency budget of one device (+ search.fixed_archs)."""
-    _device_stage("search", device, params, overrides)
+    _device_stage("search", device, params, overrides, no_wait)
 
 
 @app.command()
@@ -253,23 +299,21 @@ def export(
         "--arch", help="export this architecture instead of the search result (repeatable): a released "
                        "model name (`evit arch list`) or an arch JSON file; added beside the searched ones")] = None,
     overrides: SetOpt = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Export the chosen subnets of one device (ONNX, safetensors, card) and register them."""
-    if register_only:
-        from evit.registry import restore_registrations
-
-        p = _params(params, overrides)
-        p.device(device)
-        _echo_json({"device": device, "registered_again": restore_registrations(p, device)})
-        return
-    if not arch:
-        _device_stage("export", device, params, overrides)
+    if not register_only and not arch:
+        _device_stage("export", device, params, overrides, no_wait)
         return
     from evit import stages
+    from evit.registry import restore_registrations
 
     p = _params(params, overrides)
     p.device(device)
-    _echo_json(stages.export(p, device, archs=arch))
+    with _writer(f"evit export -d {device}", no_wait):
+        out = ({"device": device, "registered_again": restore_registrations(p, device)} if register_only
+               else stages.export(p, device, archs=arch))
+    _echo_json(out)
 
 
 @app.command()
@@ -321,12 +365,19 @@ def pipeline(
     force: Annotated[list[str] | None, typer.Option(
         "--force", help="rerun these stage kinds even when cached (repeatable), e.g. --force prepare")] = None,
     overrides: SetOpt = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
-    """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits."""
-    from flows.pipeline import run_pipeline, subnets_table
+    """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits.
 
-    _params(params, overrides, to_children=True)  # validate before Prefect starts (and pass the overrides on)
-    summary = run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None)
+    SIGTERM / Ctrl-C stop every running stage after its current step (exit 143 / 130)."""
+    from evit import cancel
+    from flows.pipeline import check_selection, run_pipeline, subnets_table
+
+    cancel.install()
+    # validate before Prefect (or any server) starts, and pass the overrides on to its tasks
+    check_selection(_params(params, overrides, to_children=True), stage, device, force)
+    summary = run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None,
+                           wait=not no_wait)
     _echo_json(summary)  # stdout: the machine-readable summary; the table below is for people (stderr)
     typer.echo(f"\nChosen subnets ({len(summary['ran'])} stage(s) ran, {len(summary['cached'])} cached):\n"
                f"{subnets_table(summary.get('subnets', []))}", err=True)

@@ -125,12 +125,31 @@ def stage_run(params: Params, stage: str, *, tags: dict[str, str] | None = None,
     all_tags = {"evit.stage": stage, **(tags or {})}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, experiment_id=experiment_id, tags=all_tags,
-                          nested=mlflow.active_run() is not None) as run:
+    run = mlflow.start_run(run_name=stage, experiment_id=experiment_id, tags=all_tags,
+                           nested=mlflow.active_run() is not None)
+    status = "FAILED"
+    try:
         for name in log_sections:
             section = params.section(name)
             mlflow.log_params(flat_params(section, f"{name}."))
         yield run
+        status = "FINISHED"
+    except BaseException as exc:
+        status = end_status(exc)
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def end_status(exc: BaseException | None) -> str:
+    """The MLflow run status for how the work ended: a SIGTERM/SIGINT stop is KILLED, not FAILED."""
+    from evit.cancel import Cancelled
+
+    if exc is None:
+        return "FINISHED"
+    if isinstance(exc, (Cancelled, KeyboardInterrupt)) or type(exc).__name__ == "TerminationSignal":
+        return "KILLED"
+    return "FAILED"
 
 
 class PipelineRun:
@@ -178,12 +197,15 @@ class PipelineRun:
 @contextlib.contextmanager
 def pipeline_run(params: Params, *, run_name: str = "pipeline",
                  tags: dict[str, str] | None = None) -> Iterator[PipelineRun]:
-    """Open the parent run; it ends FINISHED, or FAILED if the body raises."""
+    """Open the parent run; it ends FINISHED, KILLED when stopped by a signal, else FAILED if the body raises."""
     run = PipelineRun(params, run_name=run_name, tags=tags)
     status = "FAILED"
     try:
         yield run
         status = "FINISHED"
+    except BaseException as exc:
+        status = end_status(exc)
+        raise
     finally:
         try:
             run.end(status)

@@ -15,7 +15,15 @@ Two schedules, one flow (`flows.pipeline.pipeline_flow`), different parameters:
     prefect worker start --pool evit-process              # on each machine that runs flows
 
 Cron times are in `EVIT_SCHEDULE_TZ` (default UTC). A served process runs one flow run at a
-time (the stages already share the host), and each deployment allows one active run.
+time (the stages already share the host). Collisions:
+
+- each deployment allows one active run (`concurrency_limit` 1). When a run is due while
+  the previous run of the same deployment is still going, `nightly-research` drops the new
+  one (`CANCEL_NEW`: the next night does the same work on fresher data), `weekly-retrain`
+  queues it (`ENQUEUE`: a retraining is not skipped);
+- the two deployments (or a hand-run `evit pipeline` / `dvc repro`) overlapping in one
+  project are serialised by the workspace lock (`evit.workspace`): the later run waits,
+  logging which run holds the project, and starts when it is done.
 """
 
 from __future__ import annotations
@@ -39,16 +47,23 @@ class Schedule:
     cron: str
     description: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    collision: str = "ENQUEUE"
+    """What happens to a run due while this deployment's previous run is active (see above)."""
+
+    def concurrency(self) -> Any:
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+        return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy(self.collision))
 
 
 SCHEDULES = (
     Schedule("nightly-research", "0 2 * * *",
              "Re-read the data; rebuild LUTs whose device settings changed; re-search and re-export where "
              "LUTs or data changed (current supernet).",
-             {"stages": ["prepare", "lut", "search", "export"], "force": ["prepare"]}),
+             {"stages": ["prepare", "lut", "search", "export"], "force": ["prepare"]}, collision="CANCEL_NEW"),
     Schedule("weekly-retrain", "0 3 * * 0",
              "The whole pipeline with the data re-read; retrains when data or train/space params changed.",
-             {"force": ["prepare"]}),
+             {"force": ["prepare"]}, collision="ENQUEUE"),
 )
 
 
@@ -66,7 +81,8 @@ def runner_deployments(params_path: str | os.PathLike[str], *, schedules_active:
     return [
         pipeline_flow.to_deployment(
             name=s.name, description=s.description, schedules=[_cron(s, schedules_active)],
-            parameters={"params_path": params, **s.parameters}, tags=["evit", s.name], concurrency_limit=1)
+            parameters={"params_path": params, **s.parameters}, tags=["evit", s.name],
+            concurrency_limit=s.concurrency())
         for s in SCHEDULES
     ]
 
@@ -99,7 +115,7 @@ def register(params_path: str, *, pool: str, source: str | None = None, image: s
         dep_id = remote_flow.deploy(
             name=s.name, work_pool_name=pool, image=image, build=False, push=False, description=s.description,
             schedules=[_cron(s)], parameters={"params_path": params, **s.parameters}, tags=["evit", s.name],
-            concurrency_limit=1, job_variables=job_variables or {}, print_next_steps=False)
+            concurrency_limit=s.concurrency(), job_variables=job_variables or {}, print_next_steps=False)
         ids.append(str(dep_id))
     return ids
 

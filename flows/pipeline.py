@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -55,13 +56,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.states import Cancelled
 from prefect.tasks import exponential_backoff
 
 import evit
-from evit import paths, tracking
+from evit import cancel, paths, tracking
 from evit.config import Params, load_params
 from evit.errors import UserError
 from evit.io import read_json
+from evit.workspace import workspace_lock
 from flows import dvcfile, dvcrepo
 from flows.transient import is_transient, retry_condition
 
@@ -104,6 +107,7 @@ class StageCache(CachePolicy):
         if not state.up_to_date:
             get_run_logger().info("%s: runs (%s)", name, state.reason)
             return None
+        get_run_logger().info("%s: cached (params, inputs and outputs match dvc.lock), not run", name)
         key = _versioned(state.key)
         store = task_ctx.result_store
         if not store.exists(key):
@@ -147,7 +151,8 @@ def _host_turn(params: Params, kind: str, device: str | None, logger: Any) -> It
     if not _HOST_LOCK.acquire(blocking=False):
         logger.info("%s: waiting for the host (another stage is measuring or computing on it)",
                     dvcfile.stage_name(kind, device))
-        _HOST_LOCK.acquire()
+        while not _HOST_LOCK.acquire(timeout=1.0):
+            cancel.check("while waiting for the host")
     try:
         yield
     finally:
@@ -157,17 +162,15 @@ def _host_turn(params: Params, kind: str, device: str | None, logger: Any) -> It
 def _can_resume(params: Params) -> bool:
     """Resume training only from a models/last.pt of these very params and data (a params
     change that makes the stage rerun must start over, not mix two configurations)."""
+    from evit.train import checkpoint as ckpt_mod
+
     last = paths.resume_path(params)
-    if not last.is_file():
+    if not ckpt_mod.rolling_exists(last):
         return True
     try:
-        import torch
-
-        from evit.train.checkpoint import params_hash
-
         manifest = read_json(paths.manifest_path(params))
-        ck = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-        same = ck.get("params_hash") == params_hash(params, str(manifest["content_hash"]))
+        ck, _ = ckpt_mod.load_rolling(last)  # a corrupt latest falls back to last.prev.pt (reported)
+        same = ck.get("params_hash") == ckpt_mod.params_hash(params, str(manifest["content_hash"]))
     except Exception as exc:  # noqa: BLE001 - unreadable: the trainer would refuse it too
         log.warning("%s is unreadable (%s); training starts over", last, type(exc).__name__)
         return False
@@ -188,8 +191,18 @@ def _train(params: Params, params_file: str, parent_run_id: str | None) -> dict[
     env = {**os.environ, tracking.PARENT_RUN_ENV: parent_run_id or "", dvcrepo.PIPELINE_ENV: "1"}
     log.info("training under torchrun: %s", shlex.join(cmd))
     # The ranks' stdout (their JSON summaries) must not reach ours; their logs go to stderr.
-    done = subprocess.run(cmd, check=True, env=env, stdout=subprocess.PIPE, text=True)
-    log.debug("torchrun stdout:\n%s", done.stdout)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        while proc.poll() is None:
+            signum = cancel.requested()
+            if signum is not None:  # torchrun forwards it to the ranks, which checkpoint and stop
+                proc.send_signal(signum)
+                proc.wait()
+                raise cancel.Cancelled(signum, "train (torchrun): the ranks stopped at a checkpoint")
+            time.sleep(0.5)
+        out = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out)
+    log.debug("torchrun stdout:\n%s", out)
     return {"launcher": shlex.join(cmd), "metrics": read_json(paths.train_metrics_path())}
 
 
@@ -210,6 +223,7 @@ def _run_stage(kind: str, root: str, params_file: str, device: str | None, paren
     name = dvcfile.stage_name(kind, device)
     project = Path(root)
     params = load_params(project / params_file)
+    cancel.check(f"before {name} started")
     with _host_turn(params, kind, device, logger):
         t0 = time.perf_counter()
         dvcrepo.remove_outs(project, name)
@@ -438,6 +452,14 @@ def _state_of(future: Any) -> str:
 
 # --- the flow ----------------------------------------------------------------------------------
 
+def check_selection(params: Params, stages: Sequence[str] | None, devices: Sequence[str] | None,
+                    force: Sequence[str] | None) -> None:
+    """Validate `-s/-d/--force` against the params before Prefect (or any server) starts."""
+    _select(stages, dvcfile.STAGE_KINDS, "stage kinds")
+    _select(force, dvcfile.STAGE_KINDS, "stage kinds to force")
+    _select(devices, [d.name for d in params.devices], "devices")
+
+
 def _select(requested: Sequence[str] | None, available: Sequence[str], what: str) -> list[str]:
     if not requested:
         return list(available)
@@ -501,7 +523,8 @@ def _chdir(path: Path) -> Iterator[None]:
 
 @flow(name=FLOW_NAME, log_prints=False, validate_parameters=True)
 def pipeline_flow(params_path: str = "params.yaml", stages: list[str] | None = None,
-                  devices: list[str] | None = None, force: list[str] | None = None) -> dict[str, Any]:
+                  devices: list[str] | None = None, force: list[str] | None = None,
+                  wait: bool = True) -> dict[str, Any]:
     """The whole pipeline (or the `stages` kinds / `devices` given), cached per stage.
 
     params_path: params file; its directory is the project root (dvc.yaml, outputs).
@@ -510,12 +533,21 @@ def pipeline_flow(params_path: str = "params.yaml", stages: list[str] | None = N
     devices: device names to run the per-device stages for; default all.
     force: stage kinds to rerun even when cached (e.g. ["prepare"] re-reads a data source
         that changes in place; unchanged data still leaves the later stages cached).
+    wait: when another run holds the project (`evit.workspace`), wait for it (True) or fail
+        at once (False).
+
+    A SIGTERM / SIGINT stops every running stage after its current step (training writes a
+    checkpoint of that step); the flow run ends Cancelled and the MLflow run KILLED.
     """
     logger = get_run_logger()
     params_file_path = Path(params_path).expanduser().resolve()
     root = params_file_path.parent
-    with _chdir(root):
-        return _pipeline_in(root, params_file_path.name, stages, devices, force or [], logger)
+    with workspace_lock(root, f"evit pipeline ({params_file_path.name})", wait=wait), _chdir(root):
+        try:
+            return _pipeline_in(root, params_file_path.name, stages, devices, force or [], logger)
+        except cancel.Cancelled as exc:
+            logger.warning("pipeline %s", exc)
+            return Cancelled(message=str(exc))  # type: ignore[return-value] - the run's final state
 
 
 def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices: list[str] | None,
@@ -554,8 +586,7 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
             for kind, fut in (("lut", lut), ("search", search), ("export", export)):
                 if fut is not None:
                     futures[dvcfile.stage_name(kind, d)] = fut
-        for fut in futures.values():
-            fut.wait()
+        _wait_all(futures, logger)
 
         states = {name: _state_of(f) for name, f in futures.items()}
         cached = sorted(n for n, s in states.items() if s == "Cached")
@@ -602,6 +633,32 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
         return summary
 
 
+def _wait_all(futures: dict[str, Any], logger: Any) -> None:
+    """Wait for every stage; on SIGTERM / SIGINT ask them to stop, wait for that, raise `Cancelled`.
+
+    Under a flow, Prefect turns SIGTERM into `TerminationSignal` in this (the main) thread,
+    while the stages run on in worker threads: without this they would train on until the
+    process is killed. With the CLI's handler, SIGINT arrives as a request (`evit.cancel`)."""
+    try:
+        for fut in futures.values():
+            fut.wait()
+    except BaseException as exc:
+        signum = getattr(exc, "signal", None) if type(exc).__name__ == "TerminationSignal" else (
+            signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None)
+        if signum is None:
+            raise
+        cancel.request(signum)
+    signum = cancel.requested()
+    if signum is None:
+        return
+    logger.warning("%s: stopping the running stages after their current step", signal.Signals(signum).name)
+    for fut in futures.values():
+        with contextlib.suppress(Exception):
+            fut.wait()
+    stopped = sorted(n for n, f in futures.items() if not f.state.is_completed())
+    raise cancel.Cancelled(signum, f"(stages not completed: {', '.join(stopped) or '-'}; re-run to resume)")
+
+
 def _raise_failure(failed: dict[str, Any], states: dict[str, str]) -> None:
     errors = []
     for name, fut in failed.items():
@@ -614,11 +671,18 @@ def _raise_failure(failed: dict[str, Any], states: dict[str, str]) -> None:
 
 
 def run_pipeline(params_path: str = "params.yaml", *, stages: list[str] | None = None,
-                 devices: list[str] | None = None, force: list[str] | None = None) -> dict[str, Any]:
+                 devices: list[str] | None = None, force: list[str] | None = None,
+                 wait: bool = True) -> dict[str, Any]:
     """Run the flow in this process (`evit pipeline`); Prefect's ephemeral mode when no
     PREFECT_API_URL is configured. Returns the flow's summary.
 
     Whatever the stages or libraries print (e.g. exporters' progress) goes to stderr, so
     stdout carries only the summary the CLI prints."""
     with contextlib.redirect_stdout(sys.stderr):
-        return pipeline_flow(params_path=params_path, stages=stages, devices=devices, force=force)
+        state = pipeline_flow(params_path=params_path, stages=stages, devices=devices, force=force, wait=wait,
+                              return_state=True)
+    if state.is_cancelled():
+        signum = cancel.requested() or signal.SIGTERM
+        message, prefix = state.message or "", f"cancelled by {signal.Signals(signum).name} "
+        raise cancel.Cancelled(signum, message.removeprefix(prefix))
+    return state.result()

@@ -25,6 +25,9 @@ def test_deployments_carry_the_schedules_and_an_absolute_params_path(tmp_path: P
     assert nightly.parameters["stages"] == ["prepare", "lut", "search", "export"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert [s.schedule.cron for s in deps["weekly-retrain"].schedules] == ["0 3 * * 0"]
+    # one active run per deployment, with the documented collision strategy (flows/deploy.py)
+    assert {n: (d.concurrency_limit, d.concurrency_options.collision_strategy.value) for n, d in deps.items()} == \
+        {"nightly-research": (1, "CANCEL_NEW"), "weekly-retrain": (1, "ENQUEUE")}
 
 
 @pytest.mark.slow

@@ -54,6 +54,12 @@ def test_build_writes_table_report_and_plots(tiny_params: Any, kind: str) -> Non
     metrics = json.loads(Path("metrics/lut-t1.json").read_text())
     assert METRIC_KEYS <= set(metrics) and metrics["n"] == 10
     assert 0 <= metrics["within_10pct"] <= 1 and 0 <= metrics["flops_within_10pct"] <= 1
+    # how it was measured: estimator, clock and the load average, in the table and the metrics
+    how = lut["measurement"]
+    assert how["estimator"] == metrics["estimator"] == lut["statistic"]
+    assert how["clock"] == metrics["clock"] and how["load"]["cpu_count"] == metrics["cpu_count"] >= 1
+    assert metrics["load_avg_1m_max"] == how["load"]["load_1m_max"] >= how["load"]["load_1m_mean"] >= 0
+    assert metrics["remeasured_subnets"] >= metrics["lowered_subnets"] >= 0 and metrics["lowered_entries"] >= 0
     with open("plots/lut-t1.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 10 and {"measured_ms", "predicted_ms", "flops_m"} <= set(rows[0])
@@ -206,3 +212,14 @@ def test_stage_run_logged_to_mlflow(tiny_params: Any, tmp_path: Path, monkeypatc
     assert run.data.params["device.kind"] == "torch-cpu" and run.data.tags["evit.device"] == "t1"
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "lut")}
     assert {"lut/t1.json", "lut/lut-t1.json", "lut/lut-t1.png", "lut/lut-t1.csv"} <= names
+
+
+def test_outliers_are_remeasured_and_only_a_lower_estimate_is_kept() -> None:
+    from evit.latency.timing import LoadWatch, keep_lower, outliers
+
+    assert outliers([1.0, 1.05, 1.3, 0.8], [1.0, 1.0, 1.0, 1.0]) == [2, 3]
+    assert keep_lower(2.0, 1.5) == 1.5 and keep_lower(1.5, 2.0) == 1.5  # load only adds time
+    watch = LoadWatch()
+    watch.sample()
+    load = watch.summary()
+    assert load["cpu_count"] >= 1 and load["load_1m_max"] >= load["load_1m_mean"] >= 0

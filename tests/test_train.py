@@ -111,6 +111,8 @@ def test_checkpoint_errors_are_clear(tiny_params, small_digits, mlflow_uri, tmp_
     last.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(last)
+    # (with a readable models/last.prev.pt the trainer resumes that one: tests/test_cancel.py)
+    (tmp_path / "models/last.prev.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         Trainer(params, resume=True, progress=False).fit()
     # a torch file that is not ours

@@ -44,8 +44,8 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     ck = torch.load(root / "models/last.pt", weights_only=True)
     assert ck["world_size"] == 2 and ck["step"] == 4
     # no stray files from rank 1: one step log, one set of checkpoints
-    assert sorted(p.name for p in (root / "models").iterdir()) == ["banks.json", "last.pt", "supernet.pt",
-                                                                    "train-steps.jsonl"]
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["banks.json", "last.prev.pt", "last.pt",
+                                                                    "supernet.pt", "train-steps.jsonl"]
 
 
 def _json_objects(text: str) -> list[str]:

@@ -20,7 +20,6 @@ Any error in 1-4 leaves the previous complete out_dir (or none) in place.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from evit import paths
+from evit import cancel, paths
 from evit.config import DataParams, Params
 from evit.data import tarshards
 from evit.data.images import BadImage
@@ -162,6 +161,7 @@ def _decode_all(source: Source, items: Sequence[Item], data: DataParams, buffer_
                     else:
                         images[i] = arr
                 advance(len(chunk))
+                cancel.check("while decoding images; nothing was published")
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -170,26 +170,20 @@ def _decode_all(source: Source, items: Sequence[Item], data: DataParams, buffer_
 
 
 class _progress:
-    """A rich progress bar on an interactive stderr; nothing in logs, CI or DVC output."""
+    """`evit.progress.Progress` as an `advance(n)` callable (bar on a terminal, log lines elsewhere)."""
 
     def __init__(self, total: int, description: str) -> None:
         self.total, self.description = total, description
         self._progress: Any = None
 
     def __enter__(self) -> Any:
-        if sys.stderr.isatty() and self.total > 0:
-            from rich.console import Console
-            from rich.progress import Progress
+        from evit.progress import Progress
 
-            self._progress = Progress(console=Console(stderr=True), transient=True)
-            self._progress.__enter__()
-            task = self._progress.add_task(self.description, total=self.total)
-            return lambda n: self._progress.advance(task, n)
-        return lambda n: None
+        self._progress = Progress(self.total, self.description, unit="img", logger=log)
+        return self._progress.update
 
     def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
+        self._progress.close()
 
 
 def _class_of(path: str) -> tuple[str, str] | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from evit import __version__, paths
+from evit import __version__, cancel, paths
 from evit.arch import Arch
 from evit.config import Params
 from evit.errors import UserError
@@ -196,6 +196,7 @@ def export_result(
                    "host": result.get("device_description") or host_description()}
     exported: list[dict[str, Any]] = []
     for entry in result["budgets"]:
+        cancel.check(f"export@{device}: nothing registered")
         if not entry.get("feasible"):
             log.warning("skipping budget %s of %s: %s", entry["label"], device, entry.get("reason"))
             continue

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evit import flops, paths
+from evit import cancel, flops, paths
 from evit.arch import Arch
 from evit.config import DeviceParams, Params
 from evit.errors import CheckpointError, DataError, LUTError, UserError
@@ -206,14 +206,14 @@ def search_budget(
     progress = _progress(f"{inputs.device.name} {budget.text}", settings.generations + 1)
 
     def on_generation(st: GenerationStats) -> None:
-        progress.update(1)
-        progress.set_postfix(best=f"{st.best_fitness:.4f}", evaluated=st.evaluated)
+        progress.update(1, best=f"{st.best_fitness:.4f}", evaluated=st.evaluated)
+        cancel.check(f"search {inputs.device.name} {budget.text}: evaluated subnets are kept, re-run to resume")
         log.info("search %s %s: generation %d/%d, %d evaluated, best %.4f, top-k mean %.4f",
                  inputs.device.name, budget.text, st.generation, settings.generations, st.evaluated,
                  st.best_fitness, st.mean_top_k)
 
     try:
-        result = evolve(space, settings, feasible=feasible, fitness=lambda a: cache.evaluate(a, fitness),
+        result = evolve(space, settings, feasible=feasible, fitness=lambda a: _checked(cache.evaluate, a, fitness),
                         cost=lambda a: metric([a])[0], random_arch=draw, rng=rng, seeds=seeding.seeds,
                         on_generation=on_generation)
     except ValueError as exc:
@@ -227,10 +227,17 @@ def search_budget(
     return result, summary
 
 
-def _progress(desc: str, total: int):  # noqa: ANN202
-    from tqdm.auto import tqdm
+def _checked(evaluate: Any, arch: Arch, fitness: Any) -> Any:
+    """Stop between subnet evaluations on SIGTERM/SIGINT (the fitness cache keeps what was done)."""
+    cancel.check("during search: evaluated subnets are kept in the fitness cache, re-run to resume")
+    return evaluate(arch, fitness)
 
-    return tqdm(total=total, desc=f"search {desc}", unit="gen", leave=False, disable=None)
+
+def _progress(desc: str, total: int):  # noqa: ANN202
+    from evit.progress import Progress
+
+    # the per-generation log line below already says it all when not on a terminal
+    return Progress(total, f"search {desc}", unit="gen", logger=log, min_interval_s=float("inf"))
 
 
 def _measurement_dict(m: Any) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 Two kinds, one format (a dict of tensors and plain containers, loadable with
 `torch.load(weights_only=True)`; no pickled modules or classes):
 
-- `models/last.pt` (rolling, every `train.checkpoint_every` steps): everything needed to
+- `models/last.pt` (rolling, every `train.checkpoint_every` steps, and on SIGTERM/SIGINT):
+  the one it replaces is kept as `models/last.prev.pt`, so a truncated or corrupt
+  `last.pt` (a full disk, a copy cut short) is reported and the previous one is resumed
+  instead of losing the whole run (`load_rolling`). Everything needed to
   continue bit-for-bit: supernet weights, optimizer, scheduler, EMA weights, sampler
   state (RNG streams, level, memory banks), the global RNG states (Python, NumPy,
   torch CPU/CUDA), the data position (epoch + batch inside it; each epoch's order is a
@@ -30,6 +33,11 @@ import torch
 
 from evit.arch import Arch
 from evit.errors import CheckpointError
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The file is missing, truncated or not a torch checkpoint at all (unlike a checkpoint of
+    other params or another space, which is readable but must not be resumed)."""
 from evit.io import atomic_path, sha256_json
 from evit.space import NON_STRUCTURAL, SearchSpace, get_space
 
@@ -124,11 +132,11 @@ def load_checkpoint(path: str | Path, *, space: SearchSpace | None = None,
     """Load a checkpoint safely (weights_only) and check its format, space and params hash."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+        raise CorruptCheckpointError(f"checkpoint {str(path)!r} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "corrupt"
-        raise CheckpointError(
+        raise CorruptCheckpointError(
             f"{path} is not a readable checkpoint (truncated or corrupt: {type(exc).__name__}: "
             f"{str(exc)[:200]}); delete it and re-run `evit train`") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -142,6 +150,56 @@ def load_checkpoint(path: str | Path, *, space: SearchSpace | None = None,
             f"(hash {str(ckpt.get('params_hash'))[:12]} != {expect_hash[:12]}); resuming it would mix "
             "two configurations. Restore those params, or start over with `evit train --fresh`")
     return ckpt
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where the rolling checkpoint it replaced is kept: models/last.pt -> models/last.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_rolling(path: str | Path, payload: dict[str, Any], *, keep_previous: bool = True) -> None:
+    """Write the rolling checkpoint atomically, keeping the one it replaces as `previous_path`.
+
+    The new file is fully written before the old one moves, so at every instant at least one
+    complete checkpoint exists (`load_rolling` takes the previous one if the latest is gone).
+    `keep_previous=False` when the current file is known bad: it must not replace a good one.
+    """
+    path = Path(path)
+    payload = {"format": FORMAT, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+        if keep_previous and path.is_file():
+            path.replace(previous_path(path))
+
+
+def rolling_exists(path: str | Path) -> bool:
+    return Path(path).is_file() or previous_path(path).is_file()
+
+
+def load_rolling(path: str | Path, **kwargs: Any) -> tuple[dict[str, Any], Path]:
+    """Load the latest rolling checkpoint, or the previous one when the latest is corrupt.
+
+    Returns the checkpoint and the file it came from. A corrupt latest file is reported
+    (warning naming it and the fallback); if both are unusable the latest one's error is raised.
+    Errors that are not corruption (other params, another space) are raised at once: the
+    previous file of the same run would not fit either.
+    """
+    path = Path(path)
+    try:
+        return load_checkpoint(path, **kwargs), path
+    except CorruptCheckpointError as exc:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        try:
+            ckpt = load_checkpoint(prev, **kwargs)
+        except CorruptCheckpointError:
+            raise exc from None
+        if path.is_file():
+            log.warning("%s is unusable (%s); resuming from the previous checkpoint %s (step %s) instead",
+                        path, exc, prev, ckpt.get("step"))
+        return ckpt, prev
 
 
 def load_supernet(path: str | Path, space: SearchSpace | None = None,

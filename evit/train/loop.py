@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from evit import paths
+from evit import cancel, paths
 from evit.arch import Arch
 from evit.config import ConfigError, Params
 from evit.space import SearchSpace, space_from_params
@@ -229,6 +229,7 @@ class Trainer:
         self.draw_digest = _Digest("")
         self.resumed_from: int | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self._last_is_good = True
 
     # --- checkpoints ------------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
@@ -256,18 +257,23 @@ class Trainer:
         }
 
     def save_last(self) -> None:
+        """The rolling checkpoint (the one it replaces is kept: see `checkpoint.save_rolling`)."""
         if self.dist.is_main:
-            ckpt_mod.save_checkpoint(self.last_path, self._payload())
+            ckpt_mod.save_rolling(self.last_path, self._payload(), keep_previous=self._last_is_good)
+            self._last_is_good = True
             log.info("checkpoint %s at step %d", self.last_path, self.step)
 
     def try_resume(self) -> bool:
         if not self.resume:
             if self.dist.is_main:
                 self.last_path.unlink(missing_ok=True)
+                ckpt_mod.previous_path(self.last_path).unlink(missing_ok=True)
             return False
-        if not self.last_path.is_file():
+        if not ckpt_mod.rolling_exists(self.last_path):
             return False
-        ck = ckpt_mod.load_checkpoint(self.last_path, space=self.space, expect_hash=self.params_hash)
+        ck, source = ckpt_mod.load_rolling(self.last_path, space=self.space, expect_hash=self.params_hash)
+        # a corrupt latest file must not be rotated over the good previous one on the next save
+        self._last_is_good = source == self.last_path
         if int(ck.get("world_size", 1)) != self.dist.world_size:
             raise ckpt_mod.CheckpointError(
                 f"{self.last_path} was written by a run on {ck.get('world_size')} processes, this run has "
@@ -285,7 +291,7 @@ class Trainer:
         self.draw_digest = _Digest(str(ck.get("draw_digest", "")))
         self._rng_to_restore = ck["rng"]
         self.resumed_from = self.step
-        log.info("resuming %s from step %d/%d", self.last_path, self.step, self.total_steps)
+        log.info("resuming %s from step %d/%d", source, self.step, self.total_steps)
         return True
 
     # --- evaluation -------------------------------------------------------------------------
@@ -324,10 +330,9 @@ class Trainer:
         mlflow = MlflowBatcher(self.mlflow_run_id, self.t.log_every) if (main and self.mlflow_run_id) else None
         bar = None
         if main and self.progress:
-            from tqdm.auto import tqdm
+            from evit.progress import Progress
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.t.sampler}", unit="step",
-                       dynamic_ncols=True, disable=None)
+            bar = Progress(self.total_steps, f"train ({self.t.sampler})", unit="step", initial=self.step, logger=log)
         rescore_at = _rescore_positions(self.steps_per_epoch, self.t.rescore_per_epoch)
         images_per_step = self.t.batch_size * self.dist.world_size
         self.module.train()
@@ -381,16 +386,24 @@ class Trainer:
                             record["images_per_s"] = meter.rate()
                         self._record(step_log, mlflow, record)
                         if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix(level=record["level"], loss=f"{results[0].loss:.3f}", refresh=False)
+                            bar.update(1, epoch=f"{epoch + 1}/{self.t.epochs}", level=record["level"],
+                                       loss=f"{results[0].loss:.3f}")
                     epoch_end = b == self.steps_per_epoch - 1
                     if epoch_end and ((epoch + 1) % self.t.eval_every_epochs == 0 or self.step == self.total_steps):
                         self._epoch_eval(epoch, mlflow)
-                    if self.step % self.t.checkpoint_every == 0 or self.step == self.total_steps:
+                    stop = cancel.requested()
+                    if self.dist.enabled:  # every rank stops at the same step, or the barriers hang
+                        flag = all_reduce_mean([0.0 if stop is None else float(stop)], self.dist)[0]
+                        stop = None if flag == 0 else (stop or 15)
+                    if stop is not None or self.step % self.t.checkpoint_every == 0 \
+                            or self.step == self.total_steps:
                         if step_log is not None:
                             step_log.flush()
                         self.save_last()
                         barrier(self.dist)
+                    if stop is not None:
+                        raise cancel.Cancelled(stop, f"at step {self.step}/{self.total_steps}; checkpoint "
+                                               f"{self.last_path} written, re-run to resume")
         finally:
             if bar is not None:
                 bar.close()
@@ -410,8 +423,9 @@ class Trainer:
             entry = {"epoch": epoch, "step": self.step, "top1": top1,
                      "top1_mean": sum(top1.values()) / max(1, len(top1))}
             self.history.append(entry)
-            log.info("epoch %d (step %d): search top-1 %s (mean %.4f, %.1fs)", epoch, self.step,
-                     " ".join(f"{k}={v:.3f}" for k, v in top1.items()), entry["top1_mean"], time.perf_counter() - t0)
+            log.info("epoch %d/%d (step %d/%d): raw weights, search top-1 %s (mean %.4f, %.1fs)", epoch + 1,
+                     self.t.epochs, self.step, self.total_steps, " ".join(f"{k}={v:.3f}" for k, v in top1.items()),
+                     entry["top1_mean"], time.perf_counter() - t0)
             if mlflow is not None:
                 mlflow.add(self.step, {f"top1/{k}": v for k, v in top1.items()} | {"top1/mean": entry["top1_mean"]})
             if self.on_epoch_end is not None:
@@ -484,8 +498,9 @@ class Trainer:
                 "checkpoint": str(self.final_path),
                 "data_hash": self.data_hash,
             }
-            log.info("final: %s weights, search top-1 mean %.4f (raw %.4f, ema %.4f)", summary["weights"],
-                     summary["top1_mean"], raw_mean, ema_mean)
+            log.info("final: keeping the %s weights (search top-1 mean over the level min subnets: raw %.4f, "
+                     "ema %.4f); their mean over all %d report subnets (min + one draw per level): %.4f",
+                     summary["weights"], raw_mean, ema_mean, len(top1), summary["top1_mean"])
         barrier(self.dist)
         return FitResult(summary=summary, final_checkpoint=self.final_path, history=self.history, banks=banks,
                          step_log=self.out_dir / STEP_LOG)

@@ -22,6 +22,7 @@ from typing import Any
 from evit import paths
 from evit.config import Params
 from evit.io import sha256_file, write_json_atomic
+from evit.train import checkpoint as ckpt_mod
 from evit.train.logbook import plot_flops, plot_losses, read_step_log
 from evit.train.loop import FitResult, Trainer
 
@@ -109,7 +110,7 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
             mlflow.log_params({"train.steps_per_epoch_effective": trainer.steps_per_epoch,
                                "train.total_steps": trainer.total_steps, "world_size": info.world_size,
                                "data.content_hash": trainer.data_hash})
-            if trainer.last_path.is_file() and resume:
+            if resume and ckpt_mod.rolling_exists(trainer.last_path):
                 mlflow.set_tag("evit.resumed", "true")
         result = trainer.fit()
         if not info.is_main:
