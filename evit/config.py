@@ -286,6 +286,10 @@ class ExportParams(_Section):
     register_model: bool = True
     model_name: str = "evit-{device}"
     """Registered model name; {device} is replaced by the device name."""
+    formats: list[Literal["onnx", "tflite", "pte"]] = ["onnx", "tflite", "pte"]
+    """Model files per exported subnet, each checked against eager PyTorch: onnx (always
+    written), tflite (LiteRT fp32, via the converter venv made on first use), pte
+    (ExecuTorch, XNNPACK-delegated)."""
 
 
 # --- storage / tracking ----------------------------------------------------------------------
