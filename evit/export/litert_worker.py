@@ -9,9 +9,10 @@ Requests:
 - {"op": "subnet", "arch_json": PATH, "weights": PATH, "space": {...}, "out": PATH}:
   the static subnet rebuilt from its arch JSON + safetensors, converted with one
   signature `serving_default` taking `image` (1, 3, R, R).
-- {"op": "blocks", "space": {...}, "blocks": [{"name": N, "block": {...}, "seed": S}], "out": PATH}:
-  several LUT blocks (seeded random weights) in one file, one signature per block, so
-  a latency table converts a batch of blocks per converter call.
+- {"op": "programs", "programs": [{"name": N, "pt2": PATH, "input_shapes": [[...]]}], "out": PATH}:
+  several `torch.export`ed programs (plain .pt2 archives: graph + weights, no pickles)
+  in one file, one signature each, so a latency table converts a batch of blocks per
+  converter call.
 Answer: {"ok": true, "seconds": S} or {"ok": false, "error": TEXT}.
 """
 
@@ -46,21 +47,15 @@ def _subnet(req: dict[str, Any]) -> None:
     _atomic_export(litert_torch.convert(net, (x,)), req["out"])
 
 
-def _blocks(req: dict[str, Any]) -> None:
-    import litert_torch
+def _programs(req: dict[str, Any]) -> None:
     import torch
 
-    from evit.export.card import space_from_dict
-    from evit.flops import Block
-    from evit.nn.static import block_input_shape, build_block
+    import litert_torch
 
-    space = space_from_dict(req["space"])
     conv = litert_torch.Converter()
-    for item in req["blocks"]:
-        block = Block(**item["block"])
-        torch.manual_seed(int(item.get("seed", 0)))
-        module = build_block(block, space.head_dropout).eval()
-        conv.signature(item["name"], module, (torch.zeros(block_input_shape(block)),))
+    for item in req["programs"]:
+        ep = torch.export.load(item["pt2"])
+        conv.signature(item["name"], ep.module(), tuple(torch.zeros(s) for s in item["input_shapes"]))
     _atomic_export(conv.convert(), req["out"])
 
 
@@ -78,7 +73,7 @@ def main() -> None:
         t0 = time.monotonic()
         try:
             req = json.loads(line)
-            {"subnet": _subnet, "blocks": _blocks}[req["op"]](req)
+            {"subnet": _subnet, "programs": _programs}[req["op"]](req)
             answer = {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
         except Exception as exc:  # noqa: BLE001 - reported to the caller, who raises
             traceback.print_exc()

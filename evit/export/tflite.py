@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -112,13 +113,12 @@ class LiteRTConverter:
         log.info("converted %s to LiteRT in %.1f s", weights.parent, s)
         return out
 
-    def convert_blocks(self, space: dict[str, Any], blocks: Sequence[tuple[str, Any, int]], out: Path) -> Path:
-        """Several (signature name, `evit.flops.Block`, weight seed) -> one .tflite, a signature each."""
-        from dataclasses import asdict
-
-        self._request({"op": "blocks", "space": space, "out": str(out),
-                       "blocks": [{"name": n, "block": asdict(b), "seed": seed} for n, b, seed in blocks]},
-                      f"converting {len(blocks)} LUT blocks")
+    def convert_programs(self, programs: Sequence[tuple[str, Path, Sequence[Sequence[int]]]], out: Path) -> Path:
+        """Several (signature name, .pt2 file from `torch.export.save`, input shapes) -> one .tflite."""
+        self._request({"op": "programs", "out": str(out),
+                       "programs": [{"name": n, "pt2": str(p), "input_shapes": [list(s) for s in shapes]}
+                                    for n, p, shapes in programs]},
+                      f"converting {len(programs)} programs into {out.name}")
         return out
 
     def close(self) -> None:
@@ -160,8 +160,8 @@ def run_tflite(path: str | os.PathLike[str], x: np.ndarray, threads: int = 1) ->
 
 def full_delegation(path: str | os.PathLike[str], threads: int = 1) -> tuple[bool, str]:
     """(fully delegated, tool output) from LiteRT's benchmark tool with `--require_full_delegation`."""
-    cmd = [sys.executable, "-m", "ai_edge_litert.tools.benchmark_litert_model", f"--graph={path}",
-           f"--num_threads={threads}", "--num_runs=2", "--warmup_runs=1", "--require_full_delegation=true"]
+    cmd = [sys.executable, "-m", "ai_edge_litert.tools.benchmark_litert_model", f"--model={path}",
+           f"--num_threads={threads}", "--num_runs=2", "--warmup_runs=1", "--require_full_delegation"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
-    return proc.returncode == 0 and "Fully accelerated" in text, text
+    return proc.returncode == 0 and re.search(r"Fully accelerated:\s+True", text) is not None, text
