@@ -9,7 +9,7 @@ partitions with only constant dtype/layout copies outside.
 
 Several modules can share one file (`export_pte_methods`): each becomes a named method
 of one program, so a latency table lowers and loads hundreds of blocks at the cost of a
-few files. `load_method` / `run_pte` execute a program with the ExecuTorch runtime in
+few files. `load_program` / `run_pte` execute a program with the ExecuTorch runtime in
 this process (the same XNNPACK kernels a phone's `executor_runner` uses).
 """
 
@@ -115,17 +115,18 @@ def set_threads(n: int) -> None:
         portable_lib._unsafe_reset_threadpool(n)
 
 
-def load_methods(path: str | os.PathLike[str], names: list[str] | None = None) -> dict[str, Any]:
-    """The program's methods (all, or `names`), loaded and ready to `execute([x])`."""
+def load_program(path: str | os.PathLike[str]) -> Any:
+    """The loaded program; keep it referenced while its methods run (they use its memory)."""
     from executorch.runtime import Runtime
 
-    program = Runtime.get().load_program(str(path))
-    wanted = sorted(program.method_names) if names is None else names
-    return {name: program.load_method(name) for name in wanted}
+    return Runtime.get().load_program(str(path))
 
 
 def run_pte(path: str | os.PathLike[str], x: torch.Tensor, threads: int = 1) -> torch.Tensor:
     """One inference of the program's `forward` on `x`."""
     set_threads(threads)
-    method = load_methods(path, ["forward"])["forward"]
-    return method.execute([x.contiguous()])[0]
+    program = load_program(path)
+    method = program.load_method("forward")
+    out = method.execute([x.contiguous()])[0].clone()
+    del method, program
+    return out
