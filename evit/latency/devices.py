@@ -23,8 +23,12 @@ Benchmark practice, shared by the in-process kinds (torch-cpu, onnxruntime-cpu, 
   CUDA uses CUDA events, synchronised once per sample;
 - inputs are seeded standard-normal tensors of the module's own shape (batch from params).
 
+`litert` and `executorch` (evit/latency/mobile.py) time the phone runtimes in process,
+with this same discipline, on converted files.
+
 The `command` kind runs an external benchmark (adb + TFLite `benchmark_model`, a remote
 board, ...) once per module: the module is exported to ONNX with the pipeline's exporter
+(or, with `format: tflite | pte`, converted to LiteRT / lowered to ExecuTorch)
 and the command template gets {model}, {input_shape}, {resolution} (and {batch_size},
 {threads}, {warmup}, {repeats}); it does its own warm-up/repeats and prints the latency
 in ms as the last stand-alone number on stdout (`evit.latency.ort_runner` is an example).
