@@ -84,6 +84,22 @@ def test_executorch_device_times_in_context_and_reuses_converted_files(tmp_path:
     assert again.files_made == 0 and again.files_reused == 1
 
 
+def test_executorch_device_prepared_outside_timing_with_other_threads(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread pool is sized before methods load (resizing it under loaded methods aborts)."""
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    arch = TINY.smallest()
+    shape = (1, 3, arch.resolution, arch.resolution)
+    for threads in (2, 1):
+        dev = get_device(DeviceParams(name="et", kind="executorch", threads=threads, warmup=1, repeats=3, rounds=1))
+        try:
+            dev.prepare(Item(functools.partial(_static, arch), shape, key="subnet"))
+            m = dev.measure_many([Item(functools.partial(_static, arch), shape, key="subnet")])[0]
+        finally:
+            dev.close()
+        assert m.n == 3 and m.median_ms > 0
+
+
 def _static(arch):  # noqa: ANN001, ANN202
     from evit.nn.static import StaticSubnet
 

@@ -108,7 +108,11 @@ def export_pte(module: nn.Module, example: torch.Tensor, path: str | os.PathLike
 
 
 def set_threads(n: int) -> None:
-    """Threads of the ExecuTorch runtime's shared XNNPACK thread pool (process-wide)."""
+    """Threads of the ExecuTorch runtime's shared XNNPACK thread pool (process-wide).
+
+    Call it before loading methods: resizing the pool while methods are loaded aborts the
+    process (the runtime's own warning: `_unsafe_reset_threadpool`).
+    """
     from executorch.extension.pybindings import portable_lib
 
     if portable_lib._threadpool_get_thread_count() != n:

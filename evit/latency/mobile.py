@@ -161,6 +161,18 @@ class ExecuTorchDevice(_MobileDevice):
         super().__init__(*args, **kwargs)
         self._programs: dict[Path, Any] = {}
 
+    def _prepare_batch(self, items: Sequence[Item]) -> None:
+        # ExecuTorch's XNNPACK thread pool is process-wide and must be sized before any
+        # method is loaded: resizing it under loaded methods crashes the process
+        from evit.export.pte import set_threads
+
+        set_threads(self.params.threads)
+        super()._prepare_batch(items)
+
+    def close(self) -> None:
+        super().close()
+        self._programs.clear()
+
     def check_available(self) -> None:
         try:
             from executorch.runtime import Runtime
