@@ -279,7 +279,9 @@ def export_result(
         if "tflite" in formats:
             from evit.export.tflite import LiteRTConverter
 
-            converter = stack.enter_context(LiteRTConverter())  # one converter process for every budget
+            # one converter process for every budget, started first: a converter venv that cannot
+            # be created stops the export before any subnet is calibrated
+            converter = stack.enter_context(LiteRTConverter()).start()
         for entry in result["budgets"]:
             exported.extend(_export_entry(params, device, entry, supernet, data, name, device_info, provenance,
                                           out_root, formats, converter))

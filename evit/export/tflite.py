@@ -56,6 +56,12 @@ class LiteRTConverter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def start(self) -> LiteRTConverter:
+        """Create the venv if needed and start the worker now (fail early, before expensive work)."""
+        if self._proc is None:
+            self._start()
+        return self
+
     def _start(self) -> subprocess.Popen[str]:
         python = ensure_env()
         self._shim = tempfile.TemporaryDirectory(prefix="evit-litert-")
