@@ -87,11 +87,17 @@ def test_export_friendly_forms_compute_the_plain_function(space: SearchSpace) ->
 
 
 def test_layer_norm_4d_matches_layer_norm() -> None:
+    """The form torch.export traces (and so every mobile file holds) is the layer norm, within 1e-6."""
     ln = LayerNorm4d(48)
     randomise(ln, 3)
     x = torch.randn(2, 49, 48) * 3 + 1
     with torch.no_grad():
-        assert (ln(x) - F.layer_norm(x, (48,), ln.weight, ln.bias, ln.eps)).abs().max() <= 1e-6
+        ref = F.layer_norm(x, (48,), ln.weight, ln.bias, ln.eps)
+        assert (ln.decomposed(x) - ref).abs().max() <= 1e-6
+        assert torch.equal(ln(x), ref)  # eager: torch's own layer norm
+        exported = torch.export.export(ln, (x,))
+    assert "layer_norm" not in str(exported.graph) and "mean" in str(exported.graph)
+    assert (exported.module()(x) - ref).abs().max() <= 1e-6
 
 
 def test_shortcut_pool_keeps_ceil_mode_only_where_a_window_is_partial() -> None:

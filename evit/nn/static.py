@@ -18,8 +18,9 @@ Export-friendly forms. Every block is written so that mobile delegates take it w
 (ExecuTorch's XNNPACK partitioner: 1-2 partitions per subnet, nothing left outside;
 LiteRT: fully delegated to XNNPACK), with the same outputs as the plain forms (within
 1e-6, `tests/test_export_friendly.py`):
-- layer norm as mean / rsqrt on a (B, N, 1, C) view (XNNPACK's mean is a 4-D,
-  keepdim, inner-two-dims reduction; `native_layer_norm` is not delegated);
+- layer norm, when traced by `torch.export`, as mean / rsqrt on a (B, N, 1, C) view
+  (XNNPACK's mean is a 4-D, keepdim, inner-two-dims reduction; `native_layer_norm` is
+  not delegated); eager keeps torch's fused layer norm;
 - the relative-position bias gathered once into a (heads, N, N) buffer whenever the
   module goes to eval mode or loads weights (a gather, `aten.index`, is not delegated);
 - attention products as 3-D `bmm` (`MatMul`), q/k/v by slicing (not `split`), the
@@ -57,11 +58,13 @@ class ConvBNAct(nn.Sequential):
 
 
 class LayerNorm4d(nn.LayerNorm):
-    """`nn.LayerNorm(width)` over the last dim, computed as mean / rsqrt on a 4-D view.
+    """`nn.LayerNorm(width)` over the last dim; under `torch.export`, mean / rsqrt on a 4-D view.
 
-    Same parameters (state_dict keys) and, within float rounding (~1e-7), the same output
-    as `nn.LayerNorm`; the (B, N, 1, C) view lets XNNPACK run both means as its 4-D
-    global average pool, so the whole norm is delegated on mobile runtimes.
+    Same parameters (state_dict keys) as `nn.LayerNorm`. Eager (and the ONNX exporter)
+    run torch's fused layer norm, the fastest form on a desktop CPU. When traced by
+    `torch.export` (ExecuTorch lowering, the LiteRT converter) it is written as two
+    means over a (B, N, 1, C) view, which XNNPACK runs as its 4-D global average pool,
+    so the whole norm is delegated; the two agree within float rounding (~1e-7).
     """
 
     def __init__(self, width: int, eps: float = LN_EPS) -> None:
@@ -71,6 +74,12 @@ class LayerNorm4d(nn.LayerNorm):
         self.register_buffer("eps_t", torch.full((1, 1, 1, 1), eps), persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
+        if torch.compiler.is_exporting():
+            return self.decomposed(t)
+        return super().forward(t)
+
+    def decomposed(self, t: Tensor) -> Tensor:
+        """The delegate-friendly form (what `torch.export` traces)."""
         shape = t.shape
         x = t.reshape(-1, 1, 1, shape[-1]) if t.dim() != 3 else t.reshape(shape[0], shape[1], 1, shape[2])
         mu = x.mean((2, 3), keepdim=True)
