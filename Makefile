@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export MLFLOW_ENABLE_TELEMETRY ?= false
 
-.PHONY: setup run test test-fast bench lock clean
+.PHONY: setup litert-env run test test-fast bench lock clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): requirements.lock pyproject.toml
 	  | { grep -v "^WARNING: Location" || true; }
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --disable-pip-version-check -e .
 	@touch $(STAMP)
+
+# The LiteRT converter's own venv (.venv-litert from requirements-litert.lock). Optional:
+# the first .tflite export creates it on demand (evit/export/litert_env.py).
+litert-env: setup
+	$(PY) -c "from evit.export.litert_env import ensure_env; print(ensure_env())"
 
 run: setup
 	$(VENV)/bin/evit pipeline
@@ -40,4 +45,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-litert

@@ -320,7 +320,7 @@ def export(
 @_friendly
 def fetch(
     ref: Annotated[str, typer.Argument(help="registered model, e.g. evit-cpu-1t@champion or evit-cpu-1t/3")],
-    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript | pytorch")] = "onnx",
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript | pytorch | tflite | pte")] = "onnx",
     out: Annotated[Path, typer.Option("--out", help="directory to write the model files to")] = Path("fetched"),
     params: ParamsOpt = Path("params.yaml"),
     card: Annotated[bool, typer.Option("--card", help="print the full card and file list as JSON")] = False,

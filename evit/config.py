@@ -231,6 +231,10 @@ class AblateParams(_Section):
 
 # --- devices ---------------------------------------------------------------------------------
 
+THREAD_CLOCK_KINDS = ("torch-cpu", "onnxruntime-cpu", "litert", "executorch")
+"""Kinds whose single-threaded runs execute on the calling thread (clock 'thread' applies)."""
+
+
 class DeviceParams(_Section):
     """One latency target: how to run a subnet there and how to benchmark it.
 
@@ -239,15 +243,22 @@ class DeviceParams(_Section):
     """
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
-    kind: Literal["torch-cpu", "onnxruntime-cpu", "cuda", "command"]
+    kind: Literal["torch-cpu", "onnxruntime-cpu", "cuda", "litert", "executorch", "command"]
     threads: PosInt = 1
-    """torch-cpu: torch.set_num_threads while timing; onnxruntime-cpu: intra-op threads."""
+    """torch-cpu: torch.set_num_threads while timing; onnxruntime-cpu: intra-op threads;
+    litert / executorch: XNNPACK threads."""
+    gpu: bool = False
+    """litert on a phone (kind command with infra/devices/litert_benchmark.sh): the GPU
+    delegate. The in-process litert kind times the CPU (XNNPACK) path only."""
+    format: Literal["onnx", "tflite", "pte"] = "onnx"
+    """kind=command: the model file the runner gets as {model} (onnx; tflite for LiteRT's
+    benchmark_model; pte for ExecuTorch's executor_runner)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Half precisions are for kind=cuda only (CPU runtimes time float32)."""
     runtime: Literal["eager", "torchscript"] = "eager"
     """torch-cpu / cuda: time the eager module or its traced+frozen TorchScript."""
     command: str | None = None
-    """For kind=command: a shell command template with {model} (ONNX file), {input_shape}
+    """For kind=command: a shell command template with {model} (the model file, in `format`), {input_shape}
     (e.g. 1,3,32,32) and {resolution} (input side); also {batch_size}, {threads}, {warmup},
     {repeats}. It must print the latency in ms as the last stand-alone number on stdout
     (e.g. `python -m evit.latency.ort_runner {model} --input-shape {input_shape}`)."""
@@ -294,9 +305,14 @@ class DeviceParams(_Section):
         if self.kind != "cuda" and self.dtype != "float32":
             raise ValueError(f"device '{self.name}': dtype {self.dtype!r} needs kind 'cuda'; "
                              f"kind {self.kind!r} accepts only 'float32'")
-        if self.clock == "thread" and (self.threads != 1 or self.kind not in ("torch-cpu", "onnxruntime-cpu")):
+        if self.clock == "thread" and (self.threads != 1 or self.kind not in THREAD_CLOCK_KINDS):
             raise ValueError(f"device '{self.name}': clock 'thread' times the calling thread only, so it needs "
-                             "threads: 1 and kind torch-cpu or onnxruntime-cpu; accepted here: auto, wall")
+                             f"threads: 1 and kind {' or '.join(THREAD_CLOCK_KINDS)}; accepted here: auto, wall")
+        if self.gpu and self.kind not in ("litert", "command"):
+            raise ValueError(f"device '{self.name}': gpu applies to kinds 'litert' and 'command' (phones); "
+                             f"kind {self.kind!r} accepts only gpu: false")
+        if self.format != "onnx" and self.kind != "command":
+            raise ValueError(f"device '{self.name}': format {self.format!r} applies to kind 'command' only")
         if self.runtime != "eager" and self.kind not in ("torch-cpu", "cuda"):
             raise ValueError(f"device '{self.name}': runtime {self.runtime!r} applies to kinds 'torch-cpu' "
                              f"and 'cuda' only; kind {self.kind!r} accepts only 'eager'")
@@ -341,6 +357,10 @@ class ExportParams(_Section):
     register_model: bool = True
     model_name: str = "evit-{device}"
     """Registered model name; {device} is replaced by the device name."""
+    formats: list[Literal["onnx", "tflite", "pte"]] = ["onnx", "tflite", "pte"]
+    """Model files per exported subnet, each checked against eager PyTorch: onnx (always
+    written), tflite (LiteRT fp32, via the converter venv made on first use), pte
+    (ExecuTorch, XNNPACK-delegated)."""
 
 
 # --- storage / tracking ----------------------------------------------------------------------

@@ -61,7 +61,9 @@ PT2_TAG = "evit.pt2_sha256"
 """sha256 of the logged `data/model.pt2` (MLflow writes it, so it is hashed after logging)."""
 FILE_TAG_PREFIX = "evit.sha256."
 EXTRA_FILES = ("model.onnx", "arch.json", "model.safetensors", "card.json", "card.md")
-FORMATS = ("onnx", "torchscript", "pytorch")
+MOBILE_FILES = {"tflite": "model.tflite", "pte": "model.pte"}
+"""Mobile formats (export.formats): registered beside EXTRA_FILES when the export made them."""
+FORMATS = ("onnx", "torchscript", "pytorch", "tflite", "pte")
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _REF_RE = re.compile(r"^(?:models:/)?(?P<name>[^@/\s]+)(?:@(?P<alias>[^@/\s]+)|/(?P<version>\d+))$")
 
@@ -416,7 +418,7 @@ def _register_once(client: Any, params: Params, name: str, folder: Path, card: d
                               "latency_measured_ms": float(card["latency"]["measured_ms"])})
         info = mlflow.pytorch.log_model(
             module, name="model", signature=signature, input_example=example,
-            serialization_format="pt2", extra_files=[str(folder / f) for f in EXTRA_FILES],
+            serialization_format="pt2", extra_files=[str(folder / f) for f in _artifact_files(folder)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
             tags={HASH_TAG: tags[HASH_TAG]},
         )
@@ -452,7 +454,7 @@ def register_export(params: Params, folder: Path, *, on_step: Callable[[str], No
     for f, digest in card["files"].items():
         if sha256_file(folder / f) != digest:
             raise RegistryError(f"{folder / f} does not match the sha256 in its card; re-run the export")
-    card_files = {f: sha256_file(folder / f) for f in EXTRA_FILES}
+    card_files = {f: sha256_file(folder / f) for f in _artifact_files(folder)}
     tags = card_tags(card, card_files)
     name = params.export.model_name.format(device=card["device"]["name"])
     uri = registry_uri(params)
@@ -591,6 +593,11 @@ def verify_files(folder: Path, tags: dict[str, str], where: str) -> dict[str, st
     return expected
 
 
+def _artifact_files(folder: Path) -> tuple[str, ...]:
+    """The files registered with a version: the core ones plus the mobile formats present."""
+    return EXTRA_FILES + tuple(f for f in MOBILE_FILES.values() if (folder / f).is_file())
+
+
 def _write_format(fmt: str, src: Path, model_dir: Path, out: Path) -> dict[str, str]:
     """Write the requested format into `out`; returns role -> path."""
     files: dict[str, str] = {}
@@ -602,9 +609,15 @@ def _write_format(fmt: str, src: Path, model_dir: Path, out: Path) -> dict[str, 
         os.replace(tmp, target)
         files[name] = str(target)
 
+    if fmt in MOBILE_FILES and not (src / MOBILE_FILES[fmt]).is_file():
+        raise RegistryError(f"this model version has no {MOBILE_FILES[fmt]} (it was exported without "
+                            f"'{fmt}' in export.formats); accepted here: onnx, torchscript, pytorch"
+                            + "".join(f", {k}" for k, f in MOBILE_FILES.items() if (src / f).is_file()))
     copy("card.json")
     copy("card.md")
-    if fmt == "onnx":
+    if fmt in MOBILE_FILES:
+        copy(MOBILE_FILES[fmt])
+    elif fmt == "onnx":
         copy("model.onnx")
     elif fmt == "pytorch":
         copy("arch.json")

@@ -40,6 +40,7 @@ TINY: dict[str, Any] = {
     "search": {"population": 4, "generations": 1, "top_k": 2, "mutations": 2, "crossovers": 2,
                "bn_calib_batches": 1, "eval_batch_size": 64},
     "tracking": {"retries": 1},
+    "export": {"formats": ["onnx"]},  # the mobile formats: test_e2e (all formats) and test_mobile_export
 }
 
 

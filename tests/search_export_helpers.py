@@ -61,7 +61,8 @@ def registry_params(tracking_uri: str, *, model_name: str | None = None, registr
 
 
 def make_export(root: Path, *, seed: int = 0, val_top1: float = 0.5, budget: Budget | None = None,
-                arch: Arch | None = None, device: str = "dev") -> tuple[Path, Any]:
+                arch: Arch | None = None, device: str = "dev", formats: tuple[str, ...] = ("onnx",),
+                converter: Any = None) -> tuple[Path, Any]:
     """Export one tiny static subnet with a complete card; returns (folder, static module)."""
     from evit.nn.static import extract
 
@@ -79,7 +80,7 @@ def make_export(root: Path, *, seed: int = 0, val_top1: float = 0.5, budget: Bud
         classes=[f"class-{i}" for i in range(TINY.num_classes)], opset=17,
     )
     folder = root / f"{budget.label}-s{seed}-v{val_top1}"
-    export_subnet(static, arch, folder, card=card, opset=17)
+    export_subnet(static, arch, folder, card=card, opset=17, formats=formats, converter=converter)
     return folder, static
 
 

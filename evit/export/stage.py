@@ -3,6 +3,10 @@
 Per feasible budget in `<search_dir>/result.json`, under `<export_dir>/<budget-label>/`:
 - `model.onnx`: the static subnet (weights copied from the supernet), checked against
   the PyTorch module with onnxruntime before it is kept;
+- `model.tflite` (LiteRT, fp32; converted in the converter venv from arch.json +
+  model.safetensors) and `model.pte` (ExecuTorch, XNNPACK), as `export.formats` asks,
+  each checked against PyTorch on a seeded input (max abs diff on the card; the export
+  fails above the tolerance; the .pte's delegate partitions are on the card too);
 - `arch.json` + `model.safetensors`: the architecture and the static subnet's
   state_dict, enough to rebuild it with `evit.nn.static.load_static` (no pickles);
 - `card.json` + `card.md`: the model card (evit.export.card), with the sha256 of the
@@ -16,9 +20,12 @@ Outputs: `<export_dir>/<label>/...`, `<export_dir>/index.json`, `metrics/export-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,8 @@ from evit import __version__, cancel, paths
 from evit.arch import Arch
 from evit.config import Params
 from evit.errors import UserError
-from evit.export.card import CARD_VERSION, data_facts, file_hashes, git_commit, host_description, render_markdown
+from evit.export.card import (CARD_VERSION, MODEL_FILES, data_facts, file_hashes, git_commit, host_description,
+                               render_markdown)
 from evit.io import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from evit.search.stage import RESULT_FILE
 
@@ -41,6 +49,47 @@ VAL_DRIFT_LIMIT = 0.01
 
 class ExportError(UserError):
     """The search result to export is missing, or an exported file fails its check."""
+
+
+def _seeded_input(resolution: int, seed: int) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 3, resolution, resolution, generator=g)
+
+
+def check_outputs(what: str, path: Path, got: np.ndarray, ref: np.ndarray) -> float:
+    """Max abs difference of a runtime's output from PyTorch's (ExportError past the tolerance)."""
+    diff = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref)))
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    if not diff <= ONNX_TOLERANCE * scale:
+        raise ExportError(f"{path}: {what} output differs from PyTorch by {diff:.3g} "
+                          f"(tolerance {ONNX_TOLERANCE * scale:.3g}); not exporting a wrong model")
+    return diff
+
+
+def check_tflite(path: Path, module: Any, resolution: int, seed: int = 0) -> float:
+    """Max abs difference between the LiteRT interpreter (XNNPACK) and PyTorch on a seeded input."""
+    import torch
+
+    from evit.export.tflite import run_tflite
+
+    x = _seeded_input(resolution, seed)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    return check_outputs("LiteRT", path, run_tflite(path, x.numpy()), ref)
+
+
+def check_pte(path: Path, module: Any, resolution: int, seed: int = 0) -> float:
+    """Max abs difference between the ExecuTorch runtime (XNNPACK) and PyTorch on a seeded input."""
+    import torch
+
+    from evit.export.pte import run_pte
+
+    x = _seeded_input(resolution, seed)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    return check_outputs("ExecuTorch", path, run_pte(path, x).numpy(), ref)
 
 
 def check_onnx(onnx_path: Path, module: Any, resolution: int, seed: int = 0) -> float:
@@ -86,10 +135,14 @@ def export_subnet(
     *,
     card: dict[str, Any],
     opset: int,
+    formats: Sequence[str] = ("onnx",),
+    converter: Any = None,
 ) -> dict[str, Any]:
     """Write model.onnx, arch.json, model.safetensors, card.json, card.md into `folder` (atomic).
 
-    `card` is completed with the file hashes and the ONNX check; the final card is returned.
+    Plus model.tflite / model.pte when `formats` names them (`converter`: a running
+    `evit.export.tflite.LiteRTConverter` to reuse; else one is started for this call).
+    `card` is completed with the file hashes and the format checks; the final card is returned.
     """
     import torch
     from safetensors.torch import save_file
@@ -108,11 +161,44 @@ def export_subnet(
         meta = json.dumps({"arch": arch.to_dict(), "format": "evit-static-subnet", "evit_version": __version__},
                           sort_keys=True)
         save_file(state, str(tmp / "model.safetensors"), metadata={"evit": meta})
-        full = {**card, "files": file_hashes(tmp), "weights_sha256": weights_digest(state),
-                "onnx": {**card.get("onnx", {}), "max_abs_diff_vs_torch": diff}}
+        mobile = _export_mobile(static, arch, tmp, card["space"], formats, converter)
+        names = MODEL_FILES + tuple(f"model.{fmt}" for fmt in mobile)
+        full = {**card, "files": file_hashes(tmp, names), "weights_sha256": weights_digest(state),
+                "onnx": {**card.get("onnx", {}), "max_abs_diff_vs_torch": diff}, **mobile}
         write_json_atomic(tmp / "card.json", full)
         write_text_atomic(tmp / "card.md", render_markdown(full))
     return full
+
+
+def _export_mobile(static: Any, arch: Arch, folder: Path, space: dict[str, Any], formats: Sequence[str],
+                   converter: Any) -> dict[str, dict[str, Any]]:
+    """model.tflite / model.pte in `folder` (already holding arch.json + model.safetensors); card sections."""
+    import torch
+
+    out: dict[str, dict[str, Any]] = {}
+    if "tflite" in formats:
+        from evit.export.tflite import LiteRTConverter
+
+        conv = converter or LiteRTConverter()
+        try:
+            t0 = time.monotonic()
+            conv.convert_subnet(folder / "arch.json", folder / "model.safetensors", space, folder / "model.tflite")
+            seconds = time.monotonic() - t0
+        finally:
+            if converter is None:
+                conv.close()
+        out["tflite"] = {"runtime": "LiteRT (ai-edge-litert), fp32, XNNPACK delegate",
+                         "max_abs_diff_vs_torch": check_tflite(folder / "model.tflite", static, arch.resolution),
+                         "convert_seconds": round(seconds, 1)}
+    if "pte" in formats:
+        from evit.export.pte import export_pte
+
+        t0 = time.monotonic()
+        report = export_pte(static, torch.zeros(1, 3, arch.resolution, arch.resolution), folder / "model.pte")
+        out["pte"] = {"runtime": "ExecuTorch, fp32, XNNPACK delegate", **report.to_dict(),
+                      "max_abs_diff_vs_torch": check_pte(folder / "model.pte", static, arch.resolution),
+                      "lower_seconds": round(time.monotonic() - t0, 1)}
+    return out
 
 
 def build_card(
@@ -180,9 +266,6 @@ def export_result(
     The exported weights are the BN-calibrated static subnet (evit.search.fitness), checked
     to reproduce the search's val top-1 before anything is written.
     """
-    from evit.search.fitness import calibrated_static, split_top1
-
-    sp = params.search
     name = params.export.model_name.format(device=device)
     sources = result.get("sources", {})
     provenance = {
@@ -195,33 +278,19 @@ def export_result(
     device_info = {"name": device, "params": result.get("device_params", params.device(device).model_dump(mode="json")),
                    "host": result.get("device_description") or host_description()}
     exported: list[dict[str, Any]] = []
-    for entry in result["budgets"]:
-        cancel.check(f"export@{device}: nothing registered")
-        if not entry.get("feasible"):
-            log.warning("skipping budget %s of %s: %s", entry["label"], device, entry.get("reason"))
-            continue
-        arch = supernet.space.validate(Arch.from_dict(entry["arch"]))
-        static = calibrated_static(supernet, arch, data, bn_batches=sp.bn_calib_batches,
-                                   batch_size=sp.eval_batch_size, seed=sp.seed)
-        val = split_top1(static, data, "val", arch.resolution, sp.eval_batch_size)
-        drift = abs(val - float(entry["val_top1"]))
-        if drift > VAL_DRIFT_LIMIT:
-            raise ExportError(
-                f"the exported {device} {entry['label']} subnet scores {val:.4f} on val, but the search recorded "
-                f"{entry['val_top1']:.4f}; the checkpoint, data or search settings changed since "
-                f"`evit search -d {device}`: re-run it")
-        if drift > 0:
-            log.warning("%s %s: val top-1 %.4f at export vs %.4f at search (another compute device?); the card "
-                        "records the exported model's %.4f", device, entry["label"], val, entry["val_top1"], val)
-        entry = {**entry, "val_top1": val}
-        card = build_card(name=name, arch=arch, space_dict=supernet.space.to_dict(), budget=entry["budget"],
-                          entry=entry, device=device_info, provenance=provenance, classes=list(data.classes),
-                          opset=params.export.onnx_opset)
-        folder = out_root / entry["label"]
-        full = export_subnet(static, arch, folder, card=card, opset=params.export.onnx_opset)
-        log.info("exported %s %s -> %s (val top-1 %.4f, %.3f ms measured)", device, entry["label"], folder,
-                 val, entry["measured_latency_ms"])
-        exported.append({"label": entry["label"], "folder": str(folder), "card": full})
+    formats = params.export.formats
+    with contextlib.ExitStack() as stack:
+        converter = None
+        if "tflite" in formats:
+            from evit.export.tflite import LiteRTConverter
+
+            # one converter process for every budget, started first: a converter venv that cannot
+            # be created stops the export before any subnet is calibrated
+            converter = stack.enter_context(LiteRTConverter()).start()
+        for entry in result["budgets"]:
+            cancel.check(f"export@{device}: nothing registered")
+            exported.extend(_export_entry(params, device, entry, supernet, data, name, device_info, provenance,
+                                          out_root, formats, converter))
     entries = [{"label": e["label"], "folder": e["folder"], "arch_key": e["card"]["arch_key"],
                 "files": e["card"]["files"]} for e in exported]
     index_path = out_root / "index.json"
@@ -231,6 +300,41 @@ def export_result(
     index = {"device": device, "model_name": name, "subnets": entries}
     write_json_atomic(out_root / "index.json", index)
     return exported
+
+
+def _export_entry(params: Params, device: str, entry: dict[str, Any], supernet: Any, data: Any, name: str,
+                  device_info: dict[str, Any], provenance: dict[str, Any], out_root: Path, formats: Sequence[str],
+                  converter: Any) -> list[dict[str, Any]]:
+    """Export one budget's subnet (none when the budget was infeasible)."""
+    from evit.search.fitness import calibrated_static, split_top1
+
+    sp = params.search
+    if not entry.get("feasible"):
+        log.warning("skipping budget %s of %s: %s", entry["label"], device, entry.get("reason"))
+        return []
+    arch = supernet.space.validate(Arch.from_dict(entry["arch"]))
+    static = calibrated_static(supernet, arch, data, bn_batches=sp.bn_calib_batches,
+                               batch_size=sp.eval_batch_size, seed=sp.seed)
+    val = split_top1(static, data, "val", arch.resolution, sp.eval_batch_size)
+    drift = abs(val - float(entry["val_top1"]))
+    if drift > VAL_DRIFT_LIMIT:
+        raise ExportError(
+            f"the exported {device} {entry['label']} subnet scores {val:.4f} on val, but the search recorded "
+            f"{entry['val_top1']:.4f}; the checkpoint, data or search settings changed since "
+            f"`evit search -d {device}`: re-run it")
+    if drift > 0:
+        log.warning("%s %s: val top-1 %.4f at export vs %.4f at search (another compute device?); the card "
+                    "records the exported model's %.4f", device, entry["label"], val, entry["val_top1"], val)
+    entry = {**entry, "val_top1": val}
+    card = build_card(name=name, arch=arch, space_dict=supernet.space.to_dict(), budget=entry["budget"],
+                      entry=entry, device=device_info, provenance=provenance, classes=list(data.classes),
+                      opset=params.export.onnx_opset)
+    folder = out_root / entry["label"]
+    full = export_subnet(static, arch, folder, card=card, opset=params.export.onnx_opset, formats=formats,
+                         converter=converter)
+    log.info("exported %s %s -> %s (val top-1 %.4f, %.3f ms measured)", device, entry["label"], folder,
+             val, entry["measured_latency_ms"])
+    return [{"label": entry["label"], "folder": str(folder), "card": full}]
 
 
 def export_device(params: Params, device: str, *, register: bool | None = None,
@@ -311,7 +415,9 @@ def export_metrics(exported: list[dict[str, Any]], registered: list[dict[str, An
     return {
         "exported": len(exported),
         "budgets": {e["label"]: {"onnx_max_abs_diff": e["card"]["onnx"]["max_abs_diff_vs_torch"],
-                                 "onnx_bytes": (Path(e["folder"]) / "model.onnx").stat().st_size}
+                                 "onnx_bytes": (Path(e["folder"]) / "model.onnx").stat().st_size,
+                                 **{f"{fmt}_max_abs_diff": e["card"][fmt]["max_abs_diff_vs_torch"]
+                                    for fmt in ("tflite", "pte") if fmt in e["card"]}}
                     for e in exported},
         "registered": {r["label"]: {"version": r["version"]} for r in registered},
     }

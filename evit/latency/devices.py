@@ -23,8 +23,12 @@ Benchmark practice, shared by the in-process kinds (torch-cpu, onnxruntime-cpu, 
   CUDA uses CUDA events, synchronised once per sample;
 - inputs are seeded standard-normal tensors of the module's own shape (batch from params).
 
+`litert` and `executorch` (evit/latency/mobile.py) time the phone runtimes in process,
+with this same discipline, on converted files.
+
 The `command` kind runs an external benchmark (adb + TFLite `benchmark_model`, a remote
 board, ...) once per module: the module is exported to ONNX with the pipeline's exporter
+(or, with `format: tflite | pte`, converted to LiteRT / lowered to ExecuTorch)
 and the command template gets {model}, {input_shape}, {resolution} (and {batch_size},
 {threads}, {warmup}, {repeats}); it does its own warm-up/repeats and prints the latency
 in ms as the last stand-alone number on stdout (`evit.latency.ort_runner` is an example).
@@ -56,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evit.config import DeviceParams
+from evit.config import THREAD_CLOCK_KINDS, DeviceParams
 from evit.errors import DeviceError
 
 log = logging.getLogger(__name__)
@@ -354,7 +358,7 @@ class Device(abc.ABC):
         dp = self.params
         if dp.clock != "auto":
             return dp.clock
-        return "thread" if dp.kind in ("torch-cpu", "onnxruntime-cpu") and dp.threads == 1 else "wall"
+        return "thread" if dp.kind in THREAD_CLOCK_KINDS and dp.threads == 1 and not dp.gpu else "wall"
 
     def _clock(self) -> Callable[[], float]:
         return time.thread_time if self.clock_name == "thread" else time.perf_counter
@@ -618,9 +622,25 @@ class CommandDevice(Device):
         """An external runner cannot time a module inside a sequence: each is timed on its own."""
         return [self.measure_many(chain) for chain in chains]
 
+    def close(self) -> None:
+        converter = getattr(self, "_converter", None)
+        if converter is not None:
+            converter.close()
+            self._converter = None
+        super().close()
+
     def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
-        path = self._onnx_file(module, item, workdir)
         shape = item.input_shape
+        if self.params.format == "onnx":
+            path = self._onnx_file(module, item, workdir)
+        else:  # the runner asks for a mobile format (format: tflite | pte)
+            from evit.latency.mobile import model_file
+
+            if self.params.format == "tflite" and getattr(self, "_converter", None) is None:
+                from evit.export.tflite import LiteRTConverter
+
+                self._converter = LiteRTConverter()
+            path = model_file(self.params.format, module, shape, workdir, getattr(self, "_converter", None))
         return Prepared(lambda _x: self.run_command(path, shape), None)
 
 
@@ -633,6 +653,10 @@ _KINDS: dict[str, type[Device]] = {
 
 def get_device(dp: DeviceParams, *, opset: int = 17) -> Device:
     """The `Device` for one validated `devices:` entry (`opset` for kinds that export ONNX)."""
+    if dp.kind in ("litert", "executorch"):
+        from evit.latency.mobile import MOBILE_KINDS  # its own module: the mobile runtimes load lazily
+
+        return MOBILE_KINDS[dp.kind](dp, opset=opset)
     try:
         cls = _KINDS[dp.kind]
     except KeyError:  # pragma: no cover - DeviceParams already restricts the kinds

@@ -119,7 +119,8 @@ def fingerprint(dp: DeviceParams, device: Device, space: SearchSpace, plan: Plan
     for k in ("name", "budgets_ms", "validate_subnets", "command_timeout_s"):
         settings.pop(k, None)
     desc = device.describe()
-    host = {k: desc.get(k) for k in ("hostname", "cpu", "torch", "onnxruntime", "gpu", "cuda", "clock")}
+    host = {k: desc.get(k) for k in ("hostname", "cpu", "torch", "onnxruntime", "gpu", "cuda", "clock", "executorch",
+                                     "ai-edge-litert") if k in desc or k not in ("executorch", "ai-edge-litert")}
     return {"format": FORMAT, "device": settings, "host": host, "space": space.structure_dict(),
             "opset": device.opset, "method": "in-context" if plan.carriers else "isolated"}
 

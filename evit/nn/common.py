@@ -25,9 +25,17 @@ class MatMul(nn.Module):
 
     The FLOPs convention counts the attention products; a module is the one hook point
     that works the same under eager, TorchScript and ONNX export.
+
+    Batched 4-D operands (B, heads, N, d) run as one 3-D `bmm` over B*heads: the same
+    arithmetic as `torch.matmul`, but ExecuTorch's XNNPACK partitioner takes a 3-D bmm
+    whole, while a 4-D matmul leaves an `expand_copy` outside the delegate.
     """
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.dim() == 4 and b.dim() == 4:
+            lead = a.shape[:2]
+            out = torch.bmm(a.reshape(-1, a.shape[2], a.shape[3]), b.reshape(-1, b.shape[2], b.shape[3]))
+            return out.reshape(lead[0], lead[1], out.shape[1], out.shape[2])
         return torch.matmul(a, b)
 
 

@@ -12,8 +12,20 @@ module is ever pickled. `extract` copies a subnet's weights out of the supernet.
 Layer norm: per token over channels (`nn.LayerNorm(width)`), a choice of ours. The
 reference normalises each sample over tokens and channels jointly (a GroupNorm with one
 group); per-token LayerNorm is the common ViT choice, does not mix statistics across
-tokens (so a token map's side does not change the normalisation), and exports to
-every runtime as one op.
+tokens (so a token map's side does not change the normalisation).
+
+Export-friendly forms. Every block is written so that mobile delegates take it whole
+(ExecuTorch's XNNPACK partitioner: 1-2 partitions per subnet, nothing left outside;
+LiteRT: fully delegated to XNNPACK), with the same outputs as the plain forms (within
+1e-6, `tests/test_export_friendly.py`):
+- layer norm, when traced by `torch.export`, as mean / rsqrt on a (B, N, 1, C) view
+  (XNNPACK's mean is a 4-D, keepdim, inner-two-dims reduction; `native_layer_norm` is
+  not delegated); eager keeps torch's fused layer norm;
+- the relative-position bias gathered once into a (heads, N, N) buffer whenever the
+  module goes to eval mode or loads weights (a gather, `aten.index`, is not delegated);
+- attention products as 3-D `bmm` (`MatMul`), q/k/v by slicing (not `split`), the
+  head's pool as a keepdim mean, and the shortcut's average pool without ceil mode
+  wherever no window is partial (the side divides by the stride).
 """
 
 from __future__ import annotations
@@ -45,11 +57,49 @@ class ConvBNAct(nn.Sequential):
         ]))
 
 
-class ConvShortcut(nn.Sequential):
-    """The non-identity shortcut: average pool (if strided, ceil mode) + 1x1 conv + BN."""
+class LayerNorm4d(nn.LayerNorm):
+    """`nn.LayerNorm(width)` over the last dim; under `torch.export`, mean / rsqrt on a 4-D view.
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        pool: nn.Module = (nn.AvgPool2d(stride, ceil_mode=True, count_include_pad=False)
+    Same parameters (state_dict keys) as `nn.LayerNorm`. Eager (and the ONNX exporter)
+    run torch's fused layer norm, the fastest form on a desktop CPU. When traced by
+    `torch.export` (ExecuTorch lowering, the LiteRT converter) it is written as two
+    means over a (B, N, 1, C) view, which XNNPACK runs as its 4-D global average pool,
+    so the whole norm is delegated; the two agree within float rounding (~1e-7).
+    """
+
+    def __init__(self, width: int, eps: float = LN_EPS) -> None:
+        super().__init__(width, eps=eps)
+        # eps as a float32 buffer: a Python scalar becomes a 0-d constant that ExecuTorch
+        # converts outside the delegate (a `_to_dim_order_copy` per norm)
+        self.register_buffer("eps_t", torch.full((1, 1, 1, 1), eps), persistent=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        if torch.compiler.is_exporting():
+            return self.decomposed(t)
+        return super().forward(t)
+
+    def decomposed(self, t: Tensor) -> Tensor:
+        """The delegate-friendly form (what `torch.export` traces)."""
+        shape = t.shape
+        x = t.reshape(-1, 1, 1, shape[-1]) if t.dim() != 3 else t.reshape(shape[0], shape[1], 1, shape[2])
+        mu = x.mean((2, 3), keepdim=True)
+        xc = x - mu
+        var = (xc * xc).mean((2, 3), keepdim=True)
+        y = xc * torch.rsqrt(var + self.eps_t) * self.weight + self.bias
+        return y.reshape(shape)
+
+
+class ConvShortcut(nn.Sequential):
+    """The non-identity shortcut: average pool (if strided) + 1x1 conv + BN.
+
+    The pool is ceil-mode (a partial last window averages what it covers); where the input
+    `side` is known and divides by the stride no window is partial, so the plain pool is
+    the same function, and the one mobile delegates take.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, side: int | None = None) -> None:
+        ceil = side is None or side % stride != 0
+        pool: nn.Module = (nn.AvgPool2d(stride, ceil_mode=ceil, count_include_pad=False)
                            if stride > 1 else nn.Identity())
         super().__init__(OrderedDict([
             ("pool", pool),
@@ -68,7 +118,7 @@ class MBConv(nn.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, expansion: int, kernel: int, stride: int, se: bool,
-                 se_reduction: int = 4) -> None:
+                 se_reduction: int = 4, side: int | None = None) -> None:
         super().__init__()
         mid = mbconv_mid(c_in, expansion)
         self.expand: nn.Module = ConvBNAct(c_in, mid, 1) if expansion != 1 else nn.Identity()
@@ -80,7 +130,7 @@ class MBConv(nn.Module):
         )
         self.project = ConvBNAct(mid, c_out, 1, act=False)
         self.shortcut: nn.Module = (nn.Identity() if c_in == c_out and stride == 1
-                                    else ConvShortcut(c_in, c_out, stride))
+                                    else ConvShortcut(c_in, c_out, stride, side))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.project.bn.weight)
@@ -97,6 +147,11 @@ class Attention(nn.Module):
     (rows: q of all heads, k of all heads, v head by head). V passes through a 3x3
     depthwise conv over the token map. Scores are q.k / sqrt(head_dim) plus a learned
     bias per head and relative offset; softmax; A.V; Hardswish; projection to the width.
+
+    `rel_bias` (the learned table) is the parameter; `attn_bias` (heads, N, N) is the table
+    gathered at this layer's offsets, a non-persistent buffer refreshed whenever the
+    module goes to eval mode or loads a state_dict, and what eval forwards (and exports)
+    add. Training forwards gather from `rel_bias` directly so its gradient flows.
     """
 
     def __init__(self, width: int, head_dim: int, v_scale: int, side: int) -> None:
@@ -111,20 +166,35 @@ class Attention(nn.Module):
         self.v_conv = nn.Conv2d(self.dv, self.dv, 3, 1, 1, groups=self.dv, bias=True)
         self.rel_bias = nn.Parameter(torch.zeros(self.heads, (2 * side - 1) ** 2))
         self.register_buffer("rel_index", rel_pos_index(side, side), persistent=False)
+        self.register_buffer("attn_bias", torch.zeros(self.heads, side * side, side * side), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_bias())
         self.qk = MatMul()
         self.softmax = nn.Softmax(dim=-1)
         self.av = MatMul()
         self.act = nn.Hardswish()
         self.proj = nn.Linear(self.dv, width)
 
+    @torch.no_grad()
+    def refresh_bias(self) -> None:
+        """Gather the relative-position table into `attn_bias` (after a weight change)."""
+        self.attn_bias.copy_(self.rel_bias[:, self.rel_index])
+
+    def train(self, mode: bool = True) -> Attention:
+        if not mode:
+            self.refresh_bias()
+        return super().train(mode)
+
     def forward(self, t: Tensor, h: int, w: int) -> Tensor:
         b, n, _ = t.shape
-        q, k, v = self.qkv(t).split(self.split, dim=-1)
+        qk_dim = self.split[0]
+        qkv = self.qkv(t)
+        q, k, v = qkv[..., :qk_dim], qkv[..., qk_dim:2 * qk_dim], qkv[..., 2 * qk_dim:]
         q = q.reshape(b, n, self.heads, self.head_dim).transpose(1, 2)  # B, h, N, d
         k = k.reshape(b, n, self.heads, self.head_dim).permute(0, 2, 3, 1)  # B, h, d, N
         v = self.v_conv(v.transpose(1, 2).reshape(b, self.dv, h, w))
         v = v.reshape(b, self.heads, self.dv // self.heads, n).transpose(2, 3)  # B, h, N, dv
-        attn = self.qk(q, k) * self.scale + self.rel_bias[:, self.rel_index]
+        bias = self.rel_bias[:, self.rel_index] if self.training else self.attn_bias
+        attn = self.qk(q, k) * self.scale + bias
         out = self.av(self.softmax(attn), v)  # B, h, N, dv
         out = out.transpose(1, 2).reshape(b, n, self.dv)
         return self.proj(self.act(out))
@@ -135,9 +205,9 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, width: int, mlp_ratio: int, v_scale: int, head_dim: int, side: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.norm1 = LayerNorm4d(width, eps=LN_EPS)
         self.attn = Attention(width, head_dim, v_scale, side)
-        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        self.norm2 = LayerNorm4d(width, eps=LN_EPS)
         self.mlp = Mlp(width, mlp_ratio * width, act_layer=nn.Hardswish)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,7 +232,7 @@ class Head(nn.Module):
         self.classifier = nn.Linear(head_width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pre(x).mean((2, 3))
+        x = self.pre(x).mean((2, 3), keepdim=True).flatten(1)
         return self.classifier(self.drop(self.act(self.fc(x))))
 
 
@@ -185,7 +255,7 @@ def build_block(block: Block, head_dropout: float = 0.0) -> nn.Module:
     if b.kind == "first_conv":
         return ConvBNAct(b.c_in, b.c_out, 3, b.stride)
     if b.kind == "mbconv":
-        return MBConv(b.c_in, b.c_out, b.expansion, b.kernel, b.stride, b.se, b.se_reduction)
+        return MBConv(b.c_in, b.c_out, b.expansion, b.kernel, b.stride, b.se, b.se_reduction, side=b.h)
     if b.kind == "attn":
         return TransformerLayer(b.c_in, b.mlp_ratio, b.v_scale, b.head_dim, b.h)
     if b.kind == "head":

@@ -1,0 +1,85 @@
+"""LiteRT converter worker: runs inside the converter venv (evit.export.litert_env), never imported by evit.
+
+A long-lived process: one JSON request per line on stdin, one JSON answer per line on
+the protocol pipe (the original stdout; the converter's own prints go to stderr). It
+imports only the torch-level part of evit (arch, space, flops, nn.static), which needs
+torch, numpy, timm and safetensors, all pinned in requirements-litert.lock.
+
+Requests:
+- {"op": "subnet", "arch_json": PATH, "weights": PATH, "space": {...}, "out": PATH}:
+  the static subnet rebuilt from its arch JSON + safetensors, converted with one
+  signature `serving_default` taking `image` (1, 3, R, R).
+- {"op": "programs", "programs": [{"name": N, "pt2": PATH, "input_shapes": [[...]]}], "out": PATH}:
+  several `torch.export`ed programs (plain .pt2 archives: graph + weights, no pickles)
+  in one file, one signature each, so a latency table converts a batch of blocks per
+  converter call.
+Answer: {"ok": true, "seconds": S} or {"ok": false, "error": TEXT}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+
+def _atomic_export(model: Any, out: str) -> None:
+    tmp = f"{out}.tmp{os.getpid()}"
+    model.export(tmp)
+    os.replace(tmp, out)
+
+
+def _subnet(req: dict[str, Any]) -> None:
+    import litert_torch
+    import torch
+    from safetensors.torch import load_file
+
+    from evit.arch import Arch
+    from evit.export.card import space_from_dict
+    from evit.nn.static import load_static
+
+    arch = Arch.from_json(open(req["arch_json"]).read())
+    net = load_static(arch, space_from_dict(req["space"]), load_file(req["weights"])).eval()
+    x = torch.zeros(1, 3, arch.resolution, arch.resolution)
+    _atomic_export(litert_torch.convert(net, (x,)), req["out"])
+
+
+def _programs(req: dict[str, Any]) -> None:
+    import torch
+
+    import litert_torch
+
+    conv = litert_torch.Converter()
+    for item in req["programs"]:
+        ep = torch.export.load(item["pt2"])
+        conv.signature(item["name"], ep.module(), tuple(torch.zeros(s) for s in item["input_shapes"]))
+    _atomic_export(conv.convert(), req["out"])
+
+
+def main() -> None:
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything the converter prints goes to stderr, not into the protocol
+    sys.stdout = sys.stderr
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("EVIT_LITERT_THREADS", "1")))
+    proto.write(json.dumps({"ok": True, "ready": True}) + "\n")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        t0 = time.monotonic()
+        try:
+            req = json.loads(line)
+            {"subnet": _subnet, "programs": _programs}[req["op"]](req)
+            answer = {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, who raises
+            traceback.print_exc()
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        proto.write(json.dumps(answer) + "\n")
+
+
+if __name__ == "__main__":
+    main()

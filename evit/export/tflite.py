@@ -1,0 +1,173 @@
+"""LiteRT (.tflite) export through the converter venv, and in-process LiteRT runs.
+
+`LiteRTConverter` starts `evit/export/litert_worker.py` once in the converter's own venv
+(evit.export.litert_env, created on first use) and keeps it for many conversions, so
+the converter's import cost (torch, jax, litert) is paid once per table or export run.
+The interface is plain files: arch JSON + safetensors (+ the space as JSON) in, a
+.tflite out; the main process never imports litert-torch.
+
+`load_runner` / `run_tflite` run a .tflite with the `ai-edge-litert` interpreter from
+the main lock; its default XNNPACK delegate is the CPU path a phone's LiteRT takes.
+`full_delegation` asks LiteRT's own benchmark tool whether XNNPACK took every op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import evit
+from evit.errors import UserError
+from evit.export.litert_env import ensure_env
+
+log = logging.getLogger(__name__)
+
+
+class LiteRTError(UserError):
+    """A LiteRT conversion or run failed."""
+
+
+class LiteRTConverter:
+    """One long-lived converter process; use as a context manager (or call `close`)."""
+
+    def __init__(self, *, timeout_s: float = 900.0) -> None:
+        self.timeout_s = timeout_s
+        self._proc: subprocess.Popen[str] | None = None
+        self._shim: tempfile.TemporaryDirectory[str] | None = None
+        self._stderr: list[str] = []
+        self.conversions = 0
+        self.seconds = 0.0
+
+    def __enter__(self) -> LiteRTConverter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> LiteRTConverter:
+        """Create the venv if needed and start the worker now (fail early, before expensive work)."""
+        if self._proc is None:
+            self._start()
+        return self
+
+    def _start(self) -> subprocess.Popen[str]:
+        python = ensure_env()
+        self._shim = tempfile.TemporaryDirectory(prefix="evit-litert-")
+        # only evit itself on the path: the main venv's site-packages would break the converter's pins
+        (Path(self._shim.name) / "evit").symlink_to(Path(evit.__file__).resolve().parent)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        env.update(PYTHONPATH=self._shim.name, PYTHONNOUSERSITE="1", TF_CPP_MIN_LOG_LEVEL="2")
+        proc = subprocess.Popen([str(python), "-m", "evit.export.litert_worker"], cwd=self._shim.name, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                bufsize=1)
+        threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
+        self._proc = proc
+        self._answer("starting the converter")
+        return proc
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self._stderr.append(line.rstrip())
+            del self._stderr[:-40]
+
+    def _answer(self, what: str) -> dict[str, Any]:
+        assert self._proc is not None and self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait(timeout=30)
+            tail = "\n".join(self._stderr[-15:])
+            self._proc = None
+            raise LiteRTError(f"the LiteRT converter process exited (status {code}) while {what}:\n{tail}")
+        answer: dict[str, Any] = json.loads(line)
+        if not answer.get("ok"):
+            raise LiteRTError(f"LiteRT conversion failed while {what}: {answer.get('error')}\n"
+                              + "\n".join(self._stderr[-8:]))
+        return answer
+
+    def _request(self, req: dict[str, Any], what: str) -> float:
+        proc = self._proc or self._start()
+        assert proc.stdin is not None
+        timer = threading.Timer(self.timeout_s, proc.kill)
+        timer.start()
+        try:
+            proc.stdin.write(json.dumps(req) + "\n")
+            proc.stdin.flush()
+            answer = self._answer(what)
+        finally:
+            timer.cancel()
+        self.conversions += 1
+        self.seconds += float(answer.get("seconds", 0.0))
+        return float(answer.get("seconds", 0.0))
+
+    def convert_subnet(self, arch_json: Path, weights: Path, space: dict[str, Any], out: Path) -> Path:
+        """arch JSON + safetensors (+ space) -> `out` (.tflite, fp32, one signature)."""
+        s = self._request({"op": "subnet", "arch_json": str(arch_json), "weights": str(weights), "space": space,
+                           "out": str(out)}, f"converting {weights}")
+        log.info("converted %s to LiteRT in %.1f s", weights.parent, s)
+        return out
+
+    def convert_programs(self, programs: Sequence[tuple[str, Path, Sequence[Sequence[int]]]], out: Path) -> Path:
+        """Several (signature name, .pt2 file from `torch.export.save`, input shapes) -> one .tflite."""
+        self._request({"op": "programs", "out": str(out),
+                       "programs": [{"name": n, "pt2": str(p), "input_shapes": [list(s) for s in shapes]}
+                                    for n, p, shapes in programs]},
+                      f"converting {len(programs)} programs into {out.name}")
+        return out
+
+    def close(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(Exception):
+                assert self._proc.stdin is not None
+                self._proc.stdin.close()
+                self._proc.wait(timeout=30)
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc = None
+        if self._shim is not None:
+            self._shim.cleanup()
+            self._shim = None
+
+
+def interpreter(path: str | os.PathLike[str], threads: int = 1) -> Any:
+    """A LiteRT interpreter on `path` with its default XNNPACK delegate and `threads` threads."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=str(path), num_threads=threads)
+
+
+def signature_runner(interp: Any, name: str | None = None) -> tuple[Any, str]:
+    """(runner, input name) of one signature (the only one when `name` is None)."""
+    sigs = interp.get_signature_list()
+    if name is None:
+        name = next(iter(sigs))
+    runner = interp.get_signature_runner(name)
+    return runner, sigs[name]["inputs"][0]
+
+
+def run_tflite(path: str | os.PathLike[str], x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """One inference of the file's (single) signature on `x`."""
+    runner, in_name = signature_runner(interpreter(path, threads))
+    out = runner(**{in_name: np.ascontiguousarray(x, dtype=np.float32)})
+    return np.asarray(next(iter(out.values())))
+
+
+def full_delegation(path: str | os.PathLike[str], threads: int = 1) -> tuple[bool, str]:
+    """(fully delegated, tool output) from LiteRT's benchmark tool with `--require_full_delegation`."""
+    cmd = [sys.executable, "-m", "ai_edge_litert.tools.benchmark_litert_model", f"--model={path}",
+           f"--num_threads={threads}", "--num_runs=2", "--warmup_runs=1", "--require_full_delegation"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    return proc.returncode == 0 and re.search(r"Fully accelerated:\s+True", text) is not None, text

@@ -1,0 +1,207 @@
+"""Mobile formats and runtimes: .pte / .tflite exports, their checks, registry fetch, and the
+in-process `executorch` / `litert` latency devices.
+
+Fast tests use ExecuTorch (in the main lock). Tests marked slow need the LiteRT converter
+venv: it is created on demand from requirements-litert.lock the first time (minutes, on a
+brand-new machine too), then reused (`.venv-litert`, or EVIT_LITERT_VENV).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_servers import MlflowServer, mlflow_server  # noqa: F401
+from search_export_helpers import TINY, make_export, registry_params
+
+from evit.config import DeviceParams
+from evit.errors import UserError
+from evit.export.stage import ExportError
+from evit.flops import arch_blocks
+from evit.io import read_json, sha256_file
+from evit.latency.devices import Item, get_device
+from evit.nn.static import block_input_shape, build_block
+
+
+def _chain(arch) -> list[Item]:  # noqa: ANN001
+    blocks = arch_blocks(arch, TINY)
+    return [Item(functools.partial(build_block, b), block_input_shape(b), key=f"{b.key}#{i}", file_key=b.key)
+            for i, b in enumerate(blocks)]
+
+
+# --- ExecuTorch (fast) ------------------------------------------------------------------------
+
+def test_pte_export_is_checked_and_on_the_card(tmp_path: Path) -> None:
+    folder, static = make_export(tmp_path, seed=2, formats=("onnx", "pte"))
+    card = read_json(folder / "card.json")
+    assert card["files"]["model.pte"] == sha256_file(folder / "model.pte")
+    pte = card["pte"]
+    assert 1 <= pte["partitions"] <= 2 and pte["outside_ops"] == {}
+    assert pte["max_abs_diff_vs_torch"] < 1e-4
+    from evit.export.pte import run_pte
+
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        assert (run_pte(folder / "model.pte", x) - static(x)).abs().max() < 1e-4
+
+
+def test_pte_export_fails_when_the_runtime_disagrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import evit.export.pte as pte
+
+    real = pte.run_pte
+    monkeypatch.setattr(pte, "run_pte", lambda *a, **k: real(*a, **k) + 0.5)
+    with pytest.raises(ExportError, match="ExecuTorch output differs from PyTorch by 0.5"):
+        make_export(tmp_path, seed=2, formats=("onnx", "pte"))
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_executorch_device_times_in_context_and_reuses_converted_files(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    dp = DeviceParams(name="et", kind="executorch", threads=1, warmup=2, repeats=6, rounds=2)
+    dev = get_device(dp)
+    dev.check_available()
+    assert dev.clock_name == "thread" and dev.describe()["executorch"] == "1.5.1"
+    arch = TINY.largest()
+    try:
+        chain = dev.measure_chains([_chain(arch)])[0]
+        whole = dev.measure_many([Item(functools.partial(_static, arch), (1, 3, arch.resolution, arch.resolution),
+                                       key="e2e")])[0]
+    finally:
+        dev.close()
+    assert len(chain) == len(arch_blocks(arch, TINY)) and all(m.n == 6 and m.median_ms > 0 for m in chain)
+    assert whole.median_ms > 0
+    assert dev.files_made == 2 and len(list((tmp_path / "cache").glob("*.pte"))) == 2  # one file per batch
+    again = get_device(dp)
+    try:
+        again.measure_chains([_chain(arch)])
+    finally:
+        again.close()
+    assert again.files_made == 0 and again.files_reused == 1
+
+
+def test_executorch_device_prepared_outside_timing_with_other_threads(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread pool is sized before methods load (resizing it under loaded methods aborts)."""
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    arch = TINY.smallest()
+    shape = (1, 3, arch.resolution, arch.resolution)
+    for threads in (2, 1):
+        dev = get_device(DeviceParams(name="et", kind="executorch", threads=threads, warmup=1, repeats=3, rounds=1))
+        try:
+            dev.prepare(Item(functools.partial(_static, arch), shape, key="subnet"))
+            m = dev.measure_many([Item(functools.partial(_static, arch), shape, key="subnet")])[0]
+        finally:
+            dev.close()
+        assert m.n == 3 and m.median_ms > 0
+
+
+def _static(arch):  # noqa: ANN001, ANN202
+    from evit.nn.static import StaticSubnet
+
+    return StaticSubnet(arch, TINY)
+
+
+def test_litert_gpu_flag_is_for_phones() -> None:
+    from evit.errors import DeviceError
+
+    dev = get_device(DeviceParams(name="lt-gpu", kind="litert", gpu=True))
+    with pytest.raises(DeviceError, match="GPU delegate on a phone"):
+        dev.check_available()
+
+
+def test_converter_env_failure_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evit.export.litert_env import LiteRTEnvError, ensure_env
+
+    lock = tmp_path / "bad.lock"
+    lock.write_text("evit-no-such-package-anywhere==0.0.1\n")
+    monkeypatch.setenv("EVIT_LITERT_LOCK", str(lock))
+    monkeypatch.setenv("EVIT_LITERT_VENV", str(tmp_path / "venv"))
+    with pytest.raises(LiteRTEnvError, match="could not create the LiteRT converter environment") as err:
+        ensure_env()
+    assert isinstance(err.value, UserError) and "--no-deps -r" in str(err.value)
+    monkeypatch.setenv("EVIT_LITERT_LOCK", str(tmp_path / "missing.lock"))
+    with pytest.raises(LiteRTEnvError, match="lock file .* is missing"):
+        ensure_env()
+
+
+# --- LiteRT (slow: the converter venv) --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converter():  # noqa: ANN201
+    from evit.export.tflite import LiteRTConverter
+
+    with LiteRTConverter() as conv:
+        yield conv
+
+
+@pytest.mark.slow
+def test_tflite_export_checked_fully_delegated_and_fetchable(converter, mlflow_server: MlflowServer,  # noqa: ANN001, F811
+                                                              tmp_path: Path) -> None:
+    from evit import registry
+    from evit.export.tflite import full_delegation, run_tflite
+
+    folder, static = make_export(tmp_path / "exp", seed=4, formats=("onnx", "tflite", "pte"), converter=converter)
+    card = read_json(folder / "card.json")
+    assert card["tflite"]["max_abs_diff_vs_torch"] < 1e-4
+    assert card["files"]["model.tflite"] == sha256_file(folder / "model.tflite")
+    ok, text = full_delegation(folder / "model.tflite")
+    assert ok, text[-2000:]
+    x = np.random.default_rng(0).standard_normal((1, 3, 24, 24)).astype(np.float32)
+    with torch.no_grad():
+        assert np.abs(run_tflite(folder / "model.tflite", x) - static(torch.from_numpy(x)).numpy()).max() < 1e-4
+
+    params = registry_params(mlflow_server.url)
+    reg = registry.register_export(params, folder)
+    for fmt, name in (("tflite", "model.tflite"), ("pte", "model.pte")):
+        out = registry.fetch_model(params, f"{reg['name']}@champion", fmt, tmp_path / fmt)
+        assert sha256_file(Path(out["files"][name])) == card["files"][name]
+        assert json.loads((tmp_path / fmt / "fetch.json").read_text())["format"] == fmt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space_name", ["cpu", "imagenet"])
+def test_litert_fully_delegates_preset_subnets(converter, tmp_path: Path, space_name: str) -> None:  # noqa: ANN001
+    from safetensors.torch import save_file
+
+    from evit.export.tflite import full_delegation, run_tflite
+    from evit.nn.static import StaticSubnet
+    from evit.space import CPU, IMAGENET
+    from tests.test_nn import randomise
+
+    space = CPU if space_name == "cpu" else IMAGENET.with_classes(100)
+    arch = space.largest() if space_name == "cpu" else space.smallest()
+    net = StaticSubnet(arch, space)
+    randomise(net, 0)
+    net.eval()
+    (tmp_path / "arch.json").write_text(arch.to_json())
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    converter.convert_subnet(tmp_path / "arch.json", tmp_path / "model.safetensors", space.to_dict(),
+                             tmp_path / "model.tflite")
+    ok, text = full_delegation(tmp_path / "model.tflite")
+    assert ok, text[-2000:]
+    x = torch.randn(1, 3, arch.resolution, arch.resolution)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert np.abs(run_tflite(tmp_path / "model.tflite", x.numpy()) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_litert_device_times_blocks_from_one_multi_signature_file(converter, tmp_path: Path,  # noqa: ANN001
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    dev = get_device(DeviceParams(name="lt", kind="litert", threads=1, warmup=2, repeats=6, rounds=2))
+    dev.check_available()
+    dev._converter = converter  # share the module's converter process (the device would start its own)
+    arch = TINY.largest()
+    try:
+        chain = dev.measure_chains([_chain(arch)])[0]
+    finally:
+        dev._converter = None
+        dev.close()
+    assert all(m.n == 6 and m.median_ms > 0 for m in chain)
+    assert len(list((tmp_path / "cache").glob("*.tflite"))) == 1
