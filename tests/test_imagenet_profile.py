@@ -84,6 +84,6 @@ def test_imagenet_profile_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
     assert {"t1", "s1", "t2"} <= {e["label"] for e in index["subnets"]}
 
     model = exported["model_name"]
-    fetched = _run(["fetch", f"{model}@t2", "--format", "onnx", "--out", str(tmp_path / "fetched"), *base])
+    fetched = _run(["fetch", f"{model}@t2", "--format", "onnx", "--out", str(tmp_path / "fetched"), "--card", *base])
     assert fetched["card"]["arch_key"] == RELEASED["T2"].arch.key and "t2" in fetched["aliases"]
     assert (tmp_path / "fetched" / "model.onnx").stat().st_size > 0
