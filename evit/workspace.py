@@ -10,7 +10,10 @@ is taken over without any cleanup) and records who holds it in
 saying which run it waits for, or fails at once with `--no-wait`.
 
 Processes the holder starts itself (torchrun ranks of the train task) inherit
-`EVIT_WORKSPACE_LOCK` and do not queue behind their own parent.
+`EVIT_WORKSPACE_LOCK` and do not queue behind their own parent. Under a torchrun started
+by hand the ranks are one job: rank 0 holds the lock for it, and the other ranks (which
+write nothing into the workspace) do not take it, or they would wait on rank 0 while rank
+0 waits for them in the process-group rendezvous.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def workspace_lock(root: str | os.PathLike[str] = ".", what: str = "evit", *, wa
     SIGTERM/SIGINT (`evit.cancel`) stops the wait.
     """
     root_path = Path(root).resolve()
+    if os.environ.get("RANK", "0") != "0":  # a torchrun rank > 0: rank 0 holds it for the job
+        yield
+        return
     token = os.environ.get(HELD_ENV, "")
     if token.rpartition(":")[0] == str(root_path):
         info = holder(root_path)

@@ -56,7 +56,10 @@ from evit.space import SearchSpace
 log = logging.getLogger(__name__)
 
 HEADLINE_METRICS = ("n", "rmse_ms", "mape_pct", "within_10pct", "spearman", "flops_within_10pct", "flops_spearman",
-                    "lut_entries", "build_seconds")
+                    "lut_entries", "build_seconds",
+                    # how it was measured (issue 13): a figure means little without the load beside it
+                    "estimator", "clock", "cpu_count", "load_avg_1m_mean", "load_avg_1m_max",
+                    "remeasured_subnets", "lowered_subnets", "lowered_entries")
 """What metrics/lut-<device>.json keeps (`dvc metrics show` stays one readable table); the full
 validation report (raw predictions, correction, FLOPs proxy errors) is `validation` in the LUT."""
 
