@@ -125,7 +125,7 @@ class TeacherParams(_Section):
 
 
 class TrainParams(_Section):
-    sampler: Literal["elastic", "complexity", "uniform"] = "elastic"
+    sampler: Literal["elastic", "complexity", "uniform", "flat"] = "elastic"
     out_dir: str = "models"
     epochs: PosInt = 8
     batch_size: PosInt = 32
@@ -181,7 +181,7 @@ class TrainParams(_Section):
 
 
 class AblateParams(_Section):
-    samplers: list[Literal["elastic", "complexity", "uniform"]] = ["uniform", "complexity", "elastic"]
+    samplers: list[Literal["elastic", "complexity", "uniform", "flat"]] = ["uniform", "flat", "complexity", "elastic"]
     seeds: list[int] = [0, 1]
     epochs: PosInt = 3
     subnets_per_level: PosInt = 3

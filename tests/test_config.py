@@ -57,7 +57,7 @@ def test_out_of_range_names_bound() -> None:
 def test_choice_lists_accepted_values() -> None:
     msg = _error({"train": {"sampler": "random"}})
     assert "train.sampler = 'random'" in msg
-    for accepted in ("elastic", "complexity", "uniform"):
+    for accepted in ("elastic", "complexity", "uniform", "flat"):
         assert accepted in msg
 
 
