@@ -159,6 +159,16 @@ def ablate(params: ParamsOpt = Path("params.yaml")) -> None:
     _echo_json(stages.ablate(_params(params)))
 
 
+@app.command()
+@_friendly
+def baselines(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Train the standalone timm models of `baselines.models` with the supernet's recipe; time them per device."""
+    from evit import stages
+
+    _echo_json(stages.baselines(_params(params)))
+    _record_hand_run("baselines", params)
+
+
 def _device_stage(stage: str, device: str, params_path: Path) -> None:
     """Validate params and the device name up front, then run one per-device stage."""
     from evit import stages

@@ -191,6 +191,20 @@ class AblateParams(_Section):
     out_dir: str = "results"
 
 
+class BaselinesParams(_Section):
+    """Standalone timm models trained with the `train` recipe (`evit baselines`, evit/baselines/)."""
+
+    models: list[str] = ["mobilenetv3_small_050", "mobilenetv3_large_075"]
+    """timm model names, trained from scratch; [] turns the comparison off."""
+    epochs: PosInt | None = None
+    """null = `train.epochs` (the same epoch budget as the supernet)."""
+    resolution: PosInt | None = None
+    """Input side; null = the search space's largest resolution (what the supernet trains at)."""
+    out_dir: str = "baselines"
+    """Model files (outside `models/`, which is the train stage's DVC output)."""
+    results: str = "results/baselines.json"
+
+
 # --- devices ---------------------------------------------------------------------------------
 
 class DeviceParams(_Section):
@@ -342,6 +356,7 @@ class Params(_Section):
     space: SpaceParams = SpaceParams()
     train: TrainParams = TrainParams()
     ablate: AblateParams = AblateParams()
+    baselines: BaselinesParams = BaselinesParams()
     devices: list[DeviceParams] = [DeviceParams(name="cpu-1t", kind="torch-cpu", threads=1)]
     search: SearchParams = SearchParams()
     export: ExportParams = ExportParams()
