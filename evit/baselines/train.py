@@ -75,12 +75,15 @@ def train_baseline(model: nn.Module, name: str, data: Any, t: Any, *, resolution
     done = _load(final) if final.is_file() else None
     if done is not None and done.get("hash") == expect_hash:
         model.load_state_dict(done["model"])
+        model.to("cpu")
         log.info("baseline %s: reusing %s", name, final)
         return TrainedBaseline(model.eval(), str(done["weights"]), float(done["search_top1"]),
                                float(done["train_seconds"]), int(done["steps"]), True)
 
     if t.threads is not None:
         torch.set_num_threads(t.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t.device == "auto" else t.device)
+    model.to(device)
     torch.manual_seed(t.seed)
     aug = {"auto_augment": t.auto_augment, "re_prob": t.reprob, "hflip": t.hflip}
     loader = data.loader("train", resolution=resolution, batch_size=t.batch_size, train=True, seed=t.seed,
@@ -117,6 +120,7 @@ def train_baseline(model: nn.Module, name: str, data: Any, t: Any, *, resolution
         for i, (x, y) in enumerate(loader):
             if i >= steps_per_epoch:
                 break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mixup is not None:
                 x, soft, _hard = mixup(x, y)
                 loss = torch.sum(-soft * F.log_softmax(model(x), dim=-1), dim=-1).mean()
@@ -141,7 +145,7 @@ def train_baseline(model: nn.Module, name: str, data: Any, t: Any, *, resolution
     raw_acc = evaluate_top1(model, src)
     ema_acc = evaluate_top1(ema.module, src)
     use_ema = ema_acc > raw_acc
-    kept = ema.module if use_ema else model
+    kept = (ema.module if use_ema else model).to("cpu")
     _save(final, {"hash": expect_hash, "name": name, "weights": "ema" if use_ema else "raw",
                   "search_top1": max(raw_acc, ema_acc), "train_seconds": seconds, "steps": total,
                   "resolution": resolution, "model": kept.state_dict()})
