@@ -140,7 +140,9 @@ def baselines_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(workdir: Path, out: Path, note: str = "") -> str:
+def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | None = None) -> str:
+    """The page; the comparison (section 2) comes from `compare_workdir` when given (a run with
+    another epoch budget than the ablation's), else from `workdir`."""
     params = load_params(workdir / "params.yaml")
     figs = out.parent / out.stem
     figs.mkdir(parents=True, exist_ok=True)
@@ -165,10 +167,14 @@ def render(workdir: Path, out: Path, note: str = "") -> str:
             parts += [f"![ablation]({figs.name}/ablation.png)", "",
                       "(plot of one seed's run; the table above holds every seed)" if "seed" in str(p.parent.name)
                       else "", ""]
+    if compare_workdir is not None:
+        workdir, params = compare_workdir, load_params(compare_workdir / "params.yaml")
     base_path = workdir / params.baselines.results
     if base_path.is_file():
         doc = read_json(base_path)
         parts += [f"## 2. Searched subnets vs standalone models ({doc['epochs']} epochs, {doc['resolution']} px)", "",
+                  f"From `{workdir}`: supernet (`elastic`, seed {params.train.seed}) and baselines trained "
+                  f"{params.train.epochs} epochs; search top-1 on the `search` split, final numbers on `val`.", "",
                   "Standalone timm models trained from scratch with the supernet's recipe and epoch budget, "
                   "timed with the same device code and estimator as the searched subnets.", "",
                   baselines_markdown(doc), ""]
@@ -193,10 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", type=Path, default=Path("runs/photos"))
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     ap.add_argument("--note", default="", help="a paragraph placed under the title (how the run was made)")
+    ap.add_argument("--compare-workdir", type=Path, default=None,
+                    help="take the searched-vs-baselines section from this run instead")
     args = ap.parse_args(argv)
     if not (args.workdir / "params.yaml").is_file():
         raise SystemExit(f"error: {args.workdir}/params.yaml not found; run `make results` (bench/bench_photos.py) first")
-    render(args.workdir, args.out, args.note)
+    render(args.workdir, args.out, args.note, args.compare_workdir)
     print(args.out)
 
 
