@@ -162,11 +162,10 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
                   ablation_markdown(rep), "", "### Which part of the gain comes from what", "",
                   decomposition_markdown(rep), "", "### Gradient conflict (cosine of shared-weight gradients; "
                   f"{rep['conflict_steps']} steps per sampler and seed)", "", conflict_markdown(rep), ""]
-        for p in sorted((workdir / params.ablate.out_dir).glob("**/ablation.png"))[:1]:
-            shutil.copy2(p, figs / "ablation.png")
-            parts += [f"![ablation]({figs.name}/ablation.png)", "",
-                      "(plot of one seed's run; the table above holds every seed)" if "seed" in str(p.parent.name)
-                      else "", ""]
+        from evit.train.ablate import _plot as plot_ablation  # the ablation's own plot, of the merged seeds
+
+        plot_ablation(rep, figs / "ablation.png")
+        parts += [f"![ablation]({figs.name}/ablation.png)", ""]
     if compare_workdir is not None:
         workdir, params = compare_workdir, load_params(compare_workdir / "params.yaml")
     base_path = workdir / params.baselines.results
