@@ -43,3 +43,12 @@ def test_photos_benchmark_is_skipped_with_a_message_without_the_data(tmp_path: P
                           "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("skipped: ") and "absent" in out.stdout
     assert not (tmp_path / "w").exists()
+
+
+def test_photos_profile_is_valid_and_names_real_timm_models() -> None:
+    from evit.baselines.models import check_model_names
+    from evit.config import load_params
+
+    p = load_params(REPO / "params.photos.yaml")
+    check_model_names(p.baselines.models)
+    assert p.train.epochs == p.ablate.epochs and len(p.ablate.seeds) >= 3 and "flat" in p.ablate.samplers
