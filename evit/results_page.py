@@ -140,9 +140,11 @@ def baselines_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | None = None) -> str:
+def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | None = None,
+           ablation_workdirs: tuple[Path, ...] = ()) -> str:
     """The page; the comparison (section 2) comes from `compare_workdir` when given (a run with
-    another epoch budget than the ablation's), else from `workdir`."""
+    another epoch budget than the ablation's), else from `workdir`; the ablations of
+    `ablation_workdirs` (other epoch budgets) follow the first one."""
     params = load_params(workdir / "params.yaml")
     figs = out.parent / out.stem
     figs.mkdir(parents=True, exist_ok=True)
@@ -152,9 +154,12 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
              "Regenerate with `make results` (runs `bench/photos.py`).", ""]
     if note:
         parts += [note, ""]
-    rep = load_ablation(workdir, params.ablate.out_dir)
-    if rep is not None:
-        parts += [f"## 1. Sampler ablation: {rep['epochs']} epochs, seeds {rep['seeds']}", "",
+    for wd in (workdir, *ablation_workdirs):
+        rep = load_ablation(wd, load_params(wd / "params.yaml").ablate.out_dir)
+        if rep is None:
+            continue
+        png = f"ablation-{rep['epochs']}ep.png"
+        parts += [f"## Sampler ablation: {rep['epochs']} epochs, seeds {rep['seeds']}", "",
                   f"Top-1 on `{rep['split']}` per FLOPs level (mean over the level's min subnet and "
                   f"{rep['subnets_per_level']} fixed seeded draws, the same subnets for every sampler, BN "
                   "recalibrated, no retraining), mean ± std over seeds.", "",
@@ -164,14 +169,14 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
                   f"{rep['conflict_steps']} steps per sampler and seed)", "", conflict_markdown(rep), ""]
         from evit.train.ablate import _plot as plot_ablation  # the ablation's own plot, of the merged seeds
 
-        plot_ablation(rep, figs / "ablation.png")
-        parts += [f"![ablation]({figs.name}/ablation.png)", ""]
+        plot_ablation(rep, figs / png)
+        parts += [f"![ablation {rep['epochs']} epochs]({figs.name}/{png})", ""]
     if compare_workdir is not None:
         workdir, params = compare_workdir, load_params(compare_workdir / "params.yaml")
     base_path = workdir / params.baselines.results
     if base_path.is_file():
         doc = read_json(base_path)
-        parts += [f"## 2. Searched subnets vs standalone models ({doc['epochs']} epochs, {doc['resolution']} px)", "",
+        parts += [f"## Searched subnets vs standalone models ({doc['epochs']} epochs, {doc['resolution']} px)", "",
                   f"From `{workdir}`: supernet (`elastic`, seed {params.train.seed}) and baselines trained "
                   f"{params.train.epochs} epochs; search top-1 on the `search` split, final numbers on `val`.", "",
                   "Standalone timm models trained from scratch with the supernet's recipe and epoch budget, "
@@ -198,12 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", type=Path, default=Path("runs/photos"))
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     ap.add_argument("--note", default="", help="a paragraph placed under the title (how the run was made)")
+    ap.add_argument("--ablation-workdir", type=Path, action="append", default=[],
+                    help="another run's ablation (e.g. another epoch budget), shown after the first")
     ap.add_argument("--compare-workdir", type=Path, default=None,
                     help="take the searched-vs-baselines section from this run instead")
     args = ap.parse_args(argv)
     if not (args.workdir / "params.yaml").is_file():
         raise SystemExit(f"error: {args.workdir}/params.yaml not found; run `make results` (bench/bench_photos.py) first")
-    render(args.workdir, args.out, args.note, args.compare_workdir)
+    render(args.workdir, args.out, args.note, args.compare_workdir, tuple(args.ablation_workdir))
     print(args.out)
 
 
