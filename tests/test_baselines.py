@@ -37,6 +37,8 @@ def test_comparison_takes_the_best_baseline_that_fits_each_budget() -> None:
     assert rows["10mflops"]["baseline"] == "mid" and rows["10mflops"]["delta_top1"] == pytest.approx(-0.05)
     md = comparison_markdown("d", list(rows.values()))
     assert "| 3ms | 75.0 | 2.900 | mid | 70.0 | 2.500 | +5.0 |" in md and "none fits" in md
+    over = comparison_rows("d", [_budget("2ms", "latency", 2.0, 0.7, 2.2)], doc)
+    assert not over[0]["searched_within_budget"] and "2.200 (over budget)" in comparison_markdown("d", over)
 
 
 def test_unknown_model_is_one_clear_error_before_any_work(tiny_params, tmp_path: Path) -> None:
