@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from evit.baselines.compare import comparison_markdown
+from evit.baselines.compare import comparison_markdown, comparison_rows
 from evit.config import load_params
 from evit.io import read_json, write_text_atomic
 
@@ -188,7 +188,8 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
                 parts += [f"_{dp.name}: no search result_", ""]
                 continue
             res = read_json(res_path)
-            parts += [f"### {dp.name}", "", comparison_markdown(dp.name, res.get("baselines", [])), ""]
+            rows = comparison_rows(dp.name, res["budgets"], doc)  # recomputed: same function as the search's
+            parts += [f"### {dp.name}", "", comparison_markdown(dp.name, rows), ""]
             png = workdir / "plots" / f"search-{dp.name}.png"
             if png.is_file():
                 shutil.copy2(png, figs / png.name)
