@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export MLFLOW_ENABLE_TELEMETRY ?= false
 
-.PHONY: setup litert-env run test test-fast bench lock clean
+.PHONY: setup litert-env run test test-fast bench results lock clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# The evidence on real photos (../shared/data/flowers32; skipped when absent) -> docs/results.md.
+results: setup
+	$(PY) bench/photos.py $(RESULTS_ARGS)
 
 # Refresh the lock: resolve requirements.in from scratch in a throw-away venv (about 8 min).
 lock:

@@ -258,6 +258,19 @@ def ablate(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, no
     _echo_json(out)
 
 
+@app.command()
+@_friendly
+def baselines(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, no_wait: NoWaitOpt = False) -> None:
+    """Train the standalone timm models of `baselines.models` with the supernet's recipe; time them per device."""
+    from evit import stages
+
+    p = _params(params, overrides)
+    with _writer("evit baselines", no_wait):
+        out = stages.baselines(p)
+        _record_hand_run("baselines", params, overrides=overrides)
+    _echo_json(out)
+
+
 def _device_stage(stage: str, device: str, params_path: Path, overrides: list[str] | None = None,
                   no_wait: bool = False) -> None:
     """Validate params and the device name up front, then run one per-device stage."""

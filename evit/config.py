@@ -157,7 +157,7 @@ class TrainParams(_Section):
                 data["teachers"] = [] if one is None else [one]
         return data
 
-    sampler: Literal["elastic", "complexity", "uniform"] = "elastic"
+    sampler: Literal["elastic", "complexity", "uniform", "flat"] = "elastic"
     out_dir: str = "models"
     epochs: PosInt = 8
     batch_size: PosInt = 32
@@ -219,7 +219,7 @@ class TrainParams(_Section):
 
 
 class AblateParams(_Section):
-    samplers: list[Literal["elastic", "complexity", "uniform"]] = ["uniform", "complexity", "elastic"]
+    samplers: list[Literal["elastic", "complexity", "uniform", "flat"]] = ["uniform", "flat", "complexity", "elastic"]
     seeds: list[int] = [0, 1]
     epochs: PosInt = 3
     subnets_per_level: PosInt = 3
@@ -227,6 +227,20 @@ class AblateParams(_Section):
     conflict_steps: Annotated[int, Field(ge=2)] = 6
     """Steps over which gradient cosines (same step, adjacent steps) are measured per sampler."""
     out_dir: str = "results"
+
+
+class BaselinesParams(_Section):
+    """Standalone timm models trained with the `train` recipe (`evit baselines`, evit/baselines/)."""
+
+    models: list[str] = ["mobilenetv3_small_050", "mobilenetv3_large_075"]
+    """timm model names, trained from scratch; [] turns the comparison off."""
+    epochs: PosInt | None = None
+    """null = `train.epochs` (the same epoch budget as the supernet)."""
+    resolution: PosInt | None = None
+    """Input side; null = the search space's largest resolution (what the supernet trains at)."""
+    out_dir: str = "baselines"
+    """Model files (outside `models/`, which is the train stage's DVC output)."""
+    results: str = "results/baselines.json"
 
 
 # --- devices ---------------------------------------------------------------------------------
@@ -404,6 +418,7 @@ class Params(_Section):
     space: SpaceParams = SpaceParams()
     train: TrainParams = TrainParams()
     ablate: AblateParams = AblateParams()
+    baselines: BaselinesParams = BaselinesParams()
     devices: list[DeviceParams] = [DeviceParams(name="cpu-1t", kind="torch-cpu", threads=1)]
     search: SearchParams = SearchParams()
     export: ExportParams = ExportParams()

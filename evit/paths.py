@@ -66,3 +66,15 @@ def plots_dir() -> Path:
 
 def ablation_dir(p: Params) -> Path:
     return Path(p.ablate.out_dir)
+
+
+def baselines_dir(p: Params) -> Path:
+    return Path(p.baselines.out_dir)
+
+
+def baselines_result_path(p: Params) -> Path:
+    return Path(p.baselines.results)
+
+
+def baselines_metrics_path() -> Path:
+    return Path("metrics") / "baselines.json"

@@ -35,6 +35,13 @@ def ablate(params: Params) -> dict[str, Any]:
     return run_ablation(params)
 
 
+def baselines(params: Params) -> dict[str, Any]:
+    """Standalone timm models, same recipe and epochs -> top-1 and per-device latency."""
+    from evit.baselines.stage import run_baselines
+
+    return run_baselines(params)
+
+
 def lut(params: Params, device: str) -> dict[str, Any]:
     """Search space x device -> latency lookup table + validation report."""
     from evit.latency.stage import build_lut

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DVC_YAML = "dvc.yaml"
 DEFAULT_PARAMS_FILE = "params.yaml"
 
-STAGE_KINDS = ("prepare", "train", "lut", "search", "export")
+STAGE_KINDS = ("prepare", "train", "baselines", "lut", "search", "export")
 PER_DEVICE = ("lut", "search", "export")
 NOT_READ_BY_LUT = ("budgets_ms",)
 """Keys of a `devices:` entry the LUT stage does not read (only search and export do)."""
@@ -155,6 +155,25 @@ def render(params: Params, params_file: str = DEFAULT_PARAMS_FILE, root: Path | 
         return f"    foreach:  # device name -> its index in `devices:` of {params_file}\n{foreach}"
 
     prepare_deps = f"    deps:\n      - {source}\n" if source else ""
+    baselines_stage, baselines_dep = "", ""
+    if params.baselines.models:  # evit/baselines: standalone models the search result compares against
+        base_result = _posix(paths.baselines_result_path(params))
+        baselines_dep = f"        - {base_result}\n"
+        base_csvs = "".join(f"      - {plots}/baselines-{d}.csv  # latency vs val top-1, beside the search plot\n"
+                            for d in devices)
+        baselines_stage = f"""
+  baselines:
+    cmd: evit baselines{p_arg}
+    deps:
+      - {prepared}
+{params_section(keys("space", "train", "baselines") + (["devices"] if "devices" in present else []), "      ")}\
+    outs:
+      - {_posix(paths.baselines_dir(params))}:
+          persist: true  # <model>.last.pt: a killed run resumes
+      - {base_result}
+{base_csvs}    metrics:
+      - {_posix(paths.baselines_metrics_path())}
+"""
     return f"""\
 # Rendered from {params_file} by `python -m flows.dvcfile` (and by `evit pipeline` when the
 # devices or output paths change): edit {params_file}, not this file.
@@ -181,7 +200,7 @@ stages:
     plots:
       - {plots}/train-loss.png
       - {plots}/train-flops.png
-
+{baselines_stage}
   lut:
 {per_device("lut")}    do:
       cmd: evit lut --device ${{key}}{p_arg}
@@ -202,7 +221,7 @@ stages:
         - {prepared}
         - {supernet}
         - {lut_out}
-{params_section(keys("space", "search", "devices"), "        ")}      outs:
+{baselines_dep}{params_section(keys("space", "search", "devices"), "        ")}      outs:
         - {search_out}:
             persist: true  # fitness-cache.json: no subnet is evaluated twice
         - {plots}/search-${{key}}.csv  # the Pareto front of the PNG plot, for other tools

@@ -124,7 +124,8 @@ def _metrics_file(name: str) -> Path | None:
     return {"prepare": None, "train": paths.train_metrics_path(),
             "lut": paths.lut_metrics_path(device) if device else None,
             "search": paths.search_metrics_path(device) if device else None,
-            "export": paths.export_metrics_path(device) if device else None}.get(kind)
+            "export": paths.export_metrics_path(device) if device else None,
+            "baselines": paths.baselines_metrics_path()}.get(kind)
 
 
 def _recorded_summary(root: Path, name: str, state: dvcrepo.StageState) -> dict[str, Any]:
@@ -214,6 +215,8 @@ def _call_stage(kind: str, params: Params, params_file: str, device: str | None,
         return stages.prepare(params)
     if kind == "train":
         return _train(params, params_file, parent_run_id)
+    if kind == "baselines":
+        return stages.baselines(params)
     assert device is not None
     return {"lut": stages.lut, "search": stages.search, "export": stages.export}[kind](params, device)
 
@@ -246,7 +249,8 @@ def _run_stage(kind: str, root: str, params_file: str, device: str | None, paren
     return result
 
 
-_SECTION = {"prepare": "data", "train": "train", "lut": "space", "search": "search", "export": "export"}
+_SECTION = {"prepare": "data", "train": "train", "lut": "space", "search": "search", "export": "export",
+            "baselines": "baselines"}
 
 
 def _numeric(obj: Any, prefix: str = "") -> dict[str, float]:
@@ -340,8 +344,15 @@ def export_task(root: str, params_file: str, device: str | None = None, parent_r
     return _run_stage("export", root, params_file, device, parent_run_id)
 
 
+@task(name="baselines", task_run_name="baselines", **_TASK_OPTIONS)
+def baselines_task(root: str, params_file: str, device: str | None = None, parent_run_id: str | None = None,
+                   force: bool = False) -> dict:
+    """Prepared data -> standalone timm models, same recipe, timed on every device (evit.baselines)."""
+    return _run_stage("baselines", root, params_file, None, parent_run_id)
+
+
 TASKS = {"prepare": prepare_task, "train": train_task, "lut": lut_task, "search": search_task,
-         "export": export_task}
+         "export": export_task, "baselines": baselines_task}
 
 
 # --- reporting ---------------------------------------------------------------------------------
@@ -578,10 +589,12 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
         futures: dict[str, Any] = {}
         prep = submit("prepare", None, []) if "prepare" in kinds else None
         train = submit("train", None, [prep]) if "train" in kinds else None
-        futures.update({n: f for n, f in (("prepare", prep), ("train", train)) if f is not None})
+        # The comparison needs them before any search; off (no stage in dvc.yaml) when the list is empty.
+        base = submit("baselines", None, [prep]) if "baselines" in kinds and params.baselines.models else None
+        futures.update({n: f for n, f in (("prepare", prep), ("train", train), ("baselines", base)) if f is not None})
         for d in names:
             lut = submit("lut", d, [train or prep]) if "lut" in kinds else None
-            search = submit("search", d, [lut, train or prep]) if "search" in kinds else None
+            search = submit("search", d, [lut, train or prep, base]) if "search" in kinds else None
             export = submit("export", d, [search, train or prep]) if "export" in kinds else None
             for kind, fut in (("lut", lut), ("search", search), ("export", export)):
                 if fut is not None:

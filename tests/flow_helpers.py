@@ -37,6 +37,7 @@ TINY: dict[str, Any] = {
               "bank_capacity": 4, "rescore_per_epoch": 1, "rescore_entries": 2, "log_every": 2, "warmup_epochs": 0,
               "device": "cpu"},
     "devices": [tiny_device("cpu-1t")],
+    "baselines": {"models": ["mobilenetv3_small_050"]},
     "search": {"population": 4, "generations": 1, "top_k": 2, "mutations": 2, "crossovers": 2,
                "bn_calib_batches": 1, "eval_batch_size": 64},
     "tracking": {"retries": 1},

@@ -57,7 +57,7 @@ def test_out_of_range_names_bound() -> None:
 def test_choice_lists_accepted_values() -> None:
     msg = _error({"train": {"sampler": "random"}})
     assert "train.sampler = 'random'" in msg
-    for accepted in ("elastic", "complexity", "uniform"):
+    for accepted in ("elastic", "complexity", "uniform", "flat"):
         assert accepted in msg
 
 
@@ -137,7 +137,8 @@ def test_overrides_merge_files_keys_and_devices_by_name(tmp_path: Path, monkeypa
     p = load_params(profile, [str(REPO / "params.smoke.yaml"), "train.epochs=3", "data.source=/data/tiny"])
     assert p.train.epochs == 3 and p.train.steps_per_epoch == 2 and p.data.source == "/data/tiny"
     cpu4 = p.device("cpu-4t")
-    assert cpu4.lut_mode == "sampled" and cpu4.budgets_ms == [10.0, 20.0, 40.0]  # merged by name: others kept
+    assert cpu4.lut_mode == "sampled" and cpu4.budgets_ms == [20.0]  # merged by name: others kept
+    assert cpu4.kind == "onnxruntime-cpu" and cpu4.warmup == 0
     assert [d.name for d in p.devices] == ["gpu-bf16", "cpu-4t", "pixel6"]
     assert p.space.flops_convention == "reference" and p.train.lr == 0.001  # not a budget knob: untouched
     monkeypatch.setenv("EVIT_OVERRIDES", "train.epochs=5\nsearch.generations=2")

@@ -38,7 +38,7 @@ def test_dvc_sees_every_stage_and_each_device_depends_on_its_own_entry(tiny_para
     assert dvcfile.sync(load_params(path), "params.yaml", root) is False  # idempotent
     stages = _stages(root)
     names = {f"{k}@{d['name']}" for k in ("lut", "search", "export") for d in devices}
-    assert set(stages) == {"prepare", "train"} | names
+    assert set(stages) == {"prepare", "train", "baselines"} | names
     assert stages["lut@ort-1t"].cmd == "evit lut --device ort-1t"
     # A LUT depends on each key of its device's entry but budgets_ms (only search and export read the
     # budgets); a key the entry lacks is not listed (DVC would fail on it).
@@ -48,7 +48,12 @@ def test_dvc_sees_every_stage_and_each_device_depends_on_its_own_entry(tiny_para
     assert _params_keys(stages["search@edge"]) == ["devices.2", "search", "space"]
     assert _params_keys(stages["train"]) == ["space", "train"]
     search_deps = {d.def_path for d in stages["search@edge"].deps if d.__class__.__name__ != "ParamsDependency"}
-    assert search_deps == {"data/prepared", "models/supernet.pt", "luts/edge.json"}
+    assert search_deps == {"data/prepared", "models/supernet.pt", "luts/edge.json", "results/baselines.json"}
+    # the baselines: one stage, every device, its models apart from the train stage's `models/`
+    assert _params_keys(stages["baselines"]) == ["baselines", "devices", "space", "train"]
+    assert {o.def_path for o in stages["baselines"].outs} == {
+        "baselines", "results/baselines.json", "metrics/baselines.json",
+        *(f"plots/baselines-{d['name']}.csv" for d in devices)}
     assert {o.def_path for o in stages["export@cpu-1t"].outs} == {"exports/cpu-1t", "metrics/export-cpu-1t.json"}
     # Plots are images only (no Vega charts that load their library from a CDN); the CSV is an output.
     assert {o.def_path for o in stages["search@cpu-1t"].outs if o.plot} == {"plots/search-cpu-1t.png"}
@@ -69,6 +74,10 @@ def test_other_params_file_and_partial_sections(tmp_path: Path) -> None:
     assert doc["stages"]["lut"]["foreach"]["x"]["threads"] == "devices.0.threads"
     assert doc["stages"]["search"]["do"]["params"] == [{"exp.yaml": ["devices.${item}"]}]
     assert doc["stages"]["search"]["foreach"] == {"x": 0}
+    # baselines: [] turns the stage (and the search's dependency on its result) off
+    off = dvcfile.render(params.model_copy(update={"baselines": params.baselines.model_copy(update={"models": []})}),
+                         "exp.yaml", tmp_path)
+    assert "baselines" not in yaml.safe_load(off)["stages"] and "results/baselines.json" not in off
 
 
 def test_local_source_directory_is_a_dependency(tmp_path: Path) -> None:

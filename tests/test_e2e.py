@@ -28,7 +28,7 @@ def git(cwd: Path, *args: str) -> str:
     return run(["git", "-c", "user.name=e2e", "-c", "user.email=e2e@example.invalid", *args], cwd).stdout
 
 DEVICES = ["cpu-1t", "ort-1t"]
-STAGES = {"prepare", "train"} | {f"{k}@{d}" for k in ("lut", "search", "export") for d in DEVICES}
+STAGES = {"prepare", "train", "baselines"} | {f"{k}@{d}" for k in ("lut", "search", "export") for d in DEVICES}
 
 
 @pytest.mark.slow

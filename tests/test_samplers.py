@@ -16,6 +16,7 @@ from evit.train.samplers import (
     ComplexitySampler,
     ElasticSampler,
     ElasticSettings,
+    FlatSampler,
     MemoryBank,
     UniformSampler,
     banks_to_json,
@@ -53,6 +54,25 @@ def test_uniform_sampler_is_the_sandwich_rule() -> None:
     assert draws[0].arch == SPACE.largest() and draws[1].arch == SPACE.smallest()
     assert [d.distill for d in draws] == [False, True, True, True]
     assert all(SPACE.is_valid(d.arch) for d in draws)
+
+
+def test_flat_control_has_complexity_step_structure_with_draws_over_the_whole_space(level_sampler) -> None:
+    """The control differs from `complexity` only in where its 3 supervised draws come from."""
+    flat, cx = FlatSampler(SPACE, seed=0), ComplexitySampler(SPACE, 0, level_sampler)
+    f_draws, c_draws = flat.step(0), cx.step(0)
+    assert [d.distill for d in f_draws] == [d.distill for d in c_draws] == [False, False, False, True]
+    assert [d.role for d in f_draws] == ["rand0", "rand1", "rand2", "min"]
+    assert f_draws[-1].arch == SPACE.smallest() and all(d.level is None for d in f_draws)
+    # Over many steps the draws span the whole space's FLOPs range (not one level's window).
+    fl = [flops.flops_m(d.arch, SPACE) for i in range(1, 60) for d in flat.step(i)[:3]]
+    lo, hi = flops.flops_m(SPACE.smallest(), SPACE), flops.flops_m(SPACE.largest(), SPACE)
+    assert min(fl) < lo + 0.25 * (hi - lo) and max(fl) > lo + 0.6 * (hi - lo)
+    # Deterministic from the seed and resumable from its state.
+    again = FlatSampler(SPACE, seed=0)
+    assert [d.arch for d in again.step(0)] == [d.arch for d in f_draws]
+    resumed = make_sampler("flat", SPACE, 0, 100)
+    resumed.load_state_dict(flat.state_dict())
+    assert [d.arch for d in resumed.step(60)] == [d.arch for d in flat.step(60)]
 
 
 def test_complexity_sampler_draws_three_in_level_plus_the_level_min(level_sampler) -> None:

@@ -224,11 +224,23 @@ def test_device_search_end_to_end_and_resumes_from_cache(tiny_search, tmp_path: 
     assert run.data.metrics[f"{lat_label}.val_top1"] == pytest.approx(lat["val_top1"], abs=1e-6)
     assert run.data.params["search.population"] == "8" and run.data.tags["evit.device"] == "cpu-1t"
 
-    # a re-run evaluates nothing again and chooses the same subnets
+    assert "baselines" not in result  # no baselines result yet: no comparison
+
+    # a re-run evaluates nothing again and chooses the same subnets; with the baselines stage's
+    # result present it compares each budget's subnet with the best baseline that fits it
+    from evit.io import write_json_atomic
+
+    write_json_atomic("results/baselines.json", {"models": [
+        {"model": "fast", "macs_m": 0.1, "val_top1": 0.3, "search_top1": 0.3, "latency_ms": {"cpu-1t": budget_ms / 2}},
+        {"model": "slow", "macs_m": 9.0, "val_top1": 0.9, "search_top1": 0.9, "latency_ms": {"cpu-1t": budget_ms * 9}}]})
     again = run_device_search(params, inputs, out_dir)
     assert again["metrics"]["evaluated"] == 0 and again["metrics"]["cache_hits"] > 0
     result2 = read_json(out_dir / "result.json")
     assert [b["key"] for b in result2["budgets"]] == [b["key"] for b in result["budgets"]]
+    rows = {r["budget"]: r for r in result2["baselines"]}
+    assert rows[lat_label]["baseline"] == "fast" and rows["0_15mflops"]["baseline"] == "fast"
+    lat2 = next(b for b in result2["budgets"] if b["label"] == lat_label)
+    assert rows[lat_label]["delta_top1"] == pytest.approx(lat2["val_top1"] - 0.3)
 
     # export of what the search chose (no registry): files, hashes, ONNX agrees
     from evit.export.stage import export_result

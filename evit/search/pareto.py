@@ -45,8 +45,12 @@ def plot_search(
     *,
     title: str,
     latency_budgets: Sequence[float] = (),
+    baselines: Sequence[dict[str, Any]] = (),
 ) -> None:
-    """Scatter of evaluated subnets, the front as a step line, budgets and chosen subnets."""
+    """Scatter of evaluated subnets, the front as a step line, budgets and chosen subnets.
+
+    `baselines` ({label, latency_ms, top1}): standalone models as a second series, at their
+    measured latency on the same device (see evit.baselines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +68,13 @@ def plot_search(
             ax.scatter([c["latency_ms"]], [100 * c["top1"]], s=70, marker="*", color="tab:red", zorder=5)
             ax.annotate(c["label"], (c["latency_ms"], 100 * c["top1"]), textcoords="offset points",
                         xytext=(4, -10), fontsize=8)
-        ax.set_xlabel("predicted latency (ms)")
+        if baselines:
+            ax.scatter([b["latency_ms"] for b in baselines], [100 * b["top1"] for b in baselines], s=40,
+                       marker="s", color="tab:green", zorder=4, label="standalone timm models (measured ms)")
+            for b in baselines:
+                ax.annotate(b["label"], (b["latency_ms"], 100 * b["top1"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color="tab:green")
+        ax.set_xlabel("predicted latency (ms; baselines: measured)")
         ax.set_ylabel("top-1 on the search split (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -350,6 +350,10 @@ def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path,
     front = pareto_front(population, x="latency_ms", y="top1")
     plotted = [{"label": s["label"], "latency_ms": s["predicted_latency_ms"], "top1": s["search_top1"]}
                for s in summaries if s.get("feasible")]
+    from evit.baselines.compare import comparison_rows
+    from evit.baselines.stage import load_baselines
+
+    baselines = load_baselines(params)
     seconds = time.perf_counter() - t0
     result_doc = {
         "device": dev.name,
@@ -369,6 +373,10 @@ def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path,
     write_json_atomic(out_dir / PARETO_FILE, {"device": dev.name, "x": "latency_ms", "y": "top1", "front": front})
     write_json_atomic(out_dir / RESULT_FILE, result_doc)
     _write_plots(params, dev.name, population, front, plotted, [b.value for b in budgets if b.kind == "latency"])
+    from evit.baselines.compare import comparison_rows
+    from evit.baselines.stage import load_baselines
+
+    baselines = load_baselines(params)
     metrics = _metrics(summaries, cache, seconds)
     write_json_atomic(paths.search_metrics_path(dev.name), headline_metrics(metrics))
     return {"device": dev.name, "result": str(out_dir / RESULT_FILE), "metrics": metrics}
@@ -389,11 +397,15 @@ def _population(results: dict[str, EvolutionResult], costs: _Costs) -> list[dict
 
 
 def _write_plots(params: Params, device: str, population: list[dict[str, Any]], front: list[dict[str, Any]],
-                 chosen: list[dict[str, Any]], latency_budgets: list[float]) -> None:
+                 chosen: list[dict[str, Any]], latency_budgets: list[float],
+                 baselines: dict[str, Any] | None = None) -> None:
     plots = paths.plots_dir()
     write_front_csv(plots / f"search-{device}.csv", front, ["latency_ms", "top1", "flops_m", "params_m", "key"])
+    others = [{"label": m["model"], "latency_ms": m["latency_ms"][device], "top1": m["search_top1"]}
+              for m in (baselines or {}).get("models", []) if device in m["latency_ms"]]
     plot_search(plots / f"search-{device}.png", population, front, chosen,
-                title=f"search on {device}: top-1 vs predicted latency", latency_budgets=latency_budgets)
+                title=f"search on {device}: top-1 vs predicted latency", latency_budgets=latency_budgets,
+                baselines=others)
 
 
 def _metrics(summaries: list[dict[str, Any]], cache: FitnessCache, seconds: float) -> dict[str, Any]:

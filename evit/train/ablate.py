@@ -1,4 +1,9 @@
-"""`evit ablate`: does conflict-aware sampling help? Same budget, three samplers, several seeds.
+"""`evit ablate`: does conflict-aware sampling help? Same budget, the samplers, several seeds.
+
+The samplers differ in two things: which subnets a step trains and with which losses.
+`flat` (see `evit.train.samplers`) has `complexity`'s losses with draws over the whole
+space, so uniform -> flat is the effect of the losses and flat -> complexity -> elastic
+the effect of the sampling.
 
 For every seed in `ablate.seeds` and sampler in `ablate.samplers`, a supernet is trained
 with the `train` recipe for `ablate.epochs` epochs (checkpoints under

@@ -116,7 +116,7 @@ def role_label(role: str) -> str:
         return f"subnet {int(role[5:]) + 1} drawn at the step's FLOPs level"
     if role.startswith("rand") and role[4:].isdigit():
         return f"uniform random subnet {int(role[4:]) + 1}"
-    return {"min": "smallest subnet (of the step's FLOPs level; uniform sampler: of the space)",
+    return {"min": "smallest subnet (of the step's FLOPs level; uniform/flat samplers: of the space)",
             "max": "largest subnet"}.get(role, role)
 
 

@@ -14,6 +14,12 @@
   the current level plus that level's min subnet (distilled from the mean of the 3).
 - `elastic` (default): complexity-aware + performance-aware sampling with one memory
   bank of (arch, score) per level (see `MemoryBank` and `ElasticSampler`).
+- `flat` (an ablation control, not a method): exactly `complexity`'s step structure
+  and losses (3 subnets learn from the labels/teacher, a min subnet is distilled from
+  their detached mean), but the 3 are drawn uniformly over the WHOLE space and the min
+  is the space's smallest subnet (one "level" spanning everything, no walk). `uniform`
+  vs `flat` isolates the losses (sandwich in-place distillation from the largest vs
+  3 supervised + mean-distilled min); `flat` vs `complexity` isolates the sampling.
 
 Every draw comes from the sampler's own `random.Random` streams, seeded from
 `train.seed` alone: every DDP rank draws the same subnets, and nothing rank-dependent
@@ -61,7 +67,7 @@ from evit import flops
 from evit.arch import Arch, MBStage
 from evit.space import SearchSpace
 
-SAMPLERS = ("uniform", "complexity", "elastic")
+SAMPLERS = ("uniform", "flat", "complexity", "elastic")
 LEVEL_SUBNETS = 3
 """Subnets drawn per step in the current level (the spec's 3), besides the level's min."""
 
@@ -260,6 +266,22 @@ class UniformSampler(SubnetSampler):
         ]
 
 
+class FlatSampler(SubnetSampler):
+    """Ablation control: complexity's step (3 supervised + distilled min), draws over the whole space.
+
+    Same roles and losses as `ComplexitySampler` with `rand<i>` for the 3 supervised
+    draws (they are uniform over the space, not level draws); the distilled `min` is the
+    space's smallest subnet, the min of the one region the draws come from.
+    """
+
+    name = "flat"
+
+    def step(self, step_idx: int) -> list[Draw]:
+        draws = [Draw(f"rand{i}", self.space.sample_uniform(self.rng), False, None) for i in range(LEVEL_SUBNETS)]
+        draws.append(Draw("min", self.space.smallest(), True, None))
+        return draws
+
+
 class ComplexitySampler(SubnetSampler):
     """Level walk; 3 subnets in the current level + the level's min subnet; no largest."""
 
@@ -456,6 +478,8 @@ def make_sampler(name: str, space: SearchSpace, seed: int, total_steps: int,
     """The sampler `train.sampler` names, seeded by `seed` (the same on every rank)."""
     if name == "uniform":
         return UniformSampler(space, seed)
+    if name == "flat":
+        return FlatSampler(space, seed)
     if level_sampler is None:
         from evit.level_sampler import LevelSampler
 

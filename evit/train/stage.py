@@ -93,7 +93,7 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
     from evit.reference_import import refuse_training_over_import
 
     refuse_training_over_import(paths.checkpoint_path(params), resume)
-    if params.train.sampler != "uniform":  # fail on unreachable custom levels before any work
+    if params.train.sampler not in ("uniform", "flat"):  # fail on unreachable custom levels before any work
         LevelSampler(space_for(params)).check_levels()
     info = init_distributed(params.train.device)
     if info.is_main:

@@ -1,0 +1,219 @@
+"""docs/results.md from the outputs of a run: the ablation and searched-vs-baselines tables.
+
+    python -m evit.results_page --workdir runs/photos [--out docs/results.md] [--note "..."]
+
+Reads, under the work directory (a project root the stages ran in):
+- the sampler ablation: `<ablate.out_dir>/ablation.json`, or several per-seed reports
+  (`<ablate.out_dir>/ablate-seed*/ablation.json`, when the seeds ran as parallel processes),
+  merged here seed by seed;
+- the baselines (`baselines.results`) and each device's search result, whose `baselines`
+  rows are the comparison (evit.baselines.compare).
+Writes the page and copies its plots beside it (`docs/results/`), so the page renders from
+the repository. Nothing is recomputed: the page says what the files say, with the epochs
+and seeds they were produced with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+from evit.baselines.compare import comparison_markdown, comparison_rows
+from evit.config import load_params
+from evit.io import read_json, write_text_atomic
+
+SAMPLER_ORDER = ("uniform", "flat", "complexity", "elastic")
+SAMPLER_NOTE = {
+    "uniform": "sandwich: largest from labels, smallest + 2 random distilled from the largest",
+    "flat": "control: complexity's losses (3 from labels, min distilled from their mean), draws over the whole space",
+    "complexity": "level walk, 3 draws in the level from labels, level min distilled from their mean",
+    "elastic": "complexity + per-level memory banks (performance-aware)",
+}
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+
+
+def merge_ablation(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-seed ablation reports (same samplers, epochs and subnets) as one report, seeds concatenated."""
+    if len(reports) == 1:
+        return reports[0]
+    base = reports[0]
+    for r in reports[1:]:
+        if r["epochs"] != base["epochs"] or r["archs"] != base["archs"]:
+            raise ValueError("ablation reports of different epochs or evaluated subnets cannot be merged")
+    seeds = [s for r in reports for s in r["seeds"]]
+    samplers: dict[str, Any] = {}
+    for name in base["samplers"]:
+        runs = [r["samplers"][name] for r in reports]
+        levels = {}
+        for lv, info in base["samplers"][name]["levels"].items():
+            vals = [v for run in runs for v in run["levels"][lv]["per_seed"]]
+            mean, std = _stats(vals)
+            levels[lv] = {**info, "per_seed": vals, "top1_mean": mean, "top1_std": std}
+        overall = [v for run in runs for v in run["top1_mean_per_seed"]]
+        conflict: dict[str, Any] = {}
+        for key, kinds in base["samplers"][name]["conflict"].items():
+            conflict[key] = {}
+            for kind in kinds:
+                vals = [v for run in runs for v in run["conflict"][key][kind]["per_seed"]]
+                conflict[key][kind] = {"mean": statistics.fmean(vals) if vals else None,
+                                       "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0, "per_seed": vals}
+        samplers[name] = {"levels": levels, "top1_mean": statistics.fmean(overall), "top1_mean_per_seed": overall,
+                          "conflict": conflict}
+    return {**base, "seeds": seeds, "samplers": samplers}
+
+
+def load_ablation(workdir: Path, out_dir: str) -> dict[str, Any] | None:
+    root = workdir / out_dir
+    parts = sorted(root.glob("ablate-seed*/ablation.json"))
+    if parts:
+        return merge_ablation([read_json(p) for p in parts])
+    single = root / "ablation.json"
+    return read_json(single) if single.is_file() else None
+
+
+def _ordered(names: Any) -> list[str]:
+    return sorted(names, key=lambda s: (SAMPLER_ORDER.index(s) if s in SAMPLER_ORDER else 99, s))
+
+
+def ablation_markdown(rep: dict[str, Any]) -> str:
+    names = _ordered(rep["samplers"])
+    first = rep["samplers"][names[0]]["levels"]
+    lines = ["| level | MFLOPs | " + " | ".join(f"{n} top-1 %" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for lv in sorted(first, key=int):
+        cells = [f"{100 * rep['samplers'][n]['levels'][lv]['top1_mean']:.1f} ± "
+                 f"{100 * rep['samplers'][n]['levels'][lv]['top1_std']:.1f}" for n in names]
+        lines.append(f"| {lv} | {first[lv]['flops_m']:.1f} | " + " | ".join(cells) + " |")
+    cells = []
+    for n in names:
+        m, s = _stats(rep["samplers"][n]["top1_mean_per_seed"])
+        cells.append(f"**{100 * m:.1f} ± {100 * s:.1f}**")
+    lines.append("| all levels | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def decomposition_markdown(rep: dict[str, Any]) -> str:
+    """Paired (same seed) differences of the all-level mean: what each ingredient adds."""
+    s = rep["samplers"]
+    steps = [("losses (sandwich -> 3 supervised + mean-distilled min)", "uniform", "flat"),
+             ("level sampling (whole space -> FLOPs-level walk)", "flat", "complexity"),
+             ("memory banks (performance-aware)", "complexity", "elastic"),
+             ("total", "uniform", "elastic")]
+    lines = ["| ingredient | from -> to | gain (pts), mean ± std over seeds | per seed |", "|---|---|---|---|"]
+    for label, a, b in steps:
+        if a not in s or b not in s:
+            continue
+        diffs = [100 * (y - x) for x, y in zip(s[a]["top1_mean_per_seed"], s[b]["top1_mean_per_seed"], strict=True)]
+        m, sd = _stats(diffs)
+        lines.append(f"| {label} | {a} -> {b} | {m:+.1f} ± {sd:.1f} | {', '.join(f'{d:+.1f}' for d in diffs)} |")
+    return "\n".join(lines)
+
+
+def conflict_markdown(rep: dict[str, Any]) -> str:
+    names = _ordered(rep["samplers"])
+    lines = ["| sampler | cos same step (own weights) | cos adjacent steps (own weights) | "
+             "cos same step (shared weights) | cos adjacent steps (shared weights) |", "|---|---|---|---|---|"]
+    for n in names:
+        c = rep["samplers"][n]["conflict"]
+        cells = []
+        for key in ("as_trained", "shared_weights"):
+            for kind in ("same_step", "adjacent_step"):
+                v = c.get(key, {}).get(kind, {})
+                cells.append("-" if v.get("mean") is None else f"{v['mean']:.3f} ± {v['std']:.3f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def baselines_markdown(doc: dict[str, Any]) -> str:
+    devices = list(doc["devices"])
+    lines = ["| model | MMACs | Mparams | val top-1 % | " + " | ".join(f"{d} ms" for d in devices) + " |",
+             "|---|---|---|---|" + "---|" * len(devices)]
+    for m in sorted(doc["models"], key=lambda m: m["macs_m"]):
+        lines.append(f"| {m['model']} | {m['macs_m']:.2f} | {m['params_m']:.2f} | {100 * m['val_top1']:.1f} | "
+                     + " | ".join(f"{m['latency_ms'].get(d, float('nan')):.3f}" for d in devices) + " |")
+    return "\n".join(lines)
+
+
+def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | None = None,
+           ablation_workdirs: tuple[Path, ...] = ()) -> str:
+    """The page; the comparison (section 2) comes from `compare_workdir` when given (a run with
+    another epoch budget than the ablation's), else from `workdir`; the ablations of
+    `ablation_workdirs` (other epoch budgets) follow the first one."""
+    params = load_params(workdir / "params.yaml")
+    figs = out.parent / out.stem
+    figs.mkdir(parents=True, exist_ok=True)
+    parts = ["# Results on real photos", "",
+             "Generated by `python -m evit.results_page` from the outputs in "
+             f"`{workdir}` (params: `{workdir / 'params.yaml'}`, data: `{params.data.source}`). "
+             "Regenerate with `make results` (runs `bench/photos.py`).", ""]
+    if note:
+        parts += [note, ""]
+    for wd in (workdir, *ablation_workdirs):
+        rep = load_ablation(wd, load_params(wd / "params.yaml").ablate.out_dir)
+        if rep is None:
+            continue
+        png = f"ablation-{rep['epochs']}ep.png"
+        parts += [f"## Sampler ablation: {rep['epochs']} epochs, seeds {rep['seeds']}", "",
+                  f"Top-1 on `{rep['split']}` per FLOPs level (mean over the level's min subnet and "
+                  f"{rep['subnets_per_level']} fixed seeded draws, the same subnets for every sampler, BN "
+                  "recalibrated, no retraining), mean ± std over seeds.", "",
+                  "\n".join(f"- `{n}`: {SAMPLER_NOTE.get(n, '')}" for n in _ordered(rep["samplers"])), "",
+                  ablation_markdown(rep), "", "### Which part of the gain comes from what", "",
+                  decomposition_markdown(rep), "", "### Gradient conflict (cosine of shared-weight gradients; "
+                  f"{rep['conflict_steps']} steps per sampler and seed)", "", conflict_markdown(rep), ""]
+        from evit.train.ablate import _plot as plot_ablation  # the ablation's own plot, of the merged seeds
+
+        plot_ablation(rep, figs / png)
+        parts += [f"![ablation {rep['epochs']} epochs]({figs.name}/{png})", ""]
+    if compare_workdir is not None:
+        workdir, params = compare_workdir, load_params(compare_workdir / "params.yaml")
+    base_path = workdir / params.baselines.results
+    if base_path.is_file():
+        doc = read_json(base_path)
+        parts += [f"## Searched subnets vs standalone models ({doc['epochs']} epochs, {doc['resolution']} px)", "",
+                  f"From `{workdir}`: supernet (`elastic`, seed {params.train.seed}) and baselines trained "
+                  f"{params.train.epochs} epochs; search top-1 on the `search` split, final numbers on `val`.", "",
+                  "Standalone timm models trained from scratch with the supernet's recipe and epoch budget, "
+                  "timed with the same device code and estimator as the searched subnets.", "",
+                  baselines_markdown(doc), ""]
+        for dp in params.devices:
+            res_path = workdir / params.search.out_dir / f"search-{dp.name}" / "result.json"
+            if not res_path.is_file():
+                parts += [f"_{dp.name}: no search result_", ""]
+                continue
+            res = read_json(res_path)
+            rows = comparison_rows(dp.name, res["budgets"], doc)  # recomputed: same function as the search's
+            parts += [f"### {dp.name}", "", comparison_markdown(dp.name, rows), ""]
+            png = workdir / "plots" / f"search-{dp.name}.png"
+            if png.is_file():
+                shutil.copy2(png, figs / png.name)
+                parts += [f"![search {dp.name}]({figs.name}/{png.name})", ""]
+    text = "\n".join(parts).rstrip() + "\n"
+    write_text_atomic(out, text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Render docs/results.md from a run's outputs.")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/photos"))
+    ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    ap.add_argument("--note", default="", help="a paragraph placed under the title (how the run was made)")
+    ap.add_argument("--ablation-workdir", type=Path, action="append", default=[],
+                    help="another run's ablation (e.g. another epoch budget), shown after the first")
+    ap.add_argument("--compare-workdir", type=Path, default=None,
+                    help="take the searched-vs-baselines section from this run instead")
+    args = ap.parse_args(argv)
+    if not (args.workdir / "params.yaml").is_file():
+        raise SystemExit(f"error: {args.workdir}/params.yaml not found; run `make results` (bench/bench_photos.py) first")
+    render(args.workdir, args.out, args.note, args.compare_workdir, tuple(args.ablation_workdir))
+    print(args.out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,54 @@
+"""The results page: merging per-seed ablation reports, the gain decomposition, the skip without data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evit.results_page import ablation_markdown, decomposition_markdown, merge_ablation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _report(seed: int, top1: dict[str, float]) -> dict:
+    conflict = {k: {kind: {"mean": 0.1, "std": 0.0, "per_seed": [0.1]} for kind in ("same_step", "adjacent_step")}
+                for k in ("as_trained", "shared_weights")}
+    return {"split": "val", "epochs": 2, "seeds": [seed], "subnets_per_level": 1, "conflict_steps": 2,
+            "archs": {"0": {"min": {"arch": "a", "flops_m": 2.0}}},
+            "samplers": {s: {"levels": {"0": {"top1_mean": v, "top1_std": 0.0, "per_seed": [v], "flops_m": 2.0}},
+                             "top1_mean": v, "top1_mean_per_seed": [v], "conflict": conflict}
+                         for s, v in top1.items()}}
+
+
+def test_per_seed_reports_merge_and_the_gain_is_split_into_losses_sampling_banks() -> None:
+    merged = merge_ablation([_report(0, {"uniform": 0.40, "flat": 0.50, "complexity": 0.55, "elastic": 0.56}),
+                             _report(1, {"uniform": 0.44, "flat": 0.52, "complexity": 0.55, "elastic": 0.60})])
+    assert merged["seeds"] == [0, 1]
+    lv = merged["samplers"]["uniform"]["levels"]["0"]
+    assert lv["per_seed"] == [0.40, 0.44] and lv["top1_mean"] == pytest.approx(0.42) and lv["top1_std"] == pytest.approx(0.02)
+    table = ablation_markdown(merged)
+    assert "| 0 | 2.0 | 42.0 ± 2.0 | 51.0 ± 1.0 | 55.0 ± 0.0 | 58.0 ± 2.0 |" in table
+    dec = decomposition_markdown(merged)
+    assert "| uniform -> flat | +9.0 ± 1.0 | +10.0, +8.0 |" in dec
+    assert "| flat -> complexity | +4.0 ± 1.0 |" in dec and "| uniform -> elastic | +16.0 ± 0.0 |" in dec
+    with pytest.raises(ValueError, match="cannot be merged"):
+        merge_ablation([_report(0, {"uniform": 0.4}), {**_report(1, {"uniform": 0.4}), "epochs": 3}])
+
+
+def test_photos_benchmark_is_skipped_with_a_message_without_the_data(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "photos.py"), "--data", str(tmp_path / "absent"),
+                          "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("skipped: ") and "absent" in out.stdout
+    assert not (tmp_path / "w").exists()
+
+
+def test_photos_profile_is_valid_and_names_real_timm_models() -> None:
+    from evit.baselines.models import check_model_names
+    from evit.config import load_params
+
+    p = load_params(REPO / "params.photos.yaml")
+    check_model_names(p.baselines.models)
+    assert p.train.epochs == p.ablate.epochs and len(p.ablate.seeds) >= 3 and "flat" in p.ablate.samplers
