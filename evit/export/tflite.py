@@ -114,15 +114,17 @@ class LiteRTConverter:
 
     def convert_subnet(self, arch_json: Path, weights: Path, space: dict[str, Any], out: Path) -> Path:
         """arch JSON + safetensors (+ space) -> `out` (.tflite, fp32, one signature)."""
-        s = self._request({"op": "subnet", "arch_json": str(arch_json), "weights": str(weights), "space": space,
-                           "out": str(out)}, f"converting {weights}")
+        # absolute paths: the worker runs in its own directory, not this process's
+        s = self._request({"op": "subnet", "arch_json": str(Path(arch_json).resolve()),
+                           "weights": str(Path(weights).resolve()), "space": space, "out": str(Path(out).resolve())},
+                          f"converting {weights}")
         log.info("converted %s to LiteRT in %.1f s", weights.parent, s)
         return out
 
     def convert_programs(self, programs: Sequence[tuple[str, Path, Sequence[Sequence[int]]]], out: Path) -> Path:
         """Several (signature name, .pt2 file from `torch.export.save`, input shapes) -> one .tflite."""
-        self._request({"op": "programs", "out": str(out),
-                       "programs": [{"name": n, "pt2": str(p), "input_shapes": [list(s) for s in shapes]}
+        self._request({"op": "programs", "out": str(Path(out).resolve()),
+                       "programs": [{"name": n, "pt2": str(Path(p).resolve()), "input_shapes": [list(s) for s in shapes]}
                                     for n, p, shapes in programs]},
                       f"converting {len(programs)} programs into {out.name}")
         return out
