@@ -161,8 +161,8 @@ def test_register_is_idempotent_and_fetch_verifies(mlflow_server: MlflowServer, 
 
     with pytest.raises(RegistryError, match="has aliases \\['1_5ms', 'champion'\\] and versions \\[1\\]"):
         registry.fetch_model(params, f"{name}@3ms", "onnx", tmp_path / "none")
-    with pytest.raises(RegistryError, match="accepted: onnx, torchscript, pytorch"):
-        registry.fetch_model(params, f"{name}@champion", "tflite", tmp_path / "none")
+    with pytest.raises(RegistryError, match="'coreml' is not supported; accepted: onnx, torchscript, pytorch, tflite, pte"):
+        registry.fetch_model(params, f"{name}@champion", "coreml", tmp_path / "none")
 
 
 @pytest.mark.slow

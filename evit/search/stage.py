@@ -367,16 +367,15 @@ def run_device_search(params: Params, inputs: SearchInputs, out_dir: Path,
         "cache": cache.stats(),
         "seconds": round(seconds, 2),
     }
+    if baselines is not None:  # searched subnet per budget vs the best standalone model under it
+        result_doc["baselines"] = comparison_rows(dev.name, summaries, baselines)
     if not search:  # evit export --arch: the entries only, the search's own files stay as they are
         return result_doc
     write_json_atomic(out_dir / POPULATION_FILE, {"device": dev.name, "subnets": population})
     write_json_atomic(out_dir / PARETO_FILE, {"device": dev.name, "x": "latency_ms", "y": "top1", "front": front})
     write_json_atomic(out_dir / RESULT_FILE, result_doc)
-    _write_plots(params, dev.name, population, front, plotted, [b.value for b in budgets if b.kind == "latency"])
-    from evit.baselines.compare import comparison_rows
-    from evit.baselines.stage import load_baselines
-
-    baselines = load_baselines(params)
+    _write_plots(params, dev.name, population, front, plotted, [b.value for b in budgets if b.kind == "latency"],
+                 baselines)
     metrics = _metrics(summaries, cache, seconds)
     write_json_atomic(paths.search_metrics_path(dev.name), headline_metrics(metrics))
     return {"device": dev.name, "result": str(out_dir / RESULT_FILE), "metrics": metrics}
