@@ -43,6 +43,7 @@ from evit.errors import UserError
 from evit.flops import Block, arch_blocks, has_shortcut_conv, mbconv_mid, se_channels
 from evit.nn.common import BN_EPS, BN_MOMENTUM, LN_EPS, crop_rel_table, init_module, max_token_sides, rel_pos_index
 from evit.nn.elastic import ElasticBatchNorm2d, ElasticConv2d
+from evit.nn.supernet import _ACTIVE_CACHE, Supernet
 from evit.space import SearchSpace
 
 State = dict[str, Tensor]
@@ -333,18 +334,13 @@ class ReferenceSupernet(nn.Module):
                 mods.extend(_LayerView(layers[2 * j], layers[2 * j + 1]) for j in range(st.depth))
         mods.append(self._head)
         pairs = list(zip(mods, arch_blocks(arch, self.space), strict=True))
-        if len(self._active) >= 4096:
+        if len(self._active) >= _ACTIVE_CACHE:
             self._active.clear()
         self._active[arch] = pairs
         return pairs
 
-    def forward(self, x: Tensor, arch: Arch) -> Tensor:  # type: ignore[override]
-        """Logits of subnet `arch` for NCHW images `x` at `arch.resolution` (no resizing, like `Supernet`)."""
-        if x.shape[-1] != arch.resolution or x.shape[-2] != arch.resolution:
-            raise ValueError(f"input is {tuple(x.shape[-2:])} px but arch {arch.key} runs at {arch.resolution} px")
-        for module, block in self.active(arch):
-            x = module(x, block)
-        return x
+    # the same walk over `active(arch)` as evit's own supernet (no resizing either)
+    forward = Supernet.forward
 
 
 def check_reference_space(space: SearchSpace) -> None:
