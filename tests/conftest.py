@@ -23,6 +23,9 @@ Project scaffolding:
 - `prepared_digits` (session): the default digits source prepared once into a session
   directory (its Path); point `data.out_dir` at it to skip the prepare stage in tests.
 
+MLflow's process-wide tracking/registry URIs (and the MLFLOW_*_URI variables that
+`mlflow.set_tracking_uri` exports) are restored after every test (`_restore_mlflow_uris`).
+
 Torch runs single-threaded in the test process (`pytest_configure`): CI has 2 cores and
 intra-op threads only add contention to these tiny models. Code that needs a thread count
 (latency devices) sets and restores its own.
@@ -55,6 +58,43 @@ AWS_TEST_ENV = {
     "AWS_REGION": "us-east-1",
 }
 _AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris() -> Iterator[None]:
+    """Undo what a test's `mlflow.set_tracking_uri` / `set_registry_uri` leaves behind.
+
+    Why: mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses), and
+    evit.tracking lets that variable win over params. A test that called it pointed every
+    later test's tracking at its own (gone) store while their registry URI named the session
+    server, so registering logged the model in one store and created the version in the
+    other: MLflow 500 "Logged model with ID ... not found", depending on test order.
+    """
+    env = {k: os.environ.get(k) for k in MLFLOW_URI_VARS}
+    fluent = _mlflow_fluent_uris()
+    yield
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._tracking_uri, registry_utils._registry_uri = fluent
+
+
+def _mlflow_fluent_uris() -> tuple[str | None, str | None]:
+    if "mlflow" not in sys.modules:
+        return None, None
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    return tracking_utils._tracking_uri, registry_utils._registry_uri
 
 
 def pytest_configure(config: pytest.Config) -> None:
