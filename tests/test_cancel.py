@@ -158,3 +158,34 @@ def test_train_sigint_checkpoints_then_resumes_from_previous_when_latest_truncat
     assert (root / "models/supernet.pt").is_file()
     assert torch.load(root / "models/last.pt", weights_only=True, map_location="cpu")["step"] == 36
     assert _statuses(shared_mlflow_db, experiment)["train"] == ["KILLED", "FINISHED"]
+
+
+def test_lut_sigterm_keeps_measured_units_and_resumes(tmp_path: Path, shared_mlflow_db: str) -> None:  # noqa: F811
+    """A latency table stops within the limit, writes no table, keeps what it measured, and
+    the next run resumes from it instead of starting over."""
+    prepared = prepare_small_digits(tmp_path / "data")
+    dev = {"name": "cpu-1t", "kind": "torch-cpu", "threads": 1, "warmup": 2, "repeats": 10, "rounds": 4,
+           "estimator": "p10", "validate_subnets": 10, "budgets_ms": [5.0]}
+    root = _project(tmp_path / "proj", {**tiny_overrides(prepared), "devices": [dev],
+                                        "tracking": {"experiment": f"cancel-lut-{uuid.uuid4().hex[:8]}"}})
+    env = clean_env({"MLFLOW_TRACKING_URI": shared_mlflow_db, "EVIT_LOG_LEVEL": "INFO"})
+    log = tmp_path / "lut.log"
+    proc = _start([str(VENV_BIN / "evit"), "lut", "-d", "cpu-1t"], root, env, log)
+    _wait_for(log, r"lut@cpu-1t: full table", proc)
+    partial = root / "luts" / "cpu-1t.partial.json"
+    t0 = time.monotonic()
+    while not partial.is_file() and proc.poll() is None and time.monotonic() - t0 < 120:
+        time.sleep(0.2)  # the first flush: some units measured
+    rc, seconds = _stop(proc, signal.SIGTERM)
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    assert seconds < STOP_WITHIN_S, f"stopped after {seconds:.1f}s"
+    assert "Traceback" not in text and "cancelled by SIGTERM" in text, text[-3000:]
+    _assert_no_leftovers(proc.pid)
+    assert partial.is_file() and not (root / "luts" / "cpu-1t.json").exists()
+    assert not (root / "metrics" / "lut-cpu-1t.json").exists()
+
+    again = run([str(VENV_BIN / "evit"), "lut", "-d", "cpu-1t"], root, env)
+    m = re.search(r"resuming \S*cpu-1t.partial.json: (\d+) units of work done", again.stderr)
+    assert m and int(m.group(1)) >= 1, again.stderr[-3000:]
+    assert (root / "luts" / "cpu-1t.json").is_file() and not partial.exists()
