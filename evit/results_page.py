@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="take the searched-vs-baselines section from this run instead")
     args = ap.parse_args(argv)
     if not (args.workdir / "params.yaml").is_file():
-        raise SystemExit(f"error: {args.workdir}/params.yaml not found; run `make results` (bench/bench_photos.py) first")
+        raise SystemExit(f"error: {args.workdir}/params.yaml not found; run `make results` (bench/photos.py) first")
     render(args.workdir, args.out, args.note, args.compare_workdir, tuple(args.ablation_workdir))
     print(args.out)
 
