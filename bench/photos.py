@@ -13,7 +13,10 @@ everything resumes and finished runs are reused:
 3. the pipeline chain: `evit train` (its run is the ablation's elastic seed-0 run: same
    train params, so it is handed over instead of trained twice), `evit baselines`, and
    `evit lut` + `evit search` per device;
-4. `python -m evit.results_page` -> docs/results.md + docs/results/*.png.
+4. with `--compare-seeds 1 2`: the searched-vs-baselines comparison again per seed (in
+   `<workdir>-seed<N>`: that seed's elastic supernet from the ablation, baselines retrained
+   with the seed, searches with the same LUTs), for the spread over seeds;
+5. `python -m evit.results_page` -> docs/results.md + docs/results/*.png.
 `--epochs` sets train.epochs and ablate.epochs (and so the baselines' budget) together.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,6 +56,10 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="ablation seeds (default: the profile's)")
     ap.add_argument("--jobs", type=int, default=3, help="ablation seeds run as this many parallel processes "
                     "(default 3: one per seed; the whole run took 40 min on 2 cores so)")
+    ap.add_argument("--compare-seeds", type=int, nargs="*", default=[],
+                    help="repeat the searched-vs-baselines comparison with these seeds (ablation seeds: each "
+                    "uses the ablation's elastic supernet of that seed, retrains the baselines with it and "
+                    "searches again with the same LUTs), for the seed spread; ~15 min per seed on 2 cores")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     args = ap.parse_args()
     if not (args.data / "train").is_dir():
@@ -67,6 +75,10 @@ def main() -> int:
         p["train"]["epochs"] = p["ablate"]["epochs"] = args.epochs
     if args.seeds is not None:
         p["ablate"]["seeds"] = args.seeds
+    bad = [s for s in args.compare_seeds if s not in (args.seeds or p["ablate"]["seeds"]) or s == p["train"]["seed"]]
+    if bad:
+        raise SystemExit(f"error: --compare-seeds {bad}: each must be an ablation seed other than train.seed "
+                         f"({p['train']['seed']}); the comparison reuses that seed's elastic supernet")
     if p["train"]["epochs"] != p["ablate"]["epochs"] or p["train"]["sampler"] != "elastic":
         print("note: train and ablation budgets differ; the pipeline's supernet is trained separately")
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
@@ -107,6 +119,10 @@ def _run(args: argparse.Namespace, p: dict, work: Path) -> int:
     chain_minutes = (time.perf_counter() - t0) / 60
     for proc in ablations:
         _check(proc, "evit ablate")
+    seed_dirs = [_compare_seed(p, work, seed) for seed in args.compare_seeds]
+    for seed, procs in seed_dirs:
+        for proc in procs:
+            _check(proc, f"comparison seed {seed}")
     minutes = (time.perf_counter() - t0) / 60
     load = os.getloadavg()
     note = (f"Run: `bench/photos.py` with train/ablate epochs {p['train']['epochs']}, ablation seeds {seeds} "
@@ -115,9 +131,32 @@ def _run(args: argparse.Namespace, p: dict, work: Path) -> int:
             f"the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).")
     from evit.results_page import render
 
-    render(work, args.out, note)
+    render(work, args.out, note, seed_workdirs=tuple(work.parent / f"{work.name}-seed{seed}"
+                                                      for seed, _ in seed_dirs))
     print(f"{args.out} written ({minutes:.1f} min)")
     return 0
+
+
+def _compare_seed(p: dict, work: Path, seed: int) -> tuple[int, list[subprocess.Popen[bytes]]]:
+    """The comparison with another seed, in `<workdir>-seed<N>` (started; the caller waits):
+    the ablation's elastic supernet of that seed, baselines trained with it, one search per
+    device with the main run's LUTs and prepared data."""
+    wd = work.parent / f"{work.name}-seed{seed}"
+    (wd / "models").mkdir(parents=True, exist_ok=True)
+    (wd / "luts").mkdir(exist_ok=True)
+    q = yaml.safe_load(yaml.safe_dump(p))
+    q["train"]["seed"] = q["search"]["seed"] = seed
+    q["data"]["out_dir"] = str(work / p["data"]["out_dir"])
+    (wd / "params.yaml").write_text(yaml.safe_dump(q, sort_keys=False))
+    shutil.copy2(work / "models" / "ablate" / f"elastic-seed{seed}" / "supernet.pt", wd / "models" / "supernet.pt")
+    for lut in (work / "luts").glob("*.json"):
+        if not lut.name.endswith(".partial.json"):
+            shutil.copy2(lut, wd / "luts" / lut.name)
+    cmds = [["baselines"]] + [["search", "--device", d["name"]] for d in p["devices"]]
+    script = " && ".join(shlex.join([sys.executable, "-m", "evit.cli", *c, "--params", "params.yaml"]) for c in cmds)
+    fh = open(wd / "compare.log", "ab")  # noqa: SIM115 - closed with the process
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return seed, [subprocess.Popen(["bash", "-c", script], cwd=wd, env=env, stdout=fh, stderr=fh)]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Reads, under the work directory (a project root the stages ran in):
   (`<ablate.out_dir>/ablate-seed*/ablation.json`, when the seeds ran as parallel processes),
   merged here seed by seed;
 - the baselines (`baselines.results`) and each device's search result, whose `baselines`
-  rows are the comparison (evit.baselines.compare).
+  rows are the comparison (evit.baselines.compare); with `--seed-workdir`, the same
+  comparison from runs with other seeds, as mean ± std over seeds.
 Writes the page and copies its plots beside it (`docs/results/`), so the page renders from
 the repository. Nothing is recomputed: the page says what the files say, with the epochs
 and seeds they were produced with.
@@ -140,11 +141,78 @@ def baselines_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def seed_comparison(runs: dict[int, tuple[dict[str, Any], dict[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per device and budget, the searched subnet vs the best baseline under it, over seeds.
+
+    `runs`: seed -> (baselines document, device -> search result) of one comparison run each
+    (supernet and baselines trained with that seed). Rows are recomputed with the search's
+    own `comparison_rows`, then grouped by (device, budget)."""
+    grouped: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for seed, (doc, results) in sorted(runs.items()):
+        for device, res in results.items():
+            for r in comparison_rows(device, res["budgets"], doc):
+                grouped.setdefault((device, r["budget"]), {})[seed] = r
+    out = []
+    for (device, budget), by_seed in grouped.items():
+        seeds = sorted(by_seed)
+        searched = [by_seed[s]["searched_val_top1"] for s in seeds]
+        base = [by_seed[s]["baseline_val_top1"] for s in seeds if by_seed[s]["baseline_val_top1"] is not None]
+        deltas = [by_seed[s]["delta_top1"] for s in seeds if by_seed[s]["delta_top1"] is not None]
+        out.append({"device": device, "budget": budget, "seeds": seeds, "searched": searched, "baseline": base,
+                    "baselines_named": [by_seed[s]["baseline"] or "none fits" for s in seeds], "deltas": deltas,
+                    "over_budget": sum(not by_seed[s]["searched_within_budget"] for s in seeds)})
+    return out
+
+
+def seed_comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    def ms(v: list[float]) -> str:
+        if not v:
+            return "-"
+        m, s = _stats(v)
+        return f"{100 * m:.1f} ± {100 * s:.1f}"
+
+    lines = ["| device | budget | seeds | searched top-1 % | best baseline within budget (per seed) | "
+             "its top-1 % | delta (pts), mean ± std | delta per seed | searched over budget |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dm = "-" if not r["deltas"] else "{:+.1f} ± {:.1f}".format(*(100 * x for x in _stats(r["deltas"])))
+        lines.append(f"| {r['device']} | {r['budget']} | {', '.join(map(str, r['seeds']))} | {ms(r['searched'])} | "
+                     f"{', '.join(r['baselines_named'])} | {ms(r['baseline'])} | {dm} | "
+                     f"{', '.join(f'{100 * d:+.1f}' for d in r['deltas']) or '-'} | {r['over_budget']} |")
+    return "\n".join(lines)
+
+
+def baselines_over_seeds_markdown(docs: dict[int, dict[str, Any]]) -> str:
+    names = [m["model"] for m in sorted(next(iter(docs.values()))["models"], key=lambda m: m["macs_m"])]
+    lines = ["| model | val top-1 %, mean ± std | per seed |", "|---|---|---|"]
+    for n in names:
+        v = [m["val_top1"] for _, d in sorted(docs.items()) for m in d["models"] if m["model"] == n]
+        m, s = _stats(v)
+        lines.append(f"| {n} | {100 * m:.1f} ± {100 * s:.1f} | {', '.join(f'{100 * x:.1f}' for x in v)} |")
+    return "\n".join(lines)
+
+
+def load_comparison(workdir: Path) -> tuple[int, dict[str, Any], dict[str, dict[str, Any]]] | None:
+    """(seed, baselines document, device -> search result) of one run, None if incomplete."""
+    params = load_params(workdir / "params.yaml")
+    base_path = workdir / params.baselines.results
+    if not base_path.is_file():
+        return None
+    results = {}
+    for dp in params.devices:
+        res_path = workdir / params.search.out_dir / f"search-{dp.name}" / "result.json"
+        if res_path.is_file():
+            results[dp.name] = read_json(res_path)
+    return params.train.seed, read_json(base_path), results
+
+
 def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | None = None,
-           ablation_workdirs: tuple[Path, ...] = ()) -> str:
+           ablation_workdirs: tuple[Path, ...] = (), seed_workdirs: tuple[Path, ...] = ()) -> str:
     """The page; the comparison (section 2) comes from `compare_workdir` when given (a run with
     another epoch budget than the ablation's), else from `workdir`; the ablations of
-    `ablation_workdirs` (other epoch budgets) follow the first one."""
+    `ablation_workdirs` (other epoch budgets) follow the first one; `seed_workdirs` are the
+    same comparison with other seeds (bench/photos.py --compare-seeds), summarised with the
+    first as mean ± std over seeds."""
     params = load_params(workdir / "params.yaml")
     figs = out.parent / out.stem
     figs.mkdir(parents=True, exist_ok=True)
@@ -194,6 +262,19 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
             if png.is_file():
                 shutil.copy2(png, figs / png.name)
                 parts += [f"![search {dp.name}]({figs.name}/{png.name})", ""]
+    if seed_workdirs:
+        runs = {}
+        for wd in (workdir, *seed_workdirs):
+            got = load_comparison(wd)
+            if got is not None:
+                runs[got[0]] = (got[1], got[2])
+        if len(runs) > 1:
+            parts += [f"### Over seeds {sorted(runs)}", "",
+                      "The same comparison repeated with each seed: supernet from the ablation's `elastic` run of "
+                      "that seed, baselines retrained with it, search with it (same LUTs). Each seed's baselines are "
+                      "timed again, so which baseline fits a budget may change from seed to seed.", "",
+                      seed_comparison_markdown(seed_comparison(runs)), "", "Baselines over seeds:", "",
+                      baselines_over_seeds_markdown({k: v[0] for k, v in runs.items()}), ""]
     text = "\n".join(parts).rstrip() + "\n"
     write_text_atomic(out, text)
     return text
@@ -206,12 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", default="", help="a paragraph placed under the title (how the run was made)")
     ap.add_argument("--ablation-workdir", type=Path, action="append", default=[],
                     help="another run's ablation (e.g. another epoch budget), shown after the first")
+    ap.add_argument("--seed-workdir", type=Path, action="append", default=[],
+                    help="the comparison repeated with another seed (bench/photos.py --compare-seeds)")
     ap.add_argument("--compare-workdir", type=Path, default=None,
                     help="take the searched-vs-baselines section from this run instead")
     args = ap.parse_args(argv)
     if not (args.workdir / "params.yaml").is_file():
         raise SystemExit(f"error: {args.workdir}/params.yaml not found; run `make results` (bench/photos.py) first")
-    render(args.workdir, args.out, args.note, args.compare_workdir, tuple(args.ablation_workdir))
+    render(args.workdir, args.out, args.note, args.compare_workdir, tuple(args.ablation_workdir),
+           tuple(args.seed_workdir))
     print(args.out)
 
 

@@ -52,3 +52,27 @@ def test_photos_profile_is_valid_and_names_real_timm_models() -> None:
     p = load_params(REPO / "params.photos.yaml")
     check_model_names(p.baselines.models)
     assert p.train.epochs == p.ablate.epochs and len(p.ablate.seeds) >= 3 and "flat" in p.ablate.samplers
+
+
+def test_comparison_over_seeds_groups_budgets_and_reports_the_spread() -> None:
+    from evit.results_page import baselines_over_seeds_markdown, seed_comparison, seed_comparison_markdown
+
+    def run(searched: float, small: float, big: float) -> tuple[dict, dict]:
+        doc = {"devices": ["d"], "models": [
+            {"model": "small", "macs_m": 1.0, "params_m": 0.1, "val_top1": small, "latency_ms": {"d": 1.0}},
+            {"model": "big", "macs_m": 9.0, "params_m": 1.0, "val_top1": big, "latency_ms": {"d": 9.0}}]}
+        res = {"budgets": [{"label": "2ms", "feasible": True, "budget": {"kind": "latency", "value": 2.0},
+                            "val_top1": searched, "measured_latency_ms": 1.5, "flops_m": 3.0},
+                           {"label": "0_5ms", "feasible": True, "budget": {"kind": "latency", "value": 0.5},
+                            "val_top1": searched - 0.1, "measured_latency_ms": 0.6, "flops_m": 1.0}]}
+        return doc, {"d": res}
+
+    rows = seed_comparison({0: run(0.60, 0.40, 0.70), 1: run(0.64, 0.44, 0.72)})
+    by = {r["budget"]: r for r in rows}
+    assert by["2ms"]["seeds"] == [0, 1] and by["2ms"]["baselines_named"] == ["small", "small"]
+    assert by["2ms"]["deltas"] == pytest.approx([0.20, 0.20])
+    assert by["0_5ms"]["baseline"] == [] and by["0_5ms"]["over_budget"] == 2  # nothing fits; measured over
+    table = seed_comparison_markdown(rows)
+    assert "| d | 2ms | 0, 1 | 62.0 ± 2.0 | small, small | 42.0 ± 2.0 | +20.0 ± 0.0 | +20.0, +20.0 | 0 |" in table
+    assert "| small | 42.0 ± 2.0 | 40.0, 44.0 |" in baselines_over_seeds_markdown({0: run(0.6, 0.40, 0.7)[0],
+                                                                                 1: run(0.6, 0.44, 0.7)[0]})
