@@ -256,8 +256,12 @@ def _eta_warning(device: Device, t0: float, done: int, remaining: int) -> bool:
         return False
     eta = (time.monotonic() - t0) / done * max(remaining, 0)
     if eta > ETA_WARN_S:
-        log.warning("lut@%s: about %.0f min left (%d units of work); for a smaller table set `lut_mode: sampled` "
-                    "on this device (or fewer `repeats`)", device.name, eta / 60, remaining)
+        hint = ("set `lut_mode: sampled` on this device (or fewer `repeats`)" if device.params.lut_mode == "full"
+                else "fewer `sample_subnets`, `validate_subnets` or `repeats`")
+        converts = hasattr(device, "convert_seconds")  # mobile kinds: the first units pay the conversions
+        log.warning("lut@%s: about %.0f min left (%d units of work)%s; for a smaller table: %s", device.name,
+                    eta / 60, remaining, ", extrapolated from units that included converting, so an upper bound"
+                    if converts else "", hint)
         return True
     return False
 
