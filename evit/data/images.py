@@ -8,8 +8,10 @@ no temp paths) because the reason ends up in manifest.json, which DVC hashes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -44,23 +46,29 @@ def to_stored(img: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def decode(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> stored array, or `BadImage` naming why the file is unusable."""
-    if not data:
-        raise BadImage("empty file")
+@contextlib.contextmanager
+def _as_bad_image() -> Iterator[None]:
+    """Whatever PIL raises on a bad file, as one `BadImage` naming why (decode and encode alike)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            # JPEG only: decode at a reduced DCT scale that is still >= size (much faster on
-            # large photos; deterministic for a given libjpeg).
-            img.draft("RGB", (size, size))
-            img.load()
-            return to_stored(img, size)
+        yield
     except UnidentifiedImageError:
         raise BadImage("not a recognised image format") from None
     except Image.DecompressionBombError as exc:
         raise BadImage(f"image too large to decode safely: {_clean(exc)}") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
         raise BadImage(f"corrupt or truncated image: {_clean(exc)}") from None
+
+
+def decode(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> stored array, or `BadImage` naming why the file is unusable."""
+    if not data:
+        raise BadImage("empty file")
+    with _as_bad_image(), Image.open(io.BytesIO(data)) as img:
+        # JPEG only: decode at a reduced DCT scale that is still >= size (much faster on
+        # large photos; deterministic for a given libjpeg).
+        img.draft("RGB", (size, size))
+        img.load()
+        return to_stored(img, size)
 
 
 JPEG_QUALITY = 95
@@ -79,35 +87,28 @@ def encode_for_shard(data: bytes, max_side: int | None) -> tuple[bytes, str]:
     """
     if not data:
         raise BadImage("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            is_jpeg = img.format == "JPEG"
-            too_big = max_side is not None and max(img.size) > max_side
-            if is_jpeg and not too_big:
-                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
-                return data, "jpg"
+    with _as_bad_image(), Image.open(io.BytesIO(data)) as img:
+        is_jpeg = img.format == "JPEG"
+        too_big = max_side is not None and max(img.size) > max_side
+        if is_jpeg and not too_big:
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode not in ("RGB", "L"):
-                img = img.convert("RGB")
-            if too_big:
-                assert max_side is not None
-                scale = max_side / max(img.size)
-                size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-                img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
-            out = io.BytesIO()
-            if is_jpeg:
-                img.save(out, format="JPEG", quality=JPEG_QUALITY)
-                return out.getvalue(), "jpg"
-            img.save(out, format="PNG", optimize=False)
-            return out.getvalue(), "png"
-    except UnidentifiedImageError:
-        raise BadImage("not a recognised image format") from None
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"image too large to decode safely: {_clean(exc)}") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
-        raise BadImage(f"corrupt or truncated image: {_clean(exc)}") from None
+            return data, "jpg"
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        if too_big:
+            assert max_side is not None
+            scale = max_side / max(img.size)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+        out = io.BytesIO()
+        if is_jpeg:
+            img.save(out, format="JPEG", quality=JPEG_QUALITY)
+            return out.getvalue(), "jpg"
+        img.save(out, format="PNG", optimize=False)
+        return out.getvalue(), "png"
 
 
 def decode_rgb(data: bytes) -> Image.Image:
