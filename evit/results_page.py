@@ -241,9 +241,9 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
         parts += [f"![ablation {rep['epochs']} epochs]({figs.name}/{png})", ""]
     if compare_workdir is not None:
         workdir, params = compare_workdir, load_params(compare_workdir / "params.yaml")
-    base_path = workdir / params.baselines.results
-    if base_path.is_file():
-        doc = read_json(base_path)
+    comparison = load_comparison(workdir)
+    if comparison is not None:
+        _, doc, results = comparison
         parts += [f"## Searched subnets vs standalone models ({doc['epochs']} epochs, {doc['resolution']} px)", "",
                   f"From `{workdir}`: supernet (`elastic`, seed {params.train.seed}) and baselines trained "
                   f"{params.train.epochs} epochs; search top-1 on the `search` split, final numbers on `val`.", "",
@@ -251,12 +251,11 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
                   "timed with the same device code and estimator as the searched subnets.", "",
                   baselines_markdown(doc), ""]
         for dp in params.devices:
-            res_path = workdir / params.search.out_dir / f"search-{dp.name}" / "result.json"
-            if not res_path.is_file():
+            if dp.name not in results:
                 parts += [f"_{dp.name}: no search result_", ""]
                 continue
-            res = read_json(res_path)
-            rows = comparison_rows(dp.name, res["budgets"], doc)  # recomputed: same function as the search's
+            # recomputed: the same function as the search's
+            rows = comparison_rows(dp.name, results[dp.name]["budgets"], doc)
             parts += [f"### {dp.name}", "", comparison_markdown(dp.name, rows), ""]
             png = workdir / "plots" / f"search-{dp.name}.png"
             if png.is_file():
