@@ -307,6 +307,10 @@ class DeviceParams(_Section):
     max_entries: PosInt = 5000
     """A full LUT needing more entries than this is refused (switch to lut_mode: sampled)."""
     sample_subnets: PosInt = 300
+    convert_jobs: PosInt | None = None
+    """litert / executorch: files converted in parallel before a LUT build times anything
+    (each worker converts one file at a time); null = one per CPU. Not part of what a
+    table is keyed on."""
     seed: int = 0
     """Seeds the validation (and sampled-mode) subnet draws."""
 

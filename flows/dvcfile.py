@@ -40,8 +40,9 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 
 STAGE_KINDS = ("prepare", "train", "baselines", "lut", "search", "export")
 PER_DEVICE = ("lut", "search", "export")
-NOT_READ_BY_LUT = ("budgets_ms",)
-"""Keys of a `devices:` entry the LUT stage does not read (only search and export do)."""
+NOT_READ_BY_LUT = ("budgets_ms", "convert_jobs")
+"""Keys of a `devices:` entry a table does not depend on: the budgets (only search and export
+read them) and how many conversions run at once (speed only)."""
 
 
 def stage_name(kind: str, device: str | None = None) -> str:

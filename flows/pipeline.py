@@ -34,6 +34,11 @@ What the flow adds is orchestration:
   or compute on this host take turns on a host lock (two latency measurements sharing
   the CPU corrupt each other); only the LUT of a `command` device (timed elsewhere, e.g.
   a phone over adb) runs alongside.
+- **Converting ahead**: a `litert` / `executorch` table is mostly converting files, which
+  needs no quiet machine. When such a LUT will run, a `convert-ahead@<device>` task makes
+  its files beside training and the baselines (they use `train.threads` cores; the
+  conversions get the rest, in worker processes), and the LUT waits for it and then only
+  measures. Best effort: the LUT converts whatever is still missing.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.states import Cancelled
 from prefect.tasks import exponential_backoff
@@ -354,6 +359,45 @@ def baselines_task(root: str, params_file: str, device: str | None = None, paren
 TASKS = {"prepare": prepare_task, "train": train_task, "lut": lut_task, "search": search_task,
          "export": export_task, "baselines": baselines_task}
 
+CONVERTING_KINDS = ("litert", "executorch")
+"""Device kinds whose table build is mostly converting files (evit.latency.mobile)."""
+
+
+def _lut_will_run(root: Path, device: str, forced: set[str]) -> bool:
+    """Whether lut@<device> is forced or out of date now (when unsure: yes, converting ahead is harmless)."""
+    if "lut" in forced:
+        return True
+    try:
+        return not dvcrepo.stage_state(root, dvcfile.stage_name("lut", device), restore=False).up_to_date
+    except Exception:  # noqa: BLE001 - the lut task's own cache check reports any real problem
+        return True
+
+
+@task(name="convert-ahead", task_run_name="convert-ahead@{device}", cache_policy=NO_CACHE, persist_result=False)
+def convert_ahead_task(root: str, params_file: str, device: str) -> dict:
+    """Convert the files lut@<device> will time while training runs (best effort: lut converts
+    whatever is missing itself, so a failure here only costs time)."""
+    from evit.latency.stage import convert_ahead
+
+    logger = get_run_logger()
+    params = load_params(Path(root) / params_file)
+    cancel.check(f"before converting ahead for lut@{device}")
+    dp = params.device(device)
+    # beside the host's stages: training and the baselines use `train.threads` cores
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = dp.convert_jobs or max(1, cpus - (params.train.threads or cpus))
+    try:
+        out = convert_ahead(params, device, jobs=jobs)
+    except cancel.Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the lut stage converts what is missing
+        logger.warning("convert-ahead@%s failed (%s: %s); lut@%s converts its files itself", device,
+                       type(exc).__name__, exc, device)
+        return {"device": device, "error": str(exc)}
+    logger.info("convert-ahead@%s: %d file(s) converted, %d in the cache, %.0f s", device, out["files_made"],
+                out["files_reused"], out["seconds"])
+    return out
+
 
 # --- reporting ---------------------------------------------------------------------------------
 
@@ -592,14 +636,18 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
         # The comparison needs them before any search; off (no stage in dvc.yaml) when the list is empty.
         base = submit("baselines", None, [prep]) if "baselines" in kinds and params.baselines.models else None
         futures.update({n: f for n, f in (("prepare", prep), ("train", train), ("baselines", base)) if f is not None})
+        aheads: dict[str, Any] = {}
         for d in names:
-            lut = submit("lut", d, [train or prep]) if "lut" in kinds else None
+            if "lut" in kinds and params.device(d).kind in CONVERTING_KINDS and _lut_will_run(root, d, forced):
+                aheads[f"convert-ahead@{d}"] = convert_ahead_task.submit(
+                    str(root), params_file, d, wait_for=[w for w in (prep,) if w is not None])
+            lut = submit("lut", d, [train or prep, aheads.get(f"convert-ahead@{d}")]) if "lut" in kinds else None
             search = submit("search", d, [lut, train or prep, base]) if "search" in kinds else None
             export = submit("export", d, [search, train or prep]) if "export" in kinds else None
             for kind, fut in (("lut", lut), ("search", search), ("export", export)):
                 if fut is not None:
                     futures[dvcfile.stage_name(kind, d)] = fut
-        _wait_all(futures, logger)
+        _wait_all({**aheads, **futures}, logger)
 
         states = {name: _state_of(f) for name, f in futures.items()}
         cached = sorted(n for n, s in states.items() if s == "Cached")

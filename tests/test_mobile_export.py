@@ -59,31 +59,6 @@ def test_pte_export_fails_when_the_runtime_disagrees(tmp_path: Path, monkeypatch
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-def test_executorch_device_times_in_context_and_reuses_converted_files(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
-    dp = DeviceParams(name="et", kind="executorch", threads=1, warmup=2, repeats=6, rounds=2)
-    dev = get_device(dp)
-    dev.check_available()
-    assert dev.clock_name == "thread" and dev.describe()["executorch"] == "1.5.1"
-    arch = TINY.largest()
-    try:
-        chain = dev.measure_chains([_chain(arch)])[0]
-        whole = dev.measure_many([Item(functools.partial(_static, arch), (1, 3, arch.resolution, arch.resolution),
-                                       key="e2e")])[0]
-    finally:
-        dev.close()
-    assert len(chain) == len(arch_blocks(arch, TINY)) and all(m.n == 6 and m.median_ms > 0 for m in chain)
-    assert whole.median_ms > 0
-    assert dev.files_made == 2 and len(list((tmp_path / "cache").glob("*.pte"))) == 2  # one file per batch
-    again = get_device(dp)
-    try:
-        again.measure_chains([_chain(arch)])
-    finally:
-        again.close()
-    assert again.files_made == 0 and again.files_reused == 1
-
-
 def test_executorch_device_prepared_outside_timing_with_other_threads(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The thread pool is sized before methods load (resizing it under loaded methods aborts)."""
@@ -98,6 +73,62 @@ def test_executorch_device_prepared_outside_timing_with_other_threads(tmp_path: 
         finally:
             dev.close()
         assert m.n == 3 and m.median_ms > 0
+
+
+def test_executorch_converts_ahead_in_parallel_once_per_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LUT build's files are lowered before timing, in worker processes, one method per
+    distinct block; each position of a repeated block still runs its own loaded instance."""
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    dp = DeviceParams(name="et", kind="executorch", threads=1, warmup=1, repeats=3, rounds=1, convert_jobs=2)
+    arch = TINY.largest()
+    blocks = arch_blocks(arch, TINY)
+    assert len({b.key for b in blocks}) < len(blocks)  # the case under test: a block repeated in the subnet
+    whole = [Item(functools.partial(_static, a), (1, 3, a.resolution, a.resolution), key=f"e2e|{a.key}")
+             for a in (arch, TINY.smallest())]
+    dev = get_device(dp)
+    dev.check_available()
+    assert dev.clock_name == "thread" and dev.describe()["executorch"] == "1.5.1"
+    try:
+        dev.prepare_ahead([_chain(arch), whole])
+        assert dev.files_made == 2 and dev.files_reused == 0
+        files = sorted((tmp_path / "cache").glob("*.pte"))
+        from evit.export.pte import load_program
+
+        methods = sorted(len(load_program(f).method_names) for f in files)
+        assert methods == [2, len({b.key for b in blocks})]  # the repeated block lowered once
+        chain = dev.measure_chains([_chain(arch)])[0]
+        e2e = dev.measure_many(whole)
+        assert dev.files_made == 2  # timing converted nothing
+        assert len(chain) == len(blocks) and all(m.n == 3 and m.median_ms > 0 for m in chain)
+        assert all(m.median_ms > 0 for m in e2e)
+        # each position its own program instance (own weights, own buffers)
+        assert sorted(i for (_, i) in dev._programs) == [0, 0, 1]
+    finally:
+        dev.close()
+    again = get_device(dp)  # a repeated build: the files come from the cache
+    try:
+        again.measure_chains([_chain(arch)])
+    finally:
+        again.close()
+    assert again.files_made == 0 and again.files_reused == 1
+
+
+def test_parallel_conversion_stops_on_cancel_and_keeps_no_partial_file(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from evit import cancel
+
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    dev = get_device(DeviceParams(name="et", kind="executorch", convert_jobs=2))
+    items = [Item(functools.partial(_static, a), (1, 3, a.resolution, a.resolution), key=f"e2e|{a.key}")
+             for a in (TINY.largest(), TINY.smallest())]
+    cancel.request()
+    try:
+        with pytest.raises(cancel.Cancelled):
+            dev.prepare_ahead([items[:1], items[1:]])
+    finally:
+        cancel.reset()
+        dev.close()
+    assert not list((tmp_path / "cache").glob("*.pte*"))
 
 
 def _static(arch):  # noqa: ANN001, ANN202

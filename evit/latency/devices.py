@@ -253,6 +253,11 @@ class Device(abc.ABC):
             self._tmp.cleanup()
             self._tmp = None
 
+    def prepare_ahead(self, groups: Sequence[Sequence[Item]]) -> None:
+        """Make ready, before any timing, what timing `groups` (the item lists of later
+        measure calls) will need. Only kinds whose preparation is expensive enough to be
+        worth doing up front and in parallel (litert, executorch: converting files) do anything."""
+
     # --- measuring ------------------------------------------------------------------------
     def measure(self, module: nn.Module, input_shape: Sequence[int], *, onnx_path: Path | None = None) -> Measurement:
         return self.measure_many([Item(module, tuple(input_shape), onnx_path)])[0]

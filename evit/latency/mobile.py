@@ -6,11 +6,18 @@ XNNPACK backend), here, on `threads` threads, with the shared timing discipline 
 chains, the thread clock for single-threaded runs).
 
 What is expensive is making the files: a whole subnet takes 15-85 s to convert (LiteRT)
-or 25-120 s to lower (ExecuTorch) here. So:
-- a call's modules are converted together: every module not prepared yet becomes one
-  signature (LiteRT) or method (ExecuTorch) of one file per batch of `BATCH` modules;
-- LiteRT conversions go through one long-lived converter process per device object
-  (evit.export.tflite.LiteRTConverter), paying the converter's start-up once;
+or 25-120 s to lower (ExecuTorch) here, and the cost grows with the graph's size. So:
+- a block repeated inside a subnet is converted once: its positions share one signature
+  (LiteRT) or method (ExecuTorch), and each position loads its own instance of it (a
+  program or interpreter of its own), so each still runs with its own weights and
+  buffers, as in the deployed subnet;
+- `prepare_ahead` converts everything a table build will time before timing starts, in
+  `convert_jobs` parallel workers (spawned processes lowering ExecuTorch programs; LiteRT
+  converter processes), so the conversions no longer sit between measurements and use
+  every core;
+- modules are converted together, one signature / method each, at most `BATCH` per file;
+- LiteRT conversions go through long-lived converter processes
+  (evit.export.tflite.LiteRTConverter), paying the converter's start-up once per worker;
 - files are cached by content hash under `EVIT_MODEL_CACHE` (default
   `.evit-cache/latency-models/`): the runtime's version, the evit static-module source,
   and every module's key and input shape; a resumed or repeated table build reuses them.
@@ -18,14 +25,18 @@ or 25-120 s to lower (ExecuTorch) here. So:
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import hashlib
 import json
 import logging
+import math
+import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from evit import cancel
 from evit.errors import DeviceError
 from evit.latency.devices import Device, Item, Measurement, Prepared, random_input
 
@@ -66,8 +78,28 @@ def _pkg_version(name: str) -> str:
         return "missing"
 
 
+Modules = dict[str, tuple[nn.Module | Callable[[], nn.Module], tuple[int, ...]]]
+"""What one file holds: signature / method name -> (module or its factory, input shape)."""
+
+
+@dataclass(frozen=True)
+class _File:
+    """One converted file: where it is cached and which module (content key) is which name."""
+
+    path: Path
+    names: dict[str, str]
+    """content key -> signature / method name."""
+    modules: Modules
+
+
+def convert_workers(requested: int | None, files: int) -> int:
+    """Parallel conversions: `convert_jobs`, else one per CPU this process may use; never more than files."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(requested or cpus, files))
+
+
 class _MobileDevice(Device):
-    """Shared batching and caching; subclasses convert a batch and prepare one entry of it."""
+    """Shared batching, caching and parallel conversion; subclasses convert files and load entries."""
 
     per_call_overhead = True
     suffix = ""
@@ -77,8 +109,20 @@ class _MobileDevice(Device):
         super().__init__(*args, **kwargs)
         self._code = _code_digest()
         self.convert_seconds = 0.0
+        """Wall seconds spent converting (parallel conversions count once)."""
         self.files_made = 0
         self.files_reused = 0
+        self._index: dict[str, tuple[Path, str]] = {}
+        """content key -> (file, signature / method name) `prepare_ahead` put it in."""
+        self._instances: dict[tuple[Path, str], int] = {}
+        """(file, name) -> instances loaded so far (each position of a block gets its own)."""
+        self.isolate_conversions = False
+        """Convert in worker processes even one file at a time (keeps this process's GIL free:
+        the pipeline converts beside training, in the same process)."""
+
+    def close(self) -> None:
+        super().close()
+        self._instances.clear()
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -101,45 +145,104 @@ class _MobileDevice(Device):
         return super().prepare(item)
 
     def _content_key(self, item: Item) -> str:
-        """One signature/method per item key: the n-th repeat of a block in a subnet gets its own
-        (own weights and buffers; a method fed its own output buffer would overwrite its input)."""
-        return f"{item.key}|{'x'.join(map(str, item.input_shape))}"
+        """What a file must hold for `item`: its block (`file_key`: every position of a block in
+        a subnet shares one converted signature / method) and input shape."""
+        return f"{item.file_key or item.key}|{'x'.join(map(str, item.input_shape))}"
 
-    def _prepare_batch(self, items: Sequence[Item]) -> None:
-        """Convert (or find in the cache) every not-yet-prepared item, BATCH per file."""
-        todo: dict[str, Item] = {}
+    def _plan_files(self, items: Sequence[Item]) -> list[_File]:
+        """Files for `items` (one module per content key), split evenly into files of at most BATCH."""
+        modules: dict[str, tuple[Any, tuple[int, ...]]] = {}
         for it in items:
             if it.key is None:
                 it.key = f"anon|{id(it)}"
-            if it.key not in self._prepared:
-                todo.setdefault(it.key, it)
-        pending = list(todo.values())
-        for start in range(0, len(pending), BATCH):
-            group = pending[start:start + BATCH]
-            contents = sorted({self._content_key(it) for it in group})
+            modules.setdefault(self._content_key(it), (it.module, it.input_shape))
+        keys = list(modules)
+        n_files = math.ceil(len(keys) / BATCH)
+        files = []
+        for i in range(n_files):
+            group = keys[i * len(keys) // n_files:(i + 1) * len(keys) // n_files]
+            contents = sorted(group)
             digest = hashlib.sha256(json.dumps({"kind": self.params.kind, "code": self._code, "contents": contents,
                                                 "runtime": [_pkg_version(p) for p in self.runtime_packages]})
                                     .encode()).hexdigest()[:24]
-            path = cache_dir() / f"{digest}{self.suffix}"
-            names = {c: f"m{i}" for i, c in enumerate(contents)}
-            if path.is_file():
-                self.files_reused += 1
-            else:
-                modules: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
-                for it in group:
-                    name = names[self._content_key(it)]
-                    if name not in modules:
-                        m = it.module if isinstance(it.module, nn.Module) else it.module()
-                        modules[name] = (m.eval(), it.input_shape)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                t0 = time.monotonic()
-                self._convert(modules, path)
-                self.convert_seconds += time.monotonic() - t0
-                self.files_made += 1
-            for it in group:
-                prepared = self._load(path, names[self._content_key(it)], it)
-                self._prepared[it.key] = prepared  # type: ignore[index]
-                self._prepared_bytes[it.key] = 0  # type: ignore[index]
+            names = {c: f"m{j}" for j, c in enumerate(contents)}
+            files.append(_File(cache_dir() / f"{digest}{self.suffix}", names,
+                               {names[c]: modules[c] for c in contents}))
+        return files
+
+    def prepare_ahead(self, groups: Sequence[Sequence[Item]]) -> None:
+        """Convert every file the timing of `groups` will need, before any timing, in parallel.
+
+        Each group is planned into files on its own (a group's modules share files), so
+        the same groups give the same files and a resumed build finds them in the cache.
+        Modules already converted, cached or indexed are skipped.
+        """
+        files: list[_File] = []
+        planned: set[str] = set(self._index)
+        for group in groups:
+            todo = [it for it in group if (it.key is None or it.key not in self._prepared)
+                    and self._content_key(it) not in planned]
+            planned.update(self._content_key(it) for it in todo)
+            if todo:
+                files.extend(self._plan_files(todo))
+        missing = [f for f in files if not f.path.is_file()]
+        self.files_reused += len(files) - len(missing)
+        if missing:
+            self._convert_files(missing)
+        for f in files:
+            for c, name in f.names.items():
+                self._index[c] = (f.path, name)
+
+    def _convert_files(self, files: Sequence[_File]) -> None:
+        """Convert `files` (all missing from the cache): in this process, or in parallel workers."""
+        workers = convert_workers(self.params.convert_jobs, len(files))
+        n_modules = sum(len(f.names) for f in files)
+        log.info("%s: converting %d module(s) into %d %s file(s), %d at a time", self.name, n_modules, len(files),
+                 self.suffix, workers)
+        for f in files:
+            f.path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        if workers == 1 and not self.isolate_conversions:
+            for i, f in enumerate(files, 1):
+                cancel.check(f"{self.name}: converting files, the ones done are cached")
+                self._convert({n: _built(m, shape) for n, (m, shape) in f.modules.items()}, f.path)
+                log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, i, len(files),
+                         len(f.names), time.monotonic() - t0)
+        else:
+            self._convert_parallel(files, workers, t0)
+        self.convert_seconds += time.monotonic() - t0
+        self.files_made += len(files)
+
+    def _convert_parallel(self, files: Sequence[_File], workers: int, t0: float) -> None:
+        raise NotImplementedError
+
+    def _wait(self, futures: dict[cf.Future[Any], _File], total: int, t0: float) -> None:
+        """Wait for every conversion, logging each; stop on a cancel request or the first failure."""
+        pending = set(futures)
+        done_n = 0
+        while pending:
+            cancel.check(f"{self.name}: converting files, the ones done are cached")
+            done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # re-raises the worker's error
+                done_n += 1
+                log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, done_n, total,
+                         len(futures[fut].names), time.monotonic() - t0)
+
+    def _prepare_batch(self, items: Sequence[Item]) -> None:
+        """Load every not-yet-prepared item, converting (BATCH per file) what no file holds yet."""
+        todo = [it for it in items if it.key is None or it.key not in self._prepared]
+        fresh = [it for it in todo if self._content_key(it) not in self._index]
+        if fresh:
+            self.prepare_ahead([fresh])
+        for it in todo:
+            if it.key in self._prepared:  # the same key twice in `items`
+                continue
+            path, name = self._index[self._content_key(it)]
+            instance = self._instances.get((path, name), 0)
+            self._instances[(path, name)] = instance + 1
+            self._prepared[it.key] = self._load(path, name, it, instance)  # type: ignore[index]
+            self._prepared_bytes[it.key] = 0  # type: ignore[index]
 
     def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:  # pragma: no cover
         raise AssertionError("mobile devices prepare in batches (_prepare_batch)")
@@ -147,8 +250,25 @@ class _MobileDevice(Device):
     def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
         raise NotImplementedError
 
-    def _load(self, path: Path, name: str, item: Item) -> Prepared:
+    def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
+        """Entry `name` of the file, from its `instance`-th loaded copy (own weights and buffers)."""
         raise NotImplementedError
+
+
+def _built(module: nn.Module | Callable[[], nn.Module], shape: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
+    m = module if isinstance(module, nn.Module) else module()
+    return m.eval(), shape
+
+
+def _lower_pte_file(modules: Modules, path: str) -> float:
+    """Worker process: build the modules and lower them into one .pte (returns CPU seconds)."""
+    from evit.export.pte import export_pte_methods
+
+    torch.set_num_threads(1)
+    t = time.process_time()
+    built = {n: _built(m, shape) for n, (m, shape) in modules.items()}
+    export_pte_methods({n: (m, random_input(shape)) for n, (m, shape) in built.items()}, path)
+    return time.process_time() - t
 
 
 class ExecuTorchDevice(_MobileDevice):
@@ -159,7 +279,7 @@ class ExecuTorchDevice(_MobileDevice):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._programs: dict[Path, Any] = {}
+        self._programs: dict[tuple[Path, int], Any] = {}
 
     def _prepare_batch(self, items: Sequence[Item]) -> None:
         # ExecuTorch's XNNPACK thread pool is process-wide and must be sized before any
@@ -197,12 +317,23 @@ class ExecuTorchDevice(_MobileDevice):
 
         export_pte_methods({n: (m, random_input(shape)) for n, (m, shape) in modules.items()}, path)
 
-    def _load(self, path: Path, name: str, item: Item) -> Prepared:
+    def _convert_parallel(self, files: Sequence[_File], workers: int, t0: float) -> None:
+        # spawned, not forked: this process has torch's and the ExecuTorch runtime's threads
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                self._wait({pool.submit(_lower_pte_file, f.modules, str(f.path)): f for f in files}, len(files), t0)
+            except BaseException:
+                for proc in list(getattr(pool, "_processes", {}).values()):  # do not wait for running lowerings
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+    def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
         from evit.export.pte import load_program
 
-        program = self._programs.get(path)
+        program = self._programs.get((path, instance))
         if program is None:
-            program = self._programs[path] = load_program(path)
+            program = self._programs[(path, instance)] = load_program(path)
         method = program.load_method(name)
         execute = method.execute
 
@@ -224,7 +355,7 @@ class LiteRTDevice(_MobileDevice):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._converter: Any = None
-        self._interpreters: dict[Path, Any] = {}
+        self._interpreters: dict[tuple[Path, int], Any] = {}
 
     def check_available(self) -> None:
         if self.params.gpu:
@@ -256,12 +387,48 @@ class LiteRTDevice(_MobileDevice):
             self._converter = LiteRTConverter()
         convert_tflite(self._converter, modules, path)
 
-    def _load(self, path: Path, name: str, item: Item) -> Prepared:
+    def _convert_parallel(self, files: Sequence[_File], workers: int, t0: float) -> None:
+        """One converter process per worker thread; torch.export runs here, one file at a time."""
+        import queue
+        import tempfile
+
+        from evit.export.tflite import LiteRTConverter
+
+        if self._converter is None:
+            self._converter = LiteRTConverter()
+        converters: queue.Queue[Any] = queue.Queue()
+        extra = [LiteRTConverter() for _ in range(workers - 1)]
+        for c in (self._converter, *extra):
+            converters.put(c)
+
+        def convert(programs: list[tuple[str, Path, list[tuple[int, ...]]]], path: Path) -> None:
+            conv = converters.get()
+            try:
+                conv.convert_programs(programs, path)
+            finally:
+                converters.put(conv)
+
+        with tempfile.TemporaryDirectory(prefix="evit-pt2-") as tmp, \
+                cf.ThreadPoolExecutor(workers, thread_name_prefix="litert-convert") as pool:
+            try:
+                futures = {}
+                for i, f in enumerate(files):
+                    cancel.check(f"{self.name}: converting files, the ones done are cached")
+                    programs = export_pt2({n: _built(m, shape) for n, (m, shape) in f.modules.items()},
+                                          Path(tmp) / f"f{i}")
+                    futures[pool.submit(convert, programs, f.path)] = f
+                self._wait(futures, len(files), t0)
+            finally:
+                for c in extra:  # stops their processes; a running conversion ends with an error
+                    c.close()
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
         from evit.export.tflite import interpreter
 
-        interp = self._interpreters.get(path)
+        interp = self._interpreters.get((path, instance))
         if interp is None:
-            interp = self._interpreters[path] = interpreter(path, self.params.threads)
+            interp = self._interpreters[(path, instance)] = interpreter(path, self.params.threads)
         runner = interp.get_signature_runner(name)
         sig = interp.get_signature_list()[name]
         in_name, out_name = sig["inputs"][0], sig["outputs"][0]
@@ -272,18 +439,26 @@ class LiteRTDevice(_MobileDevice):
         return Prepared(step, random_input(item.input_shape).numpy())
 
 
+def export_pt2(modules: dict[str, tuple[nn.Module, tuple[int, ...]]],
+               folder: Path) -> list[tuple[str, Path, list[tuple[int, ...]]]]:
+    """Modules -> `torch.export` programs saved as .pt2 in `folder` (what the LiteRT converter reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    programs = []
+    with torch.no_grad():
+        for name, (m, shape) in modules.items():
+            ep = torch.export.export(m.eval(), (random_input(shape),))
+            pt2 = folder / f"{name}.pt2"
+            torch.export.save(ep, str(pt2))
+            programs.append((name, pt2, [shape]))
+    return programs
+
+
 def convert_tflite(converter: Any, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
     """Modules (name -> (module, input shape)) -> one .tflite with a signature each, via .pt2 files."""
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="evit-pt2-") as tmp, torch.no_grad():
-        programs = []
-        for name, (m, shape) in modules.items():
-            ep = torch.export.export(m.eval(), (random_input(shape),))
-            pt2 = Path(tmp) / f"{name}.pt2"
-            torch.export.save(ep, str(pt2))
-            programs.append((name, pt2, [shape]))
-        converter.convert_programs(programs, path)
+    with tempfile.TemporaryDirectory(prefix="evit-pt2-") as tmp:
+        converter.convert_programs(export_pt2(modules, Path(tmp)), path)
 
 
 def model_file(fmt: str, module: nn.Module, input_shape: Sequence[int], workdir: Path, converter: Any = None) -> Path:

@@ -119,7 +119,7 @@ def plan_lut(space: SearchSpace, dp: DeviceParams, *, in_context: bool) -> Plan:
 def fingerprint(dp: DeviceParams, device: Device, space: SearchSpace, plan: Plan) -> dict[str, Any]:
     """What measurements depend on; a partial table is resumed only if all of it still matches."""
     settings = dp.model_dump(mode="json")
-    for k in ("name", "budgets_ms", "validate_subnets", "command_timeout_s"):
+    for k in ("name", "budgets_ms", "validate_subnets", "command_timeout_s", "convert_jobs"):
         settings.pop(k, None)
     desc = device.describe()
     host = {k: desc.get(k) for k in ("hostname", "cpu", "torch", "onnxruntime", "gpu", "cuda", "clock", "executorch",
@@ -188,6 +188,8 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
     null_shape = (batch, space.num_classes) if plan.carriers else (batch, 1, 1, 1)
     null = _null_item(null_shape) if device.per_call_overhead else None
     total = len(per_round) * (len(units) + len(archs) + (0 if plan.carriers or null is None else 1))
+    # mobile kinds convert every file now, in parallel, instead of between measurements
+    device.prepare_ahead(_ahead_groups(device, space, plan, archs))
     bar = _progress(total, len(state.done), f"lut@{device.name}", "unit", progress)
     t0, done_here, warned = time.monotonic(), 0, False
 
@@ -249,6 +251,57 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
     finally:
         state.flush()
         bar.close()
+
+
+def _ahead_groups(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[Arch]) -> list[list[Item]]:
+    """The items `measure_all` will time, grouped as its calls will need them (`Device.prepare_ahead`):
+    the table (every block position of every carrier, or every block, + the overhead module),
+    then the validation subnets, `VALIDATE_GROUP` at a time."""
+    from evit.nn.static import StaticSubnet
+
+    batch = device.params.batch_size
+    if plan.carriers:
+        table = [_block_item(b, space, batch, occurrence=blocks[:j].count(b))
+                 for blocks in (arch_blocks(a, space) for a in plan.carriers) for j, b in enumerate(blocks)]
+        null_shape: tuple[int, ...] = (batch, space.num_classes)
+    else:
+        table = [_block_item(b, space, batch) for b in plan.blocks]
+        null_shape = (batch, 1, 1, 1)
+    if device.per_call_overhead:
+        table.append(_null_item(null_shape))
+    validation = [Item(functools.partial(StaticSubnet, a, space), (batch, 3, a.resolution, a.resolution),
+                       key=f"e2e|{a.key}") for a in archs]
+    return [table, *(validation[g:g + VALIDATE_GROUP] for g in range(0, len(validation), VALIDATE_GROUP))]
+
+
+def convert_ahead(params: Params, device: str, *, jobs: int | None = None,
+                  space: SearchSpace | None = None) -> dict[str, Any]:
+    """Make the files a `litert` / `executorch` table build will time, without timing anything.
+
+    Why: converting is nearly all of such a build, and it needs no quiet machine. The
+    pipeline runs this beside training (which leaves cores idle), in `jobs` worker
+    processes, so that `build_lut` later finds every file in the cache and only measures.
+    The files are the ones `build_lut` would make (same plan, same validation subnets, same
+    grouping), so a build that runs without this converts them itself.
+    """
+    dp = params.device(device)
+    if jobs is not None:
+        dp = dp.model_copy(update={"convert_jobs": jobs})
+    space = space or space_for(params)
+    dev = get_device(dp, opset=params.export.onnx_opset)
+    if not hasattr(dev, "files_made"):
+        return {"device": device, "files_made": 0, "files_reused": 0, "seconds": 0.0}
+    dev.check_available()
+    dev.isolate_conversions = True  # type: ignore[attr-defined]  # never in this (possibly training) process
+    plan = plan_lut(space, dp, in_context=dev.in_process)
+    archs = sample_subnets(space, dp.validate_subnets, random.Random(f"lut-validate-{dp.seed}"))
+    t0 = time.monotonic()
+    try:
+        dev.prepare_ahead(_ahead_groups(dev, space, plan, archs))
+    finally:
+        dev.close()
+    return {"device": device, "files_made": dev.files_made, "files_reused": dev.files_reused,  # type: ignore[attr-defined]
+            "seconds": round(time.monotonic() - t0, 1)}
 
 
 def _eta_warning(device: Device, t0: float, done: int, remaining: int) -> bool:
