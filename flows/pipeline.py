@@ -363,6 +363,29 @@ CONVERTING_KINDS = ("litert", "executorch")
 """Device kinds whose table build is mostly converting files (evit.latency.mobile)."""
 
 
+_SHARED_IMPORTS = ("timm", "timm.data", "evit.train.stage", "evit.baselines.stage", "evit.nn.static",
+                   "evit.latency.stage", "evit.latency.mobile", "evit.export.pte", "evit.export.tflite", "torch.export")
+
+
+def _import_before_converting(kinds: set[str]) -> None:
+    """Import, in the flow's own thread, what convert-ahead and the stages beside it load.
+
+    Why: convert-ahead runs in a thread beside the training and baselines threads, and two
+    threads importing the same package for the first time can each see the other's
+    half-initialised module ("cannot import name 'IMAGENET_DEFAULT_MEAN' from partially
+    initialized module 'timm.data'", seen here). Imported once up front, nothing is left to
+    race on; the seconds it takes are paid by the stages anyway.
+    """
+    import importlib
+
+    for name in _SHARED_IMPORTS:
+        importlib.import_module(name)
+    if "executorch" in kinds:
+        importlib.import_module("executorch.runtime")
+    if "litert" in kinds:
+        importlib.import_module("ai_edge_litert.interpreter")
+
+
 def _lut_will_run(root: Path, device: str, forced: set[str]) -> bool:
     """Whether lut@<device> is forced or out of date now (when unsure: yes, converting ahead is harmless)."""
     if "lut" in forced:
@@ -630,6 +653,11 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
             return t.submit(str(root), params_file, device, prun.run_id, kind in forced,
                             wait_for=[w for w in wait_for if w is not None])
 
+        # before any task thread starts importing (see _import_before_converting)
+        ahead_devices = [d for d in names if "lut" in kinds and params.device(d).kind in CONVERTING_KINDS
+                         and _lut_will_run(root, d, forced)]
+        if ahead_devices:
+            _import_before_converting({params.device(d).kind for d in ahead_devices})
         futures: dict[str, Any] = {}
         prep = submit("prepare", None, []) if "prepare" in kinds else None
         train = submit("train", None, [prep]) if "train" in kinds else None
@@ -637,10 +665,10 @@ def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices
         base = submit("baselines", None, [prep]) if "baselines" in kinds and params.baselines.models else None
         futures.update({n: f for n, f in (("prepare", prep), ("train", train), ("baselines", base)) if f is not None})
         aheads: dict[str, Any] = {}
+        for d in ahead_devices:
+            aheads[f"convert-ahead@{d}"] = convert_ahead_task.submit(
+                str(root), params_file, d, wait_for=[w for w in (prep,) if w is not None])
         for d in names:
-            if "lut" in kinds and params.device(d).kind in CONVERTING_KINDS and _lut_will_run(root, d, forced):
-                aheads[f"convert-ahead@{d}"] = convert_ahead_task.submit(
-                    str(root), params_file, d, wait_for=[w for w in (prep,) if w is not None])
             lut = submit("lut", d, [train or prep, aheads.get(f"convert-ahead@{d}")]) if "lut" in kinds else None
             search = submit("search", d, [lut, train or prep, base]) if "search" in kinds else None
             export = submit("export", d, [search, train or prep]) if "export" in kinds else None

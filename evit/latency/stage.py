@@ -426,7 +426,10 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
     lut["correction"] = {**choice.correction.to_dict(), **choice.details}
     metrics = validation_metrics(choice.predicted, raw, measured, flops, choice)
     load = watch.summary()
-    lut["measurement"] = {"estimator": stat, "clock": dev.clock_name, "load": load,
+    conversion = ({"files_made": dev.files_made, "files_reused": dev.files_reused,  # type: ignore[attr-defined]
+                   "seconds": round(dev.convert_seconds, 1)}  # type: ignore[attr-defined]
+                  if hasattr(dev, "files_made") else None)
+    lut["measurement"] = {"estimator": stat, "clock": dev.clock_name, "load": load, "conversion": conversion,
                           "outlier_tolerance": OUTLIER_TOLERANCE, "remeasured_subnets": remeasured,
                           "lowered_subnets": lowered, "lowered_entries": retimed,
                           "within_10pct_first_pass": round(first_within, 6)}
@@ -462,7 +465,8 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
     return {"device": device, "lut": str(out), "metrics": str(metrics_path), "entries": len(entries),
             "mode": plan.mode, "carriers": len(plan.carriers), "n": metrics["n"],
             "within_10pct": metrics["within_10pct"], "mape_pct": metrics["mape_pct"],
-            "flops_within_10pct": metrics["flops_within_10pct"], "build_seconds": metrics["build_seconds"]}
+            "flops_within_10pct": metrics["flops_within_10pct"], "build_seconds": metrics["build_seconds"],
+            **({"conversion": conversion} if conversion else {})}
 
 
 @dataclass(frozen=True)
