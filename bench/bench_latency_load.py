@@ -2,15 +2,16 @@
 processes run beside the measurement.
 
     .venv/bin/python bench/bench_latency_load.py                    # every CPU device of params.yaml
-    .venv/bin/python bench/bench_latency_load.py -d ort-1t --hogs 2 --idle
+    .venv/bin/python bench/bench_latency_load.py -d et-1t --hogs 2 --idle
 
-For each CPU device (`torch-cpu`, `onnxruntime-cpu`) of the params file it builds the
-device's full table exactly as `evit lut` does (the same planner, timing discipline,
-outlier re-measurement and validation on `validate_subnets` fresh subnets) with `--hogs`
-busy-looping processes running beside it the whole time, and prints the share within
+For each in-process CPU device (`torch-cpu`, `onnxruntime-cpu`, `executorch`, `litert`) of
+the params file it builds the device's table exactly as `evit lut` does (the same planner,
+timing discipline, outlier re-measurement and validation on `validate_subnets` fresh
+subnets) with `--hogs` busy-looping processes running beside it the whole time, and prints the share within
 +-10%, the MAPE, the share before outlier re-measurement, and the load average recorded
 in the table. `--idle` also builds each table with no hog, for the ratio within one run.
-The goal (issue 13): >= 95% within +-10% on every CPU device under load.
+The goal (issues 13, 10): >= 95% within +-10% on every CPU device under load. The mobile
+kinds convert their files first; set EVIT_MODEL_CACHE to reuse them between runs.
 
 Writes only under a temporary directory (no project outputs, no MLflow).
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CPU_KINDS = ("torch-cpu", "onnxruntime-cpu")
+CPU_KINDS = ("torch-cpu", "onnxruntime-cpu", "executorch", "litert")
 
 
 def _hog(stop: Any) -> None:
