@@ -115,6 +115,35 @@ def test_per_resolution_offsets_when_the_error_depends_on_the_input_size() -> No
     assert pred.predict_many(archs) == pytest.approx(want)
 
 
+def test_per_kind_scales_when_block_kinds_carry_over_differently() -> None:
+    """A runtime whose attention blocks cost the same inside a whole subnet as alone, but whose
+    MBConv blocks cost half (what LiteRT shows): one scale for the sum cannot fit it; a scale
+    per kind can, is chosen on held-out error, and the predictor applies it in both paths."""
+    cpu = get_space("cpu")
+    entries = _entries(cpu)
+    base = LatencyPredictor(cpu, entries, overhead_ms=0.004)
+    rng = random.Random(5)
+    archs = [cpu.sample_uniform(rng) for _ in range(60)]
+    kinds = base.kind_costs(archs)
+    assert kinds.shape == (60, 4) and base.raw_many(archs) == pytest.approx(0.004 + kinds.sum(axis=1))
+    truth = {"first_conv": 1.0, "mbconv": 0.5, "attn": 1.0, "head": 1.2}
+    noise = 1 + np.random.default_rng(0).normal(0, 0.003, 60)
+    measured = (0.004 + 0.02 + kinds @ np.array([truth[k] for k in ("first_conv", "mbconv", "attn", "head")])) * noise
+    choice = choose_correction(base.raw_many(archs), measured, kind_costs=kinds, overhead_ms=0.004)
+    c = choice.correction
+    assert c.form == "per-kind" and choice.details["cv_mape_pct"]["per-kind"] < choice.details["cv_mape_pct"]["affine"]
+    assert {k: round(v, 1) for k, v in c.kind_scale.items()} == truth
+    assert error_metrics(choice.predicted, measured)["within_5pct"] == 1.0  # held-out predictions
+    assert Correction.from_dict(c.to_dict()) == c
+    pred = LatencyPredictor(cpu, entries, overhead_ms=0.004, correction=c)
+    assert pred.predict_many(archs) == pytest.approx([pred.predict(a) for a in archs], rel=1e-12)
+    assert pred.predict_many(archs) == pytest.approx(measured, rel=0.02)
+    # a kind the data cannot pin down (a scale <= 0) rules the form out
+    flat = 0.004 + kinds[:, 2] + 0.05 - 0.9 * kinds[:, 1]
+    assert choose_correction(base.raw_many(archs), np.maximum(flat, 0.01), kind_costs=kinds,
+                             overhead_ms=0.004).correction.form != "per-kind"
+
+
 def test_flops_proxy_scale() -> None:
     f = np.array([1.0, 2.0, 4.0])
     assert flops_proxy(f, 3 * f) == pytest.approx(3 * f)

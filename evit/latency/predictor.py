@@ -41,7 +41,7 @@ import numpy as np
 
 from evit.arch import Arch, Stage, Stem
 from evit.errors import LUTError
-from evit.flops import Block, block_flops, block_params, out_side, stage_blocks
+from evit.flops import Block, arch_blocks, block_flops, block_params, out_side, stage_blocks
 from evit.latency.lut import check_space, load_lut
 from evit.space import SearchSpace
 
@@ -50,18 +50,28 @@ KINDS = ("first_conv", "mbconv", "attn", "head")
 
 @dataclass(frozen=True)
 class Correction:
-    """ms = a * raw + b (or a per-resolution offset instead of b), applied only when `used`."""
+    """ms = a * raw + b (or a per-resolution offset instead of b), applied only when `used`.
+
+    Form 'per-kind' (`kind_scale` set): each block kind's share of the sum has its own scale,
+    ms = overhead + sum over kinds k of kind_scale[k] * (the kind's blocks' costs) + b. The
+    predictor applies the scales to the block costs it sums (so the per-stage caches and the
+    vectorised search path stay as they are) and this adds b (with a = 1).
+    """
 
     a: float = 1.0
     b: float = 0.0
     used: bool = False
     b_by_resolution: dict[int, float] | None = None
     """When set, the offset depends on the input resolution (form 'affine+resolution')."""
+    kind_scale: dict[str, float] | None = None
+    """When set, the scale per block kind (form 'per-kind')."""
 
     @property
     def form(self) -> str:
         if not self.used:
             return "none"
+        if self.kind_scale:
+            return "per-kind"
         return "affine+resolution" if self.b_by_resolution else "affine"
 
     def offset(self, resolution: int) -> float:
@@ -84,6 +94,8 @@ class Correction:
         d: dict[str, Any] = {"a": self.a, "b": self.b, "used": self.used, "form": self.form}
         if self.b_by_resolution:
             d["b_by_resolution"] = {str(k): v for k, v in sorted(self.b_by_resolution.items())}
+        if self.kind_scale:
+            d["kind_scale"] = dict(sorted(self.kind_scale.items()))
         return d
 
     @classmethod
@@ -91,8 +103,10 @@ class Correction:
         if not d:
             return cls()
         by_res = d.get("b_by_resolution")
+        kinds = d.get("kind_scale")
         return cls(float(d.get("a", 1.0)), float(d.get("b", 0.0)), bool(d.get("used", False)),
-                   {int(k): float(v) for k, v in by_res.items()} if by_res else None)
+                   {int(k): float(v) for k, v in by_res.items()} if by_res else None,
+                   {str(k): float(v) for k, v in kinds.items()} if kinds else None)
 
 
 def fit_affine(raw: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
@@ -115,6 +129,25 @@ def fit_correction(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarra
     coef, *_ = np.linalg.lstsq(np.stack(cols, axis=1), np.ones_like(measured), rcond=None)
     offsets = {r: float(v) for r, v in zip(levels, coef[1:])}
     return Correction(float(coef[0]), float(np.mean(list(offsets.values()))), used=True, b_by_resolution=offsets)
+
+
+def fit_kind_correction(kind_costs: np.ndarray, measured: np.ndarray, overhead_ms: float) -> Correction | None:
+    """The 'per-kind' correction: measured ~ overhead + sum_k s_k * kind_costs[:, k] + b, least
+    squares on relative error; columns follow `KINDS`. None when a scale comes out <= 0 (a
+    kind the fit cannot pin down: its extrapolation to other subnets would be meaningless).
+
+    Why: on some runtimes a block's cost alone and inside a converted whole subnet differ by
+    a factor that depends on its kind (LiteRT: attention blocks converted alone carry layout
+    transposes a whole graph does not), which one scale for the whole sum cannot absorb.
+    """
+    present = [k for k in range(kind_costs.shape[1]) if np.any(kind_costs[:, k] > 0)]
+    w = 1.0 / measured
+    x = np.column_stack([kind_costs[:, present], np.ones(len(measured))]) * w[:, None]
+    coef, *_ = np.linalg.lstsq(x, np.ones_like(measured), rcond=None)
+    scales = {KINDS[k]: float(c) for k, c in zip(present, coef[:-1])}
+    if any(v <= 0 for v in scales.values()):
+        return None
+    return Correction(1.0, float(coef[-1]) - overhead_ms, used=True, kind_scale=scales)
 
 
 def block_features(b: Block) -> list[float]:
@@ -164,6 +197,7 @@ class LatencyPredictor:
         self.fallback = fallback
         self.device = device
         self.source = source
+        self._kind_scale = self.correction.kind_scale if self.correction.used else None
         self._prefix: dict[tuple[int, Stem], tuple[float, int, int]] = {}
         self._stage: dict[tuple[int, int, int, Stage], tuple[float, int]] = {}
         self._head: dict[tuple[int, int], float] = {}
@@ -193,11 +227,23 @@ class LatencyPredictor:
         """The block's share of a subnet's latency (its entry minus the per-call overhead)."""
         ms = self.entries_ms.get(b.key)
         if ms is not None:
-            return max(0.0, ms - self.overhead_ms)
-        if self.fallback is not None:
-            return self.fallback.predict(b)
-        raise LUTError(f"latency table {self.source} has no entry {b.key!r}: the subnet is outside the space the "
-                       f"table was built for ('{self.space.name}'); rebuild the table or validate the arch")
+            cost = max(0.0, ms - self.overhead_ms)
+        elif self.fallback is not None:
+            cost = self.fallback.predict(b)
+        else:
+            raise LUTError(f"latency table {self.source} has no entry {b.key!r}: the subnet is outside the space "
+                           f"the table was built for ('{self.space.name}'); rebuild the table or validate the arch")
+        return cost * self._kind_scale.get(b.kind, 1.0) if self._kind_scale else cost
+
+    def kind_costs(self, archs: Sequence[Arch]) -> np.ndarray:
+        """Per subnet, the summed block costs of each kind (columns: `KINDS`): the features of the
+        'per-kind' correction."""
+        out = np.zeros((len(archs), len(KINDS)))
+        col = {k: i for i, k in enumerate(KINDS)}
+        for r, a in enumerate(archs):
+            for b in arch_blocks(a, self.space):
+                out[r, col[b.kind]] += self.block_cost(b)
+        return out
 
     def _blocks_cost(self, blocks: Iterable[Block]) -> float:
         return math.fsum(self.block_cost(b) for b in blocks)

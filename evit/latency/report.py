@@ -6,9 +6,10 @@ the same subnets (scaled to ms by the least-squares ms-per-MFLOP factor on relat
 error, fitted on these very points, which flatters FLOPs) with the same +-10% share and
 the Spearman rank correlation, so the table's gain over FLOPs is visible.
 
-The optional linear correction is chosen here: `choose_correction` fits `a*raw + b` and
-`a*raw + b[resolution]` with K-fold cross-validation and keeps the form with the lowest
-held-out error, or none if the raw sum is better. When one is kept, the reported metrics
+The optional linear correction is chosen here: `choose_correction` fits `a*raw + b`,
+`a*raw + b[resolution]` and a scale per block kind (`per-kind`, with enough subnets) with
+K-fold cross-validation and keeps the form with the lowest held-out error, or none if the
+raw sum is better. When one is kept, the reported metrics
 are its held-out (cross-fitted) predictions, never predictions of points the correction
 was fitted on.
 """
@@ -27,11 +28,13 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from evit.io import save_figure_atomic, write_text_atomic
-from evit.latency.predictor import Correction, fit_correction
+from evit.latency.predictor import KINDS, Correction, fit_correction, fit_kind_correction
 
 log = logging.getLogger(__name__)
 
 FOLDS = 5
+KIND_MIN_POINTS = 20
+"""Fewest validation subnets to fit the per-kind correction (up to 5 coefficients) on."""
 
 
 def error_metrics(pred: np.ndarray, measured: np.ndarray) -> dict[str, float]:
@@ -68,6 +71,23 @@ def cross_fitted(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarray 
     return out
 
 
+def cross_fitted_kinds(kind_costs: np.ndarray, measured: np.ndarray, overhead_ms: float, seed: int = 0,
+                       folds: int = FOLDS) -> np.ndarray | None:
+    """Held-out predictions of the 'per-kind' correction; None if a fold cannot fit it."""
+    idx = list(range(len(measured)))
+    random.Random(seed).shuffle(idx)
+    out = np.empty_like(measured)
+    for f in range(folds):
+        test = np.array(idx[f::folds])
+        train = np.setdiff1d(np.arange(len(measured)), test)
+        c = fit_kind_correction(kind_costs[train], measured[train], overhead_ms)
+        if c is None or c.kind_scale is None:
+            return None
+        scales = np.array([c.kind_scale.get(k, 1.0) for k in KINDS])
+        out[test] = overhead_ms + kind_costs[test] @ scales + c.b
+    return out
+
+
 @dataclass(frozen=True)
 class Choice:
     correction: Correction
@@ -77,11 +97,14 @@ class Choice:
 
 
 def choose_correction(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarray | None = None,
-                      seed: int = 0) -> Choice:
-    """Pick the correction form with the lowest cross-validated MAPE: none, affine or affine+resolution.
+                      seed: int = 0, kind_costs: np.ndarray | None = None, overhead_ms: float = 0.0) -> Choice:
+    """Pick the correction form with the lowest cross-validated MAPE: none, affine,
+    affine+resolution or per-kind.
 
-    The per-resolution form is a candidate only with at least `FOLDS` points per resolution.
-    Ties go to the simpler form.
+    The per-resolution form is a candidate only with at least `FOLDS` points per resolution;
+    the per-kind form (`kind_costs`: per subnet, the summed block costs of each kind) only
+    with at least `KIND_MIN_POINTS` points and positive scales in every fold. Ties go to the
+    simpler form.
     """
     raw_err = error_metrics(raw, measured)["mape_pct"]
     if len(raw) < 2 * FOLDS:
@@ -91,10 +114,17 @@ def choose_correction(raw: np.ndarray, measured: np.ndarray, resolutions: np.nda
         counts = np.unique(resolutions, return_counts=True)[1]
         if len(counts) > 1 and counts.min() >= FOLDS:
             cands["affine+resolution"] = cross_fitted(raw, measured, resolutions, seed)
+    if kind_costs is not None and len(raw) >= KIND_MIN_POINTS:
+        held_out = cross_fitted_kinds(kind_costs, measured, overhead_ms, seed)
+        if held_out is not None and fit_kind_correction(kind_costs, measured, overhead_ms) is not None:
+            cands["per-kind"] = held_out
     errs = {k: error_metrics(v, measured)["mape_pct"] for k, v in cands.items()}
     form = min(errs, key=lambda k: (round(errs[k], 9), list(cands).index(k)))
     if form == "none":
         correction = Correction()
+    elif form == "per-kind":
+        assert kind_costs is not None
+        correction = fit_kind_correction(kind_costs, measured, overhead_ms)  # type: ignore[assignment]
     else:
         correction = fit_correction(raw, measured, resolutions if form == "affine+resolution" else None)
     details = {"cv_mape_pct": {k: round(v, 4) for k, v in errs.items()}, "folds": FOLDS,

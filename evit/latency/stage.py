@@ -411,15 +411,17 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
     raw = base.raw_many(archs)
     flops = np.array([flops_m(a, space) for a in archs])
     resolutions = np.array([a.resolution for a in archs])
+    kinds = base.kind_costs(archs)
     try:
-        def retable(over: Sequence[Arch]) -> tuple[np.ndarray, int]:
+        def retable(over: Sequence[Arch]) -> tuple[np.ndarray, np.ndarray, int]:
             """Re-time the table units holding the blocks of subnets the table over-predicts;
-            keep each block's lower estimate; return the new raw predictions."""
+            keep each block's lower estimate; return the new raw predictions and kind costs."""
             n = _remeasure_table(dev, space, plan, over, entries, stat)
-            return LatencyPredictor.from_lut(lut, space, use_correction=False, source=str(out)).raw_many(archs), n
+            now = LatencyPredictor.from_lut(lut, space, use_correction=False, source=str(out))
+            return now.raw_many(archs), now.kind_costs(archs), n
 
         choice, first_within, remeasured, lowered, retimed = _remeasure_outliers(
-            dev, dp, space, archs, raw, measured, resolutions, stat, retable)
+            dev, dp, space, archs, raw, kinds, overhead, measured, resolutions, stat, retable)
         raw = choice.raw
     finally:
         dev.close()
@@ -473,13 +475,14 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
 class _Remeasured:
     predicted: np.ndarray
     raw: np.ndarray
+    kinds: np.ndarray
     correction: Any
     details: dict[str, Any]
 
 
 def _remeasure_outliers(dev: Device, dp: DeviceParams, space: SearchSpace, archs: Sequence[Arch], raw: np.ndarray,
-                        measured: np.ndarray, resolutions: np.ndarray, stat: str,
-                        retable: Callable[[Sequence[Arch]], tuple[np.ndarray, int]],
+                        kinds: np.ndarray, overhead: float, measured: np.ndarray, resolutions: np.ndarray, stat: str,
+                        retable: Callable[[Sequence[Arch]], tuple[np.ndarray, np.ndarray, int]],
                         ) -> tuple[Any, float, int, int, int]:
     """Re-measure what the table and the validation disagree on (`evit.latency.timing`).
 
@@ -492,11 +495,12 @@ def _remeasure_outliers(dev: Device, dp: DeviceParams, space: SearchSpace, archs
     """
     from evit.nn.static import StaticSubnet
 
-    def choose(raw_now: np.ndarray) -> Any:
-        c = choose_correction(raw_now, measured, resolutions, seed=dp.seed)
-        return _Remeasured(c.predicted, raw_now, c.correction, c.details)
+    def choose(raw_now: np.ndarray, kinds_now: np.ndarray) -> Any:
+        c = choose_correction(raw_now, measured, resolutions, seed=dp.seed, kind_costs=kinds_now,
+                              overhead_ms=overhead)
+        return _Remeasured(c.predicted, raw_now, kinds_now, c.correction, c.details)
 
-    choice = choose(raw)
+    choice = choose(raw, kinds)
     first = float(np.mean(np.abs(choice.predicted - measured) <= OUTLIER_TOLERANCE * measured))
     remeasured = lowered = retimed = 0
     if not dev.in_process:  # an external runner's single invocation per subnet: nothing to pool
@@ -521,11 +525,11 @@ def _remeasure_outliers(dev: Device, dp: DeviceParams, space: SearchSpace, archs
                 lowered += int(new < measured[i])
                 measured[i] = new
             remeasured += len(slow)
-        raw_now = choice.raw
+        raw_now, kinds_now = choice.raw, choice.kinds
         if fast:
-            raw_now, n = retable([archs[i] for i in fast])
+            raw_now, kinds_now, n = retable([archs[i] for i in fast])
             retimed += n
-        choice = choose(raw_now)
+        choice = choose(raw_now, kinds_now)
     return choice, first, remeasured, lowered, retimed
 
 
