@@ -13,8 +13,11 @@ Why the linear correction: what the table cannot see (cache effects between bloc
 fused ops across block borders in an exported graph, a machine that got busier between
 the LUT build and the end-to-end runs) shows up as a scale and an offset; part of it
 depends on the input size (e.g. onnxruntime's whole-graph run at the smallest inputs),
-hence the per-resolution offset form. The LUT stage fits each form by least squares on
-relative error over end-to-end measurements and keeps the one with the lowest
+hence the per-resolution offset form. Some runtimes carry over each block kind
+differently (LiteRT: a converted whole subnet costs about what its attention blocks, head
+and first conv cost alone, its MBConv blocks almost nothing, docs/mobile.md), hence the
+'per-kind' form, one scale per block kind. The LUT stage fits each form by least squares
+on relative error over end-to-end measurements and keeps the one with the lowest
 cross-validated (held-out) error, "none" included (`report.choose_correction`); the
 table file records every form's held-out error so the choice can be checked.
 
@@ -276,7 +279,8 @@ class LatencyPredictor:
 
     # --- prediction ---------------------------------------------------------------------
     def raw(self, arch: Arch) -> float:
-        """Sum of the blocks (+ one call overhead), before the fitted correction."""
+        """Sum of the blocks (+ one call overhead), before the fitted correction's offset and
+        scale (a 'per-kind' correction's scales are already in the block costs)."""
         pre = self._prefix.get((arch.resolution, arch.stem)) or self._prefix_cost(arch.resolution, arch.stem)
         ms, h, c = pre
         stage_cache = self._stage
