@@ -101,7 +101,8 @@ def test_mobile_lut_converts_ahead_beside_training_then_only_measures(tiny_param
                                                                       tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The default pipeline's ExecuTorch device: its files are lowered by convert-ahead (beside
-    training), and lut@et-1t finds them all and only times; a second run converts nothing."""
+    training), and lut@et-1t finds them all and only times (a rerun reusing the cache:
+    test_mobile_export)."""
     import json
 
     from flows.pipeline import run_pipeline
@@ -112,19 +113,14 @@ def test_mobile_lut_converts_ahead_beside_training_then_only_measures(tiny_param
     # the table of a 2-stage space (the LUT stage reads its space through space_for): the cpu
     # preset's sampled table is ~4 min of lowering, which is what this saves in the pipeline
     monkeypatch.setattr("evit.latency.stage.space_for", lambda params: TINY)
-    path = tiny_params(tiny(devices=[tiny_device("et-1t", kind="executorch", sample_subnets=2)]))
+    path = tiny_params(tiny(devices=[tiny_device("et-1t", kind="executorch", sample_subnets=1, convert_jobs=2)]))
     first = run_pipeline(str(path), stages=["prepare", "train", "lut"])
     assert set(first["ran"]) == {"prepare", "train", "lut@et-1t"} and first["failed"] == []
     lut = json.loads((path.parent / "luts" / "et-1t.json").read_text())
     conversion = lut["measurement"]["conversion"]
     assert conversion["files_made"] == 0 and conversion["files_reused"] >= 2, conversion  # all made ahead
     assert lut["validation"]["n"] == 10 and lut["device"]["delegate"] == "xnnpack"
-    made = sorted((tmp_path / "model-cache").glob("*.pte"))
-    assert len(made) == conversion["files_reused"]
-    _set_device(path, "et-1t", repeats=4)  # the table reruns; its files are cached
-    again = run_pipeline(str(path), stages=["prepare", "train", "lut"])
-    assert again["ran"] == ["lut@et-1t"]
-    assert sorted((tmp_path / "model-cache").glob("*.pte")) == made
+    assert len(list((tmp_path / "model-cache").glob("*.pte"))) == conversion["files_reused"]
 
 
 @pytest.mark.slow
