@@ -400,6 +400,7 @@ def _lut_will_run(root: Path, device: str, forced: set[str]) -> bool:
 def convert_ahead_task(root: str, params_file: str, device: str) -> dict:
     """Convert the files lut@<device> will time while training runs (best effort: lut converts
     whatever is missing itself, so a failure here only costs time)."""
+    from evit.latency.mobile import usable_cpus
     from evit.latency.stage import convert_ahead
 
     logger = get_run_logger()
@@ -407,7 +408,7 @@ def convert_ahead_task(root: str, params_file: str, device: str) -> dict:
     cancel.check(f"before converting ahead for lut@{device}")
     dp = params.device(device)
     # beside the host's stages: training and the baselines use `train.threads` cores
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     jobs = dp.convert_jobs or max(1, cpus - (params.train.threads or cpus))
     try:
         out = convert_ahead(params, device, jobs=jobs)

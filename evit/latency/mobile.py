@@ -92,10 +92,14 @@ class _File:
     modules: Modules
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def convert_workers(requested: int | None, files: int) -> int:
-    """Parallel conversions: `convert_jobs`, else one per CPU this process may use; never more than files."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(requested or cpus, files))
+    """Parallel conversions: `convert_jobs`, else one per usable CPU; never more than files."""
+    return max(1, min(requested or usable_cpus(), files))
 
 
 class _MobileDevice(Device):

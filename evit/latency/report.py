@@ -20,6 +20,7 @@ import csv
 import io
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,15 +57,20 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return round(float(spearmanr(a, b).statistic), 6)
 
 
+def _fold_splits(n: int, seed: int, folds: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index arrays of a seeded K-fold split of n points (every form uses the same)."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    for f in range(folds):
+        test = np.array(idx[f::folds])
+        yield np.setdiff1d(np.arange(n), test), test
+
+
 def cross_fitted(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarray | None = None, seed: int = 0,
                  folds: int = FOLDS) -> np.ndarray:
     """Each point predicted by a correction fitted on the other folds (held-out predictions)."""
-    idx = list(range(len(raw)))
-    random.Random(seed).shuffle(idx)
     out = np.empty_like(raw)
-    for f in range(folds):
-        test = np.array(idx[f::folds])
-        train = np.setdiff1d(np.arange(len(raw)), test)
+    for train, test in _fold_splits(len(raw), seed, folds):
         c = fit_correction(raw[train], measured[train], None if resolutions is None else resolutions[train])
         out[test] = c.apply_many(raw[test], np.zeros(len(test), dtype=np.int64) if resolutions is None
                                  else resolutions[test])
@@ -74,12 +80,8 @@ def cross_fitted(raw: np.ndarray, measured: np.ndarray, resolutions: np.ndarray 
 def cross_fitted_kinds(kind_costs: np.ndarray, measured: np.ndarray, overhead_ms: float, seed: int = 0,
                        folds: int = FOLDS) -> np.ndarray | None:
     """Held-out predictions of the 'per-kind' correction; None if a fold cannot fit it."""
-    idx = list(range(len(measured)))
-    random.Random(seed).shuffle(idx)
     out = np.empty_like(measured)
-    for f in range(folds):
-        test = np.array(idx[f::folds])
-        train = np.setdiff1d(np.arange(len(measured)), test)
+    for train, test in _fold_splits(len(measured), seed, folds):
         c = fit_kind_correction(kind_costs[train], measured[train], overhead_ms)
         if c is None or c.kind_scale is None:
             return None

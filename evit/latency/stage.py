@@ -161,6 +161,28 @@ def _null_item(shape: tuple[int, ...]) -> Item:
     return Item(NullModule(), shape, key=f"{OVERHEAD_KEY}|{'x'.join(map(str, shape))}")
 
 
+def _overhead_item(device: Device, space: SearchSpace, plan: Plan) -> Item | None:
+    """The almost empty module timing the per-call cost: at the logits' shape when it ends a
+    carrier chain, else alone; None for devices without a per-call overhead."""
+    batch = device.params.batch_size
+    shape = (batch, space.num_classes) if plan.carriers else (batch, 1, 1, 1)
+    return _null_item(shape) if device.per_call_overhead else None
+
+
+def _carrier_chain(arch: Arch, space: SearchSpace, batch: int) -> list[Item]:
+    """Every block position of a carrier, in order (a repeated block: one item per position)."""
+    blocks = arch_blocks(arch, space)
+    return [_block_item(b, space, batch, occurrence=blocks[:j].count(b)) for j, b in enumerate(blocks)]
+
+
+def _subnet_item(arch: Arch, space: SearchSpace, batch: int) -> Item:
+    """A whole static subnet, timed end to end (validation)."""
+    from evit.nn.static import StaticSubnet
+
+    return Item(functools.partial(StaticSubnet, arch, space), (batch, 3, arch.resolution, arch.resolution),
+                key=f"e2e|{arch.key}")
+
+
 def _rounds_plan(dp: DeviceParams, in_process: bool) -> tuple[list[int], int]:
     """Samples per round and untimed warm-up runs per round (one round for external runners)."""
     if not in_process:
@@ -179,14 +201,11 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
     and a burst of load from another job inflates a few samples of everything rather than
     all samples of a few entries.
     """
-    from evit.nn.static import StaticSubnet
-
     dp = device.params
     batch = dp.batch_size
     per_round, warm = _rounds_plan(dp, device.in_process)
     units = plan.units()
-    null_shape = (batch, space.num_classes) if plan.carriers else (batch, 1, 1, 1)
-    null = _null_item(null_shape) if device.per_call_overhead else None
+    null = _overhead_item(device, space, plan)
     total = len(per_round) * (len(units) + len(archs) + (0 if plan.carriers or null is None else 1))
     # mobile kinds convert every file now, in parallel, instead of between measurements
     device.prepare_ahead(_ahead_groups(device, space, plan, archs))
@@ -213,10 +232,8 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
                     group = [plan.carriers[i] for i in todo[g:g + CHAIN_GROUP]]
                     chains, keys = [], []
                     for arch in group:
-                        blocks = arch_blocks(arch, space)
-                        chains.append([_block_item(b, space, batch, occurrence=blocks[:j].count(b))
-                                       for j, b in enumerate(blocks)] + ([null] if null else []))
-                        keys.append([b.key for b in blocks] + ([OVERHEAD_KEY] if null else []))
+                        chains.append(_carrier_chain(arch, space, batch) + ([null] if null else []))
+                        keys.append([b.key for b in arch_blocks(arch, space)] + ([OVERHEAD_KEY] if null else []))
                     t = time.monotonic()
                     results = device.measure_chains(chains, repeats=count, warmup=warm, rounds=1)
                     seconds = time.monotonic() - t
@@ -242,8 +259,7 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
             todo_v = [a for a in archs if f"e2e|{a.key}@{r}" not in state.done]
             for g in range(0, len(todo_v), VALIDATE_GROUP):
                 group_a = todo_v[g:g + VALIDATE_GROUP]
-                items = [Item(functools.partial(StaticSubnet, a, space), (batch, 3, a.resolution, a.resolution),
-                              key=f"e2e|{a.key}") for a in group_a]
+                items = [_subnet_item(a, space, batch) for a in group_a]
                 t = time.monotonic()
                 for a, m in zip(group_a, device.measure_many(items, repeats=count, warmup=warm, rounds=1)):
                     state.add(f"e2e|{a.key}@{r}", {a.key: m}, validation=True)
@@ -257,20 +273,13 @@ def _ahead_groups(device: Device, space: SearchSpace, plan: Plan, archs: Sequenc
     """The items `measure_all` will time, grouped as its calls will need them (`Device.prepare_ahead`):
     the table (every block position of every carrier, or every block, + the overhead module),
     then the validation subnets, `VALIDATE_GROUP` at a time."""
-    from evit.nn.static import StaticSubnet
-
     batch = device.params.batch_size
-    if plan.carriers:
-        table = [_block_item(b, space, batch, occurrence=blocks[:j].count(b))
-                 for blocks in (arch_blocks(a, space) for a in plan.carriers) for j, b in enumerate(blocks)]
-        null_shape: tuple[int, ...] = (batch, space.num_classes)
-    else:
-        table = [_block_item(b, space, batch) for b in plan.blocks]
-        null_shape = (batch, 1, 1, 1)
-    if device.per_call_overhead:
-        table.append(_null_item(null_shape))
-    validation = [Item(functools.partial(StaticSubnet, a, space), (batch, 3, a.resolution, a.resolution),
-                       key=f"e2e|{a.key}") for a in archs]
+    table = ([it for a in plan.carriers for it in _carrier_chain(a, space, batch)] if plan.carriers
+             else [_block_item(b, space, batch) for b in plan.blocks])
+    null = _overhead_item(device, space, plan)
+    if null is not None:
+        table.append(null)
+    validation = [_subnet_item(a, space, batch) for a in archs]
     return [table, *(validation[g:g + VALIDATE_GROUP] for g in range(0, len(validation), VALIDATE_GROUP))]
 
 
@@ -493,8 +502,6 @@ def _remeasure_outliers(dev: Device, dp: DeviceParams, space: SearchSpace, archs
     place; returns the final choice (with `.raw`), the share within tolerance before any
     re-measurement, and how many subnets were re-measured / lowered and entries lowered.
     """
-    from evit.nn.static import StaticSubnet
-
     def choose(raw_now: np.ndarray, kinds_now: np.ndarray) -> Any:
         c = choose_correction(raw_now, measured, resolutions, seed=dp.seed, kind_costs=kinds_now,
                               overhead_ms=overhead)
@@ -515,9 +522,7 @@ def _remeasure_outliers(dev: Device, dp: DeviceParams, space: SearchSpace, archs
         log.info("lut@%s: %d validation subnet(s) off the table by more than %.0f%%: re-measuring %d, re-timing the "
                  "table units of %d", dp.name, len(bad), OUTLIER_TOLERANCE * 100, len(slow), len(fast))
         if slow:
-            items = [Item(functools.partial(StaticSubnet, archs[i], space),
-                          (dp.batch_size, 3, archs[i].resolution, archs[i].resolution), key=f"e2e|{archs[i].key}")
-                     for i in slow]
+            items = [_subnet_item(archs[i], space, dp.batch_size) for i in slow]
             with _quiet("evit.nn.export"), torch_threads(dp.threads):
                 again = dev.measure_many(items)
             for i, m in zip(slow, again):
@@ -541,8 +546,7 @@ def _remeasure_table(dev: Device, space: SearchSpace, plan: Plan, archs: Sequenc
     batch = dp.batch_size
     keys = {b.key for a in archs for b in arch_blocks(a, space)}
     fresh: dict[str, list[float]] = {}
-    null_shape = (batch, space.num_classes) if plan.carriers else (batch, 1, 1, 1)
-    null = _null_item(null_shape) if dev.per_call_overhead else None
+    null = _overhead_item(dev, space, plan)
     with _quiet("evit.nn.export"), torch_threads(dp.threads):
         if plan.carriers:
             carriers = [c for c in plan.carriers if keys & {b.key for b in arch_blocks(c, space)}]
@@ -551,10 +555,8 @@ def _remeasure_table(dev: Device, space: SearchSpace, plan: Plan, archs: Sequenc
                 group = carriers[g:g + CHAIN_GROUP]
                 chains, chain_keys = [], []
                 for arch in group:
-                    blocks = arch_blocks(arch, space)
-                    chains.append([_block_item(b, space, batch, occurrence=blocks[:j].count(b))
-                                   for j, b in enumerate(blocks)] + ([null] if null else []))
-                    chain_keys.append([b.key for b in blocks])
+                    chains.append(_carrier_chain(arch, space, batch) + ([null] if null else []))
+                    chain_keys.append([b.key for b in arch_blocks(arch, space)])
                 for ks, ms in zip(chain_keys, dev.measure_chains(chains)):
                     for k, m in zip(ks, ms):
                         if k in keys:
