@@ -21,9 +21,9 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 # The LiteRT converter's own venv (.venv-litert from requirements-litert.lock). Optional:
-# the first .tflite export creates it on demand (evit/export/litert_env.py).
+# the first .tflite export creates it on demand (evit/formats/litert_env.py).
 litert-env: setup
-	$(PY) -c "from evit.export.litert_env import ensure_env; print(ensure_env())"
+	$(PY) -c "from evit.formats.litert_env import ensure_env; print(ensure_env())"
 
 run: setup
 	$(VENV)/bin/evit pipeline

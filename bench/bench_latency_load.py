@@ -44,7 +44,7 @@ def _hog(stop: Any) -> None:
 def build(params_path: Path, device: str, workdir: Path, hogs: int) -> dict[str, Any]:
     from evit.config import load_params
     from evit.latency.stage import build_lut
-    from evit.space import space_from_params
+    from evit.resolve import space_from_params
 
     params = load_params(params_path)
     space = space_from_params(params.space, 10)

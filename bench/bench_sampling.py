@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evit import blocks as blocks_mod  # noqa: E402
 from evit import flops  # noqa: E402
 from evit.level_sampler import LevelSampler  # noqa: E402
 from evit.space import SearchSpace, get_space  # noqa: E402
@@ -65,7 +66,7 @@ def bench_counter(space: SearchSpace, n: int) -> dict[str, float]:
 
     def reference() -> None:
         for a in archs[:k]:
-            sum(map(flops.block_flops, flops.arch_blocks(a, space)))
+            sum(map(flops.block_flops, blocks_mod.arch_blocks(a, space)))
 
     ref = cpu_rate(reference, k, repeats=1)
     return {"flops_m_cold_per_s": cold, "flops_m_warm_per_s": warm, "flops_many_per_s": many,

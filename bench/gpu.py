@@ -154,7 +154,7 @@ def search_throughput(base: torch.nn.Module, space: Any, args: argparse.Namespac
                       budget_s: float) -> dict[str, Any]:
     """Subnets/min of the search's fitness evaluation: extract, BN recalibration, top-1 in fp32."""
     from evit.nn.static import extract
-    from evit.train.evaluate import evaluate_top1, recalibrate_bn
+    from evit.evaluate import evaluate_top1, recalibrate_bn
 
     rng = random.Random(0)
     archs = sorted((space.sample_uniform(rng) for _ in range(args.search_subnets)), key=lambda a: a.resolution)

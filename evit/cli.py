@@ -91,13 +91,14 @@ def _params(path: Path, overrides: list[str] | None = None, *, to_children: bool
     `to_children`: also put the overrides into $EVIT_OVERRIDES, for commands whose work runs
     in other processes that load params themselves (pipeline: Prefect tasks, dvc, torchrun).
     """
-    from evit.config import OVERRIDES_ENV, load_params, override_items
+    from evit.config import OVERRIDES_ENV, override_items
+    from evit.stages import load
 
     items = [str(Path(o).resolve()) if "=" not in o and Path(o).is_file() else o for o in overrides or []]
     if to_children and items:
         os.environ[OVERRIDES_ENV] = "\n".join(override_items(items))
-        return load_params(path)
-    return load_params(path, items)
+        return load(path)
+    return load(path, items)
 
 
 def _record_hand_run(kind: str, params_path: Path, device: str | None = None, *,

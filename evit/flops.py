@@ -1,4 +1,4 @@
-"""The one analytic FLOPs/params counter, and the block decomposition it is built on.
+"""The one analytic FLOPs/params counter, summed over the block decomposition (`evit.blocks`).
 
 Convention (documented once, used by sampling, training levels, search and reports):
 - FLOPs are multiply-accumulates (MACs), reported in millions (`flops_m`).
@@ -32,8 +32,9 @@ Two conventions, chosen per space (`SearchSpace.flops_convention`, params
 `tests/test_flops_hooks.py` checks these numbers, block by block, against forward hooks on
 the real static modules (`evit.nn.static`).
 
-The decomposition into `Block`s is shared with the latency lookup tables: a subnet's
-predicted latency is the sum over the same blocks that its FLOPs are the sum over.
+The decomposition into `Block`s (`evit.blocks`) is shared with the static modules and the
+latency lookup tables: a subnet's predicted latency is the sum over the same blocks that
+its FLOPs are the sum over.
 
 Speed: `count` / `flops_m` / `flops_many` add up per-part costs (prefix, each stage,
 head) memoised per space (`cost_tables`), each filled once from `stage_blocks` +
@@ -44,88 +45,23 @@ and `head_cost` expose the exact integer parts (used by `evit.level_sampler`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from dataclasses import dataclass, replace
 from operator import attrgetter
 
 import numpy as np
 
-from evit.arch import Arch, ArchError, MBStage, Stage, Stem
-from evit.space import SearchSpace, StageSpace
-
-
-@dataclass(frozen=True, order=True)
-class Block:
-    """One unit of computation with everything that decides its cost.
-
-    kind: "first_conv" | "mbconv" | "attn" | "head". `h` is the input feature map side
-    (tokens side for "attn"); unused fields are 0. `variant` is the module family of a
-    stage block (`StageSpace.variant`): "reference" blocks have no shortcut BN, a shortcut
-    conv only where the width changes (a strided block of equal widths pools the input),
-    and no qkv or V-conv bias. The first conv, stem and head are the same in both.
-    """
-
-    kind: str
-    h: int
-    c_in: int
-    c_out: int
-    expansion: int = 0
-    kernel: int = 0
-    stride: int = 1
-    se: bool = False
-    mlp_ratio: int = 0
-    v_scale: int = 0
-    head_dim: int = 0
-    head_width: int = 0
-    se_reduction: int = 4
-    variant: str = "default"
-    downsample: bool = field(default=False, compare=False)
-    """The downsampling MBConv that opens a transformer stage. Only the "reference" FLOPs
-    convention reads it; it takes no part in equality, order or `key` (LUT entries)."""
-
-    @property
-    def key(self) -> str:
-        """Human-readable key used in LUT JSON files."""
-        return self._key if self.variant == "default" else f"{self._key}|{self.variant}"
-
-    @property
-    def reference(self) -> bool:
-        return self.variant == "reference"
-
-    @property
-    def _key(self) -> str:
-        if self.kind == "first_conv":
-            return f"first_conv|r{self.h}|c{self.c_out}|s{self.stride}"
-        if self.kind == "mbconv":
-            return (f"mbconv|h{self.h}|i{self.c_in}|o{self.c_out}|e{self.expansion}|k{self.kernel}"
-                    f"|s{self.stride}|se{int(self.se)}")
-        if self.kind == "attn":
-            return f"attn|h{self.h}|w{self.c_in}|m{self.mlp_ratio}|v{self.v_scale}"
-        return f"head|h{self.h}|i{self.c_in}|f{self.head_width}|o{self.c_out}"
-
-    @property
-    def h_out(self) -> int:
-        return out_side(self.h, self.stride)
-
-
-def out_side(h: int, stride: int) -> int:
-    """Feature-map side after a 'same'-padded conv (or ceil-mode pool) with this stride."""
-    return -(-h // stride)
-
-
-def mbconv_mid(c_in: int, expansion: int) -> int:
-    return c_in * expansion
-
-
-def se_channels(mid: int, reduction: int) -> int:
-    return max(1, mid // reduction)
-
-
-def has_shortcut_conv(b: Block) -> bool:
-    """Whether an MBConv block's shortcut runs a 1x1 conv (else identity or pooled identity)."""
-    if b.reference:
-        return b.c_in != b.c_out
-    return b.c_in != b.c_out or b.stride != 1
+from evit.arch import Arch, ArchError, Stage, Stem
+from evit.blocks import (
+    Block,
+    has_shortcut_conv,
+    head_block,
+    mbconv_mid,
+    out_side,
+    prefix_blocks,
+    se_channels,
+    stage_blocks_uncached,
+)
+from evit.space import SearchSpace
 
 
 # --- per-block costs ---------------------------------------------------------------------
@@ -215,66 +151,6 @@ def block_params(b: Block) -> int:
     raise ValueError(f"unknown block kind {b.kind!r}")
 
 
-# --- decomposition of an arch into blocks -------------------------------------------------
-
-@lru_cache(maxsize=1 << 16)
-def stage_blocks(ss: StageSpace, h: int, c_in: int, stage: Stage, head_dim: int, ds_expansion: int,
-                 se_reduction: int) -> tuple[Block, ...]:
-    """Blocks of one stage given its input side and width (cached: the hot path of counting)."""
-    blocks: list[Block] = []
-    if isinstance(stage, MBStage):
-        for j in range(stage.depth):
-            stride = ss.stride if j == 0 else 1
-            blocks.append(Block("mbconv", h, c_in if j == 0 else stage.width, stage.width,
-                                expansion=stage.expansion, kernel=stage.kernel, stride=stride, se=ss.se,
-                                se_reduction=se_reduction, variant=ss.variant))
-            h = out_side(h, stride)
-        return tuple(blocks)
-    ds = Block("mbconv", h, c_in, stage.width, expansion=ds_expansion, kernel=3, stride=ss.stride, se=True,
-               se_reduction=se_reduction, variant=ss.variant, downsample=True)
-    blocks.append(ds)
-    h = ds.h_out
-    for _ in range(stage.depth):
-        blocks.append(Block("attn", h, stage.width, stage.width, mlp_ratio=stage.mlp_ratio,
-                            v_scale=stage.v_scale, head_dim=head_dim, variant=ss.variant))
-    return tuple(blocks)
-
-
-_stage_blocks_uncached = stage_blocks.__wrapped__
-"""`stage_blocks` without its cache, for bulk table fills that would only churn the cache."""
-
-
-def arch_blocks(arch: Arch, space: SearchSpace) -> list[Block]:
-    """All blocks of `arch` in forward order (first conv, stem, stages, head)."""
-    blocks: list[Block] = []
-    blocks.extend(prefix_blocks(space, arch.resolution, arch.stem))
-    h = blocks[0].h_out
-    c = arch.stem.width
-    for ss, st in zip(space.stages, arch.stages):
-        sb = stage_blocks(ss, h, c, st, space.head_dim, space.ds_expansion, space.se_reduction)
-        blocks.extend(sb)
-        h = sb[0].h_out if len(sb) else h
-        # strides only happen on a stage's first block
-        c = st.width
-    blocks.append(_head(space, h, c))
-    return blocks
-
-
-def _head(space: SearchSpace, h: int, c: int) -> Block:
-    return Block("head", h, c, space.num_classes, expansion=space.head_expansion, head_width=space.head_width)
-
-
-def stage_sides(arch: Arch, space: SearchSpace) -> list[int]:
-    """Input feature-map side of every stage (and, last, of the head)."""
-    h = out_side(arch.resolution, space.first_stride)
-    sides = []
-    for ss in space.stages:
-        sides.append(h)
-        h = out_side(h, ss.stride)
-    sides.append(h)
-    return sides
-
-
 @dataclass(frozen=True)
 class Cost:
     flops_m: float
@@ -295,14 +171,6 @@ class Cost:
 # counting at ~25k archs/s; now it is a handful of dict lookups, >100k archs/s.)
 
 _Pair = tuple[int, int]
-
-
-def prefix_blocks(space: SearchSpace, resolution: int, stem: Stem) -> list[Block]:
-    """First conv + stem blocks, in forward order."""
-    first = Block("first_conv", resolution, 3, stem.width, stride=space.first_stride)
-    stem_block = Block("mbconv", first.h_out, stem.width, stem.width, expansion=1, kernel=stem.kernel, stride=1,
-                       se=False, se_reduction=space.se_reduction)
-    return [first, *([stem_block] * stem.depth)]
 
 
 def _sum_costs(blocks: Sequence[Block], convention: str = "true") -> _Pair:
@@ -376,7 +244,7 @@ class _CostTables:
         key = (resolution, c)
         v = self.head.get(key)
         if v is None:
-            v = self.head[key] = _sum_costs([_head(self.space, self.side_list(resolution)[-1], c)], self.convention)
+            v = self.head[key] = _sum_costs([head_block(self.space, self.side_list(resolution)[-1], c)], self.convention)
             self.head_f[key] = v[0]
         return v
 
@@ -389,7 +257,7 @@ class _CostTables:
 
     def _blocks(self, index: int, resolution: int, c_in: int, stage: Stage) -> tuple[Block, ...]:
         sp = self.space
-        return _stage_blocks_uncached(sp.stages[index], self.side_list(resolution)[index], c_in, stage,
+        return stage_blocks_uncached(sp.stages[index], self.side_list(resolution)[index], c_in, stage,
                                       sp.head_dim, sp.ds_expansion, sp.se_reduction)
 
     def _fill_depths(self, index: int, resolution: int, c_in: int, stage: Stage) -> None:

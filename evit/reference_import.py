@@ -150,7 +150,7 @@ def import_reference(weights: str | Path, config: str | Path, out: str | Path, *
                      prefer: Literal["auto", "ema", "raw"] = "auto") -> dict[str, Any]:
     """Convert a reference checkpoint into an evit supernet checkpoint at `out`; returns a summary."""
     from evit.nn.reference import ReferenceSupernet
-    from evit.reference_space import load_reference_space
+    from evit.space.reference import load_reference_space
     from evit.train.checkpoint import save_checkpoint
 
     weights, out = Path(weights), Path(out)

@@ -359,12 +359,12 @@ def load_static_from_folder(folder: Path) -> Any:
     from safetensors.torch import load_file
 
     from evit.arch import Arch
-    from evit.export.card import space_from_dict
+    from evit.space import SearchSpace
     from evit.nn.static import load_static
 
     card = read_json(folder / "card.json")
     arch = Arch.from_json((folder / "arch.json").read_text())
-    space = space_from_dict(card["space"])
+    space = SearchSpace.from_dict(card["space"])
     module = load_static(arch, space, load_file(str(folder / "model.safetensors")))
     return module.eval()
 
@@ -688,7 +688,7 @@ def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str])
 
 def fetch_report(summary: dict[str, Any]) -> str:
     """What `evit fetch` prints: a few lines a person reads (the full card is in card.json)."""
-    from evit.export.card import classes_text
+    from evit.card import classes_text
 
     card = summary["card"]
     m, lat, inp = card["metrics"], card["latency"], card["input"]

@@ -9,9 +9,21 @@ imports are lazy so `evit --help` stays fast.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from evit.config import Params
+
+
+def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """params.yaml (or `path`) with the override items on top, validated, including the checks
+    that need the search space (`evit.resolve.check_params`): what every shell loads first."""
+    from evit.config import load_params
+    from evit.resolve import check_params
+
+    params = load_params(path, overrides)
+    check_params(params, str(path or os.environ.get("EVIT_PARAMS", "params.yaml")))
+    return params
 
 
 def prepare(params: Params) -> dict[str, Any]:

@@ -65,8 +65,8 @@ from prefect.states import Cancelled
 from prefect.tasks import exponential_backoff
 
 import evit
-from evit import cancel, paths, tracking
-from evit.config import Params, load_params
+from evit import cancel, paths, stages, tracking
+from evit.config import Params
 from evit.errors import UserError
 from evit.io import read_json
 from evit.workspace import workspace_lock
@@ -230,7 +230,7 @@ def _run_stage(kind: str, root: str, params_file: str, device: str | None, paren
     logger = get_run_logger()
     name = dvcfile.stage_name(kind, device)
     project = Path(root)
-    params = load_params(project / params_file)
+    params = stages.load(project / params_file)
     cancel.check(f"before {name} started")
     with _host_turn(params, kind, device, logger):
         t0 = time.perf_counter()
@@ -364,7 +364,7 @@ CONVERTING_KINDS = ("litert", "executorch")
 
 
 _SHARED_IMPORTS = ("timm", "timm.data", "evit.train.stage", "evit.baselines.stage", "evit.nn.static",
-                   "evit.latency.stage", "evit.latency.mobile", "evit.export.pte", "evit.export.tflite", "torch.export")
+                   "evit.latency.stage", "evit.latency.mobile", "evit.formats.pte", "evit.formats.tflite", "torch.export")
 
 
 def _import_before_converting(kinds: set[str]) -> None:
@@ -400,11 +400,11 @@ def _lut_will_run(root: Path, device: str, forced: set[str]) -> bool:
 def convert_ahead_task(root: str, params_file: str, device: str) -> dict:
     """Convert the files lut@<device> will time while training runs (best effort: lut converts
     whatever is missing itself, so a failure here only costs time)."""
-    from evit.latency.mobile import usable_cpus
+    from evit.host import usable_cpus
     from evit.latency.stage import convert_ahead
 
     logger = get_run_logger()
-    params = load_params(Path(root) / params_file)
+    params = stages.load(Path(root) / params_file)
     cancel.check(f"before converting ahead for lut@{device}")
     dp = params.device(device)
     # beside the host's stages: training and the baselines use `train.threads` cores
@@ -632,7 +632,7 @@ def pipeline_flow(params_path: str = "params.yaml", stages: list[str] | None = N
 def _pipeline_in(root: Path, params_file: str, stages: list[str] | None, devices: list[str] | None,
                  force: list[str], logger: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
-    params = load_params(params_file)
+    params = stages.load(params_file)
     kinds = _select(stages, dvcfile.STAGE_KINDS, "stage kinds")
     forced = set(_select(force, dvcfile.STAGE_KINDS, "stage kinds to force")) if force else set()
     names = _select(devices, [d.name for d in params.devices], "devices")

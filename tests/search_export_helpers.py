@@ -15,7 +15,7 @@ import torch
 
 from evit.arch import Arch
 from evit.config import Params, parse_params
-from evit.export.card import host_description
+from evit.host import describe_host
 from evit.export.stage import build_card, export_subnet
 from evit.search.budgets import Budget
 from evit.space import SearchSpace, StageSpace
@@ -74,7 +74,7 @@ def make_export(root: Path, *, seed: int = 0, val_top1: float = 0.5, budget: Bud
              "predicted_latency_ms": 1.0, "measured_latency_ms": 1.1, "measurement": {"median_ms": 1.1}}
     card = build_card(
         name=f"evit-{device}", arch=arch, space_dict=TINY.to_dict(), budget=budget.to_dict(), entry=entry,
-        device={"name": device, "params": {"name": device, "kind": "torch-cpu"}, "host": host_description()},
+        device={"name": device, "params": {"name": device, "kind": "torch-cpu"}, "host": describe_host()},
         provenance={"data_version": "data-v1", "supernet_sha256": f"sha-{seed}", "lut_sha256": "lut",
                     "git_commit": "unknown", "evit_version": "test"},
         classes=[f"class-{i}" for i in range(TINY.num_classes)], opset=17,

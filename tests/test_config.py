@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from evit.cli import app
 from evit.config import ConfigError, DataParams, Params, load_params, parse_params
+from evit.resolve import check_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,11 +164,26 @@ def test_cli_set_reaches_the_stage_and_bad_override_is_one_line(tiny_params) -> 
     assert bad.exit_code == 2 and "data.shard_size" in bad.output and "Traceback" not in bad.output
 
 
-def test_fixed_archs_and_teachers_are_checked_up_front() -> None:
-    assert "outside the 'cpu' space" in _error({"search": {"fixed_archs": ["T1"]}})
-    assert "neither a released model" in _error({"space": {"preset": "imagenet"}, "search": {"fixed_archs": ["T7"]}})
+def _space_error(data: dict) -> str:
+    """The error of the checks that need the search space (made by every shell before any work)."""
+    with pytest.raises(ConfigError) as info:
+        check_params(parse_params(data, "bad.yaml"), "bad.yaml")
+    return str(info.value)
+
+
+def test_fixed_archs_and_teachers_are_checked_up_front(tiny_params) -> None:
+    assert "outside the 'cpu' space" in _space_error({"search": {"fixed_archs": ["T1"]}})
+    assert "neither a released model" in _space_error({"space": {"preset": "imagenet"},
+                                                       "search": {"fixed_archs": ["T7"]}})
+    assert "share the label 'l1_5'" in _space_error({"space": {"preset": "imagenet"},
+                                                     "search": {"fixed_archs": ["L1.5", "l1.5"]}})
     p = parse_params({"space": {"preset": "imagenet"}, "search": {"fixed_archs": ["T1", "l1.5"]}})
+    check_params(p)
     assert p.search.fixed_archs == ["T1", "l1.5"]
+    # every command checks them before doing anything (exit 2, one line)
+    tiny_params({"search": {"fixed_archs": ["T1"]}})
+    bad = runner.invoke(app, ["prepare"])
+    assert bad.exit_code == 2 and "search.fixed_archs entry 'T1'" in bad.output and "Traceback" not in bad.output
     # one teacher (the older spelling) is a list of one; weights null means the hub
     p = parse_params({"train": {"teacher": {"model": "resnet18", "weights": "/w.pth"}}})
     assert [t.model for t in p.train.teachers] == ["resnet18"]

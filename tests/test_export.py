@@ -10,18 +10,19 @@ import pytest
 import torch
 from search_export_helpers import TINY, make_export
 
-from evit.export.card import MODEL_FILES, git_commit, space_from_dict
+from evit.formats.bundle import MODEL_FILES
+from evit.host import git_commit
 from evit.export.stage import ExportError, check_onnx, export_device
 from evit.io import read_json, sha256_file
 from evit.search.budgets import Budget
-from evit.space import CPU, IMAGENET
+from evit.space import CPU, IMAGENET, SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_space_round_trips_through_the_card() -> None:
     for space in (TINY, CPU, IMAGENET.with_classes(7)):
-        back = space_from_dict(json.loads(json.dumps(space.to_dict())))
+        back = SearchSpace.from_dict(json.loads(json.dumps(space.to_dict())))
         assert back.to_dict() == space.to_dict()
 
 

@@ -127,7 +127,7 @@ def test_gathered_bias_follows_the_weights() -> None:
 
 
 def _lowering_check(space: SearchSpace, arch: Arch, tmp_path) -> None:  # noqa: ANN001
-    from evit.export.pte import export_pte, run_pte
+    from evit.formats.pte import export_pte, run_pte
 
     net = StaticSubnet(arch, space)
     randomise(net, 0)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from evit.arch import Arch
-from evit.flops import arch_blocks, block_flops, block_params, count
+from evit.blocks import arch_blocks
+from evit.flops import block_flops, block_params, count
 from evit.nn.common import MatMul
 from evit.nn.static import StaticSubnet
 from evit.space import CPU, IMAGENET, SearchSpace
@@ -106,7 +107,7 @@ def test_imagenet_space_flops_and_params_match_hooks() -> None:
 
 def test_reference_variant_flops_and_params_match_hooks() -> None:
     """The reference-variant blocks (no shortcut BN, pooled identity, no qkv/V bias) count exactly too."""
-    from evit.reference_space import reference_space
+    from evit.space.reference import reference_space
 
     cfg = {"search_space": {"stage": ["C", "C", "T", "T"], "res": [32, 40], "downsampling": [True, True, False, True],
                             "se": [False, True, True, True], "max_channels": [24, 24, 32, 48],

@@ -20,13 +20,15 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from evit import blocks as blocks_mod
 from evit import flops
 from evit.cli import app
 from evit.config import parse_params
 from evit.nn.common import MatMul
 from evit.nn.static import MBConv, StaticSubnet
 from evit.released import RELEASED, resolve_arch
-from evit.space import IMAGENET, space_from_params
+from evit.space import IMAGENET
+from evit.resolve import space_from_params
 
 REF = IMAGENET.with_convention("reference")
 
@@ -89,7 +91,7 @@ class ReferenceHookCounter:
 
 def _reference_hook_count(arch) -> int:  # noqa: ANN001
     net = StaticSubnet(arch, REF).eval()
-    blocks = flops.arch_blocks(arch, REF)
+    blocks = blocks_mod.arch_blocks(arch, REF)
     downsampling = [mod for mod, b in zip(net, blocks) if b.downsample]
     assert len(downsampling) == 4  # one per transformer stage
     for mod in net.modules():

@@ -6,7 +6,7 @@ import random
 
 from test_latency_helpers import TINY, all_archs
 
-from evit.flops import arch_blocks
+from evit.blocks import arch_blocks
 from evit.latency.blocks import (block_witnesses, count_by_kind, covering_archs, sample_subnets, sampled_blocks,
                                  unique_blocks)
 from evit.space import SearchSpace, StageSpace, get_space

@@ -11,7 +11,7 @@ import pytest
 from test_latency_helpers import TINY, all_archs
 
 from evit.errors import LUTError
-from evit.flops import arch_blocks
+from evit.blocks import arch_blocks
 from evit.latency.blocks import unique_blocks
 from evit.latency.predictor import BlockRegression, Correction, LatencyPredictor, block_features, fit_affine
 from evit.latency.report import choose_correction, error_metrics, flops_proxy

@@ -21,7 +21,7 @@ from search_export_helpers import TINY, make_export, registry_params
 from evit.config import DeviceParams
 from evit.errors import UserError
 from evit.export.stage import ExportError
-from evit.flops import arch_blocks
+from evit.blocks import arch_blocks
 from evit.io import read_json, sha256_file
 from evit.latency.devices import Item, get_device
 from evit.nn.static import block_input_shape, build_block
@@ -42,7 +42,7 @@ def test_pte_export_is_checked_and_on_the_card(tmp_path: Path) -> None:
     pte = card["pte"]
     assert 1 <= pte["partitions"] <= 2 and pte["outside_ops"] == {}
     assert pte["max_abs_diff_vs_torch"] < 1e-4
-    from evit.export.pte import run_pte
+    from evit.formats.pte import run_pte
 
     x = torch.randn(1, 3, 24, 24)
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_pte_export_is_checked_and_on_the_card(tmp_path: Path) -> None:
 
 
 def test_pte_export_fails_when_the_runtime_disagrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import evit.export.pte as pte
+    import evit.formats.pte as pte
 
     real = pte.run_pte
     monkeypatch.setattr(pte, "run_pte", lambda *a, **k: real(*a, **k) + 0.5)
@@ -92,7 +92,7 @@ def test_executorch_converts_ahead_in_parallel_once_per_block(tmp_path: Path, mo
         dev.prepare_ahead([_chain(arch), whole])
         assert dev.files_made == 2 and dev.files_reused == 0
         files = sorted((tmp_path / "cache").glob("*.pte"))
-        from evit.export.pte import load_program
+        from evit.formats.pte import load_program
 
         methods = sorted(len(load_program(f).method_names) for f in files)
         assert methods == [2, len({b.key for b in blocks})]  # the repeated block lowered once
@@ -146,7 +146,7 @@ def test_litert_gpu_flag_is_for_phones() -> None:
 
 
 def test_converter_env_failure_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from evit.export.litert_env import LiteRTEnvError, ensure_env
+    from evit.formats.litert_env import LiteRTEnvError, ensure_env
 
     lock = tmp_path / "bad.lock"
     lock.write_text("evit-no-such-package-anywhere==0.0.1\n")
@@ -164,7 +164,7 @@ def test_converter_env_failure_is_one_clear_error(tmp_path: Path, monkeypatch: p
 
 @pytest.fixture(scope="module")
 def converter():  # noqa: ANN201
-    from evit.export.tflite import LiteRTConverter
+    from evit.formats.tflite import LiteRTConverter
 
     with LiteRTConverter() as conv:
         yield conv
@@ -174,7 +174,7 @@ def converter():  # noqa: ANN201
 def test_tflite_export_checked_fully_delegated_and_fetchable(converter, mlflow_server: MlflowServer,  # noqa: ANN001, F811
                                                               tmp_path: Path) -> None:
     from evit import registry
-    from evit.export.tflite import full_delegation, run_tflite
+    from evit.formats.tflite import full_delegation, run_tflite
 
     folder, static = make_export(tmp_path / "exp", seed=4, formats=("onnx", "tflite", "pte"), converter=converter)
     card = read_json(folder / "card.json")
@@ -199,7 +199,7 @@ def test_tflite_export_checked_fully_delegated_and_fetchable(converter, mlflow_s
 def test_litert_fully_delegates_preset_subnets(converter, tmp_path: Path, space_name: str) -> None:  # noqa: ANN001
     from safetensors.torch import save_file
 
-    from evit.export.tflite import full_delegation, run_tflite
+    from evit.formats.tflite import full_delegation, run_tflite
     from evit.nn.static import StaticSubnet
     from evit.space import CPU, IMAGENET
     from tests.test_nn import randomise

@@ -21,8 +21,10 @@ from torch import nn
 
 from evit.arch import Arch, ArchError
 from evit.errors import CheckpointError
-from evit.flops import arch_blocks, count
-from evit.nn.export import export_onnx, export_onnx_input, export_torchscript
+from evit.blocks import arch_blocks
+from evit.flops import count
+from evit.formats.onnx import export_onnx, export_onnx_input
+from evit.formats.torchscript import export_torchscript
 from evit.nn.static import StaticSubnet, block_input_shape, build_block, extract, load_static
 from evit.nn.supernet import Supernet
 from evit.space import CPU, IMAGENET, SearchSpace

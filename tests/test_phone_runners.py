@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LITERT = REPO / "infra" / "devices" / "litert_benchmark.sh"
 EXECUTORCH = REPO / "infra" / "devices" / "executorch_benchmark.sh"
+ONNX = REPO / "infra" / "devices" / "adb_benchmark.sh"
 
 FAKE_ADB = r'''
 import os, re, shutil, sys
@@ -39,6 +40,9 @@ assert args[0] == "shell", args
 cmd = " ".join(args[1:])
 if cmd.startswith("mkdir"):
     sys.exit(0)
+if mode == "adb-dies":
+    print("adb: device offline", file=sys.stderr)
+    sys.exit(1)
 if mode == "garbage":
     print("Segmentation fault\n\x00\x01 weird 123 bytes")
     print("evit-exit=0")
@@ -62,6 +66,10 @@ if "benchmark_model" in cmd:
           "Inference (avg): %s\n"
           "INFO: Memory footprint delta from the start of the tool (MB): init=5.1 overall=6.2" % (avg, avg))
     print("evit-exit=0")
+elif "onnxruntime_perf_test" in cmd:
+    assert (phone / "model.onnx").exists(), "no model.onnx"
+    print("Session creation time cost: 0.0123 s\nTotal inference time cost: 0.617 s\n"
+          "Total inference requests: 50\nAverage inference time cost: 12.34 ms")
 elif "executor_runner" in cmd:
     model = phone / "model.pte"
     assert model.read_bytes()[4:6] == b"ET", "not a .pte"
@@ -99,9 +107,10 @@ def _model(tmp_path: Path, suffix: str) -> Path:
     return path
 
 
-def _run(script: Path, *args: str, mode: str = "ok") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "FAKE_ADB_MODE": mode})
+def _run(script: Path | str, *args: str, mode: str = "ok", cwd: Path | None = None,
+         **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60, cwd=cwd,
+                          env={**os.environ, "FAKE_ADB_MODE": mode, **env})
 
 
 def test_litert_runner_parses_benchmark_model_cpu_and_gpu(fake_adb: Path, tmp_path: Path) -> None:
@@ -142,10 +151,58 @@ def test_runner_rejects_bad_arguments_before_touching_the_phone(fake_adb: Path, 
     assert not (fake_adb / "adb.log").exists()
 
 
+def test_runner_rejects_a_flag_of_the_other_tool_and_a_missing_value(fake_adb: Path, tmp_path: Path) -> None:
+    """--gpu is LiteRT's own flag; the options' shared parser (adb_lib.sh) does not take it for ExecuTorch."""
+    out = _run(EXECUTORCH, str(_model(tmp_path, ".pte")), "--gpu")
+    assert out.returncode == 2 and "unknown argument: --gpu" in out.stderr
+    assert out.stderr.startswith("usage: executorch_benchmark.sh MODEL.pte")
+    out = _run(LITERT, str(_model(tmp_path, ".tflite")), "--runs")
+    assert out.returncode != 0 and "usage: litert_benchmark.sh MODEL.tflite" in out.stderr
+    assert not (fake_adb / "adb.log").exists()
+
+
+@pytest.mark.parametrize("script,suffix", [(LITERT, ".tflite"), (EXECUTORCH, ".pte")], ids=["litert", "executorch"])
+def test_runner_reports_adb_failing_itself(fake_adb: Path, tmp_path: Path, script: Path, suffix: str) -> None:
+    """adb's own failure (phone gone during the run, no evit-exit line) is a failed run too."""
+    out = _run(script, str(_model(tmp_path, suffix)), mode="adb-dies")
+    assert out.returncode == 1 and out.stdout == ""
+    assert "failed (adb status 1, " in out.stderr and "status ?)" in out.stderr and "device offline" in out.stderr
+
+
+@pytest.mark.parametrize("script,suffix", [(LITERT, ".tflite"), (EXECUTORCH, ".pte")], ids=["litert", "executorch"])
+def test_runner_finds_its_library_from_any_directory_and_honours_evit_adb_dir(
+        fake_adb: Path, tmp_path: Path, script: Path, suffix: str) -> None:
+    """The scripts source adb_lib.sh next to themselves, whatever the working directory and however called."""
+    model = _model(tmp_path, suffix)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for how in (str(script), os.path.relpath(script, elsewhere)):
+        out = _run(how, str(model), "--runs", "10", cwd=elsewhere, EVIT_ADB_DIR="/data/local/tmp/other")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() in ("0.901200", "0.910000")
+    log = (fake_adb / "adb.log").read_text()
+    assert f"push {model} /data/local/tmp/other/model{suffix}" in log
+    assert "shell mkdir -p /data/local/tmp/other" in log and "shell cd /data/local/tmp/other && ./" in log
+    assert "/data/local/tmp/evit" not in log
+
+
+def test_onnx_runner_pushes_and_parses_onnxruntime_perf_test(fake_adb: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"\x08\x07" + b"\x00" * 64)
+    out = _run(ONNX, str(model), "224", cwd=tmp_path, EVIT_ADB_RUNS="7", EVIT_ADB_THREADS="3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "12.34"
+    log = (fake_adb / "adb.log").read_text().splitlines()
+    assert log[:2] == ["shell mkdir -p /data/local/tmp/evit", f"push {model} /data/local/tmp/evit/model.onnx"]
+    assert "-r 7 -x 3 -y 1 model.onnx" in log[2]
+    out = _run(ONNX, str(model), "224", mode="garbage")
+    assert out.returncode == 1 and "no latency in onnxruntime_perf_test output" in out.stderr
+
+
 def test_command_device_hands_the_runner_a_pte(fake_adb: Path) -> None:
     """kind: command with format: pte lowers the block to ExecuTorch and the runner times that file."""
     from evit.config import DeviceParams
-    from evit.flops import Block
+    from evit.blocks import Block
     from evit.latency.devices import Item, get_device
     from evit.nn.static import block_input_shape, build_block
 

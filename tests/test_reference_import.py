@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from evit.arch import Arch
 from evit.reference_import import ReferenceImportError, import_reference, select_state_dict
-from evit.reference_space import ReferenceConfigError, load_reference_space, reference_space, read_reference_config
+from evit.space.reference import ReferenceConfigError, load_reference_space, reference_space, read_reference_config
 from evit.space import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,10 +99,9 @@ def test_space_from_reference_yaml_matches_the_plain_choices() -> None:
 
 
 def test_reference_space_round_trips_through_checkpoint_dicts(space: SearchSpace) -> None:
-    from evit.export.card import space_from_dict as card_space
-    from evit.train.checkpoint import space_from_dict as ckpt_space
+    from evit.resolve import restore_space
 
-    assert ckpt_space(space.to_dict()) == space == card_space(space.to_dict())
+    assert restore_space(space.to_dict()) == space == SearchSpace.from_dict(space.to_dict())
     # default spaces keep their old dict form (no variant key), so old checkpoints still match
     from evit.space import CPU
 
@@ -147,7 +146,7 @@ def test_imported_supernet_static_subnet_and_onnx_reproduce_the_reference(
         case: dict[str, Any], supernet: Any, io: Any, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from evit.nn.export import export_onnx
+    from evit.formats.onnx import export_onnx
     from evit.nn.static import extract
 
     inputs, outputs = io
@@ -179,7 +178,7 @@ def test_bn_recalibration_runs_on_imported_subnets(supernet: Any, io: Any) -> No
     """Evaluation recalibrates BN per subnet (as the reference's eval_one_subnet does); the
     reference blocks expose their BNs to `recalibrate_bn` like evit's own."""
     from evit.nn.static import extract
-    from evit.train.evaluate import recalibrate_bn
+    from evit.evaluate import recalibrate_bn
 
     arch = plain_arch(CASES[0]["plain"])
     x = io[0][CASES[0]["input_key"]]
@@ -280,7 +279,7 @@ def test_lut_search_export_take_the_imported_checkpoint(tiny_params: Any, prepar
 
 def test_torchscript_and_rebuilt_static_subnet_match(supernet: Any, io: Any, tmp_path: Path) -> None:
     """The other export paths: a traced TorchScript file, and `load_static` from the exported state_dict."""
-    from evit.nn.export import export_torchscript
+    from evit.formats.torchscript import export_torchscript
     from evit.nn.static import extract, load_static
 
     case = CASES[3]
@@ -309,7 +308,7 @@ def test_train_refuses_to_replace_an_imported_supernet(imported: Path, tiny_para
 
 def test_params_space_reference_needs_its_config() -> None:
     from evit.config import ConfigError, parse_params
-    from evit.space import space_from_params
+    from evit.resolve import space_from_params
 
     with pytest.raises(ConfigError, match="reference_config"):
         parse_params({"space": {"preset": "reference"}})
@@ -319,3 +318,18 @@ def test_params_space_reference_needs_its_config() -> None:
                                 "levels": [2, 4], "tolerance": 0.5}})
     sp = space_from_params(p.space, 10)
     assert sp.variant == "reference" and sp.levels == (2, 4) and sp.tolerance == 0.5
+
+
+def test_fixed_archs_work_with_the_reference_preset(space: SearchSpace, tmp_path: Path) -> None:
+    """`search.fixed_archs` is checked against the reference space itself (it used to look up a
+    preset named 'reference' and fail for every entry)."""
+    from evit.config import ConfigError, parse_params
+    from evit.resolve import check_params
+
+    arch_file = tmp_path / "smallest.json"
+    arch_file.write_text(space.smallest().to_json())
+    sp = {"preset": "reference", "reference_config": str(FIXTURE / "space.json")}
+    check_params(parse_params({"space": sp, "search": {"fixed_archs": [str(arch_file)]}}))
+    with pytest.raises(ConfigError, match=r"fixed_archs entry 'T1': arch\.resolution = 128 is outside the "
+                                          r"'reference' space"):
+        check_params(parse_params({"space": sp, "search": {"fixed_archs": ["T1"]}}))

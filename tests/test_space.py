@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from evit import blocks as blocks_mod
 from evit import flops
 from evit.arch import Arch, ArchError, MBStage, Stem, ViTStage
 from evit.cli import app
@@ -218,7 +219,7 @@ def test_every_level_of_both_presets_is_reachable(space: SearchSpace) -> None:
 
 def _reference(arch: Arch, space: SearchSpace) -> tuple[int, int]:
     """The slow definition: sum over the arch's blocks."""
-    blocks = flops.arch_blocks(arch, space)
+    blocks = blocks_mod.arch_blocks(arch, space)
     return sum(map(flops.block_flops, blocks)), sum(map(flops.block_params, blocks))
 
 
@@ -249,7 +250,7 @@ def test_stage_table_entries_match_their_blocks_at_every_depth() -> None:
             names = list(ss.choices())
             for c, vals in itertools.product(ins, itertools.product(*ss.choices().values())):
                 st = ss.make(**dict(zip(names, vals)))
-                blocks = flops.stage_blocks(ss, h, c, st, space.head_dim, space.ds_expansion, space.se_reduction)
+                blocks = blocks_mod.stage_blocks(ss, h, c, st, space.head_dim, space.ds_expansion, space.se_reduction)
                 want = (sum(map(flops.block_flops, blocks)), sum(map(flops.block_params, blocks)))
                 assert flops.stage_cost(space, i, r, c, st) == want
 

@@ -11,7 +11,8 @@ import torch
 
 from evit.config import load_params
 from evit.errors import CheckpointError
-from evit.space import get_space, space_from_params
+from evit.space import get_space
+from evit.resolve import space_from_params
 from train_helpers import prepare_small_digits, tiny_overrides
 
 
@@ -133,7 +134,7 @@ def test_evaluate_subnet_recalibrates_a_copy_and_is_deterministic(small_digits) 
     from evit.data.loader import PreparedData
     from evit.nn.static import extract
     from evit.nn.supernet import Supernet
-    from evit.train.evaluate import evaluate_subnet, recalibrate_bn
+    from evit.evaluate import evaluate_subnet, recalibrate_bn
 
     data = PreparedData(small_digits)
     space = get_space("cpu", num_classes=data.num_classes)

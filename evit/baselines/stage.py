@@ -54,8 +54,8 @@ def run_baselines(params: Params, *, track: bool = True) -> dict[str, Any]:
     from evit.data.loader import PreparedData
     from evit.latency.devices import get_device
     from evit.latency.stage import statistic
-    from evit.space import space_from_params
-    from evit.train.evaluate import eval_source, evaluate_top1
+    from evit.resolve import space_from_params
+    from evit.evaluate import eval_source, evaluate_top1
 
     b = params.baselines
     check_model_names(b.models)

@@ -28,7 +28,7 @@ from torch import nn
 
 from evit.io import atomic_path, sha256_json
 from evit.train.checkpoint import _HASH_EXCLUDED
-from evit.train.evaluate import eval_source, evaluate_top1
+from evit.evaluate import eval_source, evaluate_top1
 from evit.train.step import make_mixup
 
 log = logging.getLogger(__name__)

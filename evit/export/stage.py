@@ -35,8 +35,9 @@ from evit import __version__, cancel, paths
 from evit.arch import Arch
 from evit.config import Params
 from evit.errors import UserError
-from evit.export.card import (CARD_VERSION, MODEL_FILES, data_facts, file_hashes, git_commit, host_description,
-                               render_markdown)
+from evit.card import CARD_VERSION, data_facts, file_hashes, render_markdown
+from evit.formats.bundle import MODEL_FILES
+from evit.host import git_commit, describe_host
 from evit.io import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from evit.search.stage import RESULT_FILE
 
@@ -72,7 +73,7 @@ def check_tflite(path: Path, module: Any, resolution: int, seed: int = 0) -> flo
     """Max abs difference between the LiteRT interpreter (XNNPACK) and PyTorch on a seeded input."""
     import torch
 
-    from evit.export.tflite import run_tflite
+    from evit.formats.tflite import run_tflite
 
     x = _seeded_input(resolution, seed)
     with torch.no_grad():
@@ -84,7 +85,7 @@ def check_pte(path: Path, module: Any, resolution: int, seed: int = 0) -> float:
     """Max abs difference between the ExecuTorch runtime (XNNPACK) and PyTorch on a seeded input."""
     import torch
 
-    from evit.export.pte import run_pte
+    from evit.formats.pte import run_pte
 
     x = _seeded_input(resolution, seed)
     with torch.no_grad():
@@ -141,13 +142,13 @@ def export_subnet(
     """Write model.onnx, arch.json, model.safetensors, card.json, card.md into `folder` (atomic).
 
     Plus model.tflite / model.pte when `formats` names them (`converter`: a running
-    `evit.export.tflite.LiteRTConverter` to reuse; else one is started for this call).
+    `evit.formats.tflite.LiteRTConverter` to reuse; else one is started for this call).
     `card` is completed with the file hashes and the format checks; the final card is returned.
     """
     import torch
     from safetensors.torch import save_file
 
-    from evit.nn.export import export_onnx
+    from evit.formats.onnx import export_onnx
 
     static = static.to("cpu").eval()
     with atomic_dir(folder) as tmp:
@@ -177,7 +178,7 @@ def _export_mobile(static: Any, arch: Arch, folder: Path, space: dict[str, Any],
 
     out: dict[str, dict[str, Any]] = {}
     if "tflite" in formats:
-        from evit.export.tflite import LiteRTConverter
+        from evit.formats.tflite import LiteRTConverter
 
         conv = converter or LiteRTConverter()
         try:
@@ -191,7 +192,7 @@ def _export_mobile(static: Any, arch: Arch, folder: Path, space: dict[str, Any],
                          "max_abs_diff_vs_torch": check_tflite(folder / "model.tflite", static, arch.resolution),
                          "convert_seconds": round(seconds, 1)}
     if "pte" in formats:
-        from evit.export.pte import export_pte
+        from evit.formats.pte import export_pte
 
         t0 = time.monotonic()
         report = export_pte(static, torch.zeros(1, 3, arch.resolution, arch.resolution), folder / "model.pte")
@@ -276,13 +277,13 @@ def export_result(
         "evit_version": __version__,
     }
     device_info = {"name": device, "params": result.get("device_params", params.device(device).model_dump(mode="json")),
-                   "host": result.get("device_description") or host_description()}
+                   "host": result.get("device_description") or describe_host()}
     exported: list[dict[str, Any]] = []
     formats = params.export.formats
     with contextlib.ExitStack() as stack:
         converter = None
         if "tflite" in formats:
-            from evit.export.tflite import LiteRTConverter
+            from evit.formats.tflite import LiteRTConverter
 
             # one converter process for every budget, started first: a converter venv that cannot
             # be created stops the export before any subnet is calibrated
@@ -306,7 +307,7 @@ def _export_entry(params: Params, device: str, entry: dict[str, Any], supernet: 
                   device_info: dict[str, Any], provenance: dict[str, Any], out_root: Path, formats: Sequence[str],
                   converter: Any) -> list[dict[str, Any]]:
     """Export one budget's subnet (none when the budget was infeasible)."""
-    from evit.search.fitness import calibrated_static, split_top1
+    from evit.evaluate import calibrated_static, split_top1
 
     sp = params.search
     if not entry.get("feasible"):
@@ -348,7 +349,7 @@ def export_device(params: Params, device: str, *, register: bool | None = None,
     if archs:
         return _export_fixed(params, device, archs, register)
     from evit.data.loader import PreparedData
-    from evit.latency.spaces import space_for
+    from evit.resolve import space_for
     from evit.train.checkpoint import load_supernet
 
     params.device(device)

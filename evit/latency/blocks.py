@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from evit.arch import Arch, Stage, Stem
-from evit.flops import Block, arch_blocks, out_side, stage_blocks
+from evit.blocks import Block, arch_blocks, out_side, stage_blocks
 from evit.space import SearchSpace, StageSpace
 
 

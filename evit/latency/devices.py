@@ -152,7 +152,7 @@ def export_onnx_file(module: nn.Module, input_shape: Sequence[int], path: Path, 
     So a block, or a whole static subnet, is timed from exactly the kind of file that
     `evit export` ships (same exporter, opset and options).
     """
-    from evit.nn.export import export_onnx_input
+    from evit.formats.onnx import export_onnx_input
 
     return export_onnx_input(module, random_input(input_shape), path, opset)
 
@@ -642,7 +642,7 @@ class CommandDevice(Device):
             from evit.latency.mobile import model_file
 
             if self.params.format == "tflite" and getattr(self, "_converter", None) is None:
-                from evit.export.tflite import LiteRTConverter
+                from evit.formats.tflite import LiteRTConverter
 
                 self._converter = LiteRTConverter()
             path = model_file(self.params.format, module, shape, workdir, getattr(self, "_converter", None))

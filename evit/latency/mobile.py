@@ -17,7 +17,7 @@ or 25-120 s to lower (ExecuTorch) here, and the cost grows with the graph's size
   every core;
 - modules are converted together, one signature / method each, at most `BATCH` per file;
 - LiteRT conversions go through long-lived converter processes
-  (evit.export.tflite.LiteRTConverter), paying the converter's start-up once per worker;
+  (evit.formats.tflite.LiteRTConverter), paying the converter's start-up once per worker;
 - files are cached by content hash under `EVIT_MODEL_CACHE` (default
   `.evit-cache/latency-models/`): the runtime's version, the evit static-module source,
   and every module's key and input shape; a resumed or repeated table build reuses them.
@@ -266,7 +266,7 @@ def _built(module: nn.Module | Callable[[], nn.Module], shape: tuple[int, ...]) 
 
 def _lower_pte_file(modules: Modules, path: str) -> float:
     """Worker process: build the modules and lower them into one .pte (returns CPU seconds)."""
-    from evit.export.pte import export_pte_methods
+    from evit.formats.pte import export_pte_methods
 
     torch.set_num_threads(1)
     t = time.process_time()
@@ -288,7 +288,7 @@ class ExecuTorchDevice(_MobileDevice):
     def _prepare_batch(self, items: Sequence[Item]) -> None:
         # ExecuTorch's XNNPACK thread pool is process-wide and must be sized before any
         # method is loaded: resizing it under loaded methods crashes the process
-        from evit.export.pte import set_threads
+        from evit.formats.pte import set_threads
 
         set_threads(self.params.threads)
         super()._prepare_batch(items)
@@ -310,14 +310,14 @@ class ExecuTorchDevice(_MobileDevice):
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
-        from evit.export.pte import set_threads
+        from evit.formats.pte import set_threads
 
         set_threads(self.params.threads)
         with torch.inference_mode():
             yield
 
     def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
-        from evit.export.pte import export_pte_methods
+        from evit.formats.pte import export_pte_methods
 
         export_pte_methods({n: (m, random_input(shape)) for n, (m, shape) in modules.items()}, path)
 
@@ -333,7 +333,7 @@ class ExecuTorchDevice(_MobileDevice):
                 raise
 
     def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
-        from evit.export.pte import load_program
+        from evit.formats.pte import load_program
 
         program = self._programs.get((path, instance))
         if program is None:
@@ -372,7 +372,7 @@ class LiteRTDevice(_MobileDevice):
         except ImportError as exc:
             raise DeviceError(f"device '{self.name}' (kind litert) needs the ai-edge-litert package "
                               f"(requirements.lock): {exc}") from None
-        from evit.export.litert_env import lock_file
+        from evit.formats.litert_env import lock_file
 
         if not lock_file().is_file():
             raise DeviceError(f"device '{self.name}': the LiteRT converter lock {lock_file()} is missing")
@@ -385,7 +385,7 @@ class LiteRTDevice(_MobileDevice):
         super().close()
 
     def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
-        from evit.export.tflite import LiteRTConverter
+        from evit.formats.tflite import LiteRTConverter
 
         if self._converter is None:
             self._converter = LiteRTConverter()
@@ -396,7 +396,7 @@ class LiteRTDevice(_MobileDevice):
         import queue
         import tempfile
 
-        from evit.export.tflite import LiteRTConverter
+        from evit.formats.tflite import LiteRTConverter
 
         if self._converter is None:
             self._converter = LiteRTConverter()
@@ -428,7 +428,7 @@ class LiteRTDevice(_MobileDevice):
                 pool.shutdown(wait=True, cancel_futures=True)
 
     def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
-        from evit.export.tflite import interpreter
+        from evit.formats.tflite import interpreter
 
         interp = self._interpreters.get((path, instance))
         if interp is None:
@@ -471,7 +471,7 @@ def model_file(fmt: str, module: nn.Module, input_shape: Sequence[int], workdir:
     `converter`: a running LiteRTConverter (tflite); the caller keeps and closes it.
     """
     if fmt == "pte":
-        from evit.export.pte import export_pte
+        from evit.formats.pte import export_pte
 
         path = workdir / "model.pte"
         export_pte(module.eval(), random_input(input_shape), path)

@@ -42,14 +42,15 @@ from evit import cancel, paths
 from evit.arch import Arch
 from evit.config import DeviceParams, Params
 from evit.errors import LUTError
-from evit.flops import Block, arch_blocks, flops_m
+from evit.blocks import Block, arch_blocks
+from evit.flops import flops_m
 from evit.io import write_json_atomic
 from evit.latency.blocks import count_by_kind, covering_archs, sample_subnets, sampled_blocks, unique_blocks
 from evit.latency.devices import Device, Item, Measurement, get_device, split_repeats, torch_threads
 from evit.latency.lut import FORMAT, PartialLUT, partial_path
 from evit.latency.predictor import BlockRegression, LatencyPredictor
 from evit.latency.report import choose_correction, flops_proxy, plot_points, validation_metrics, write_points_csv
-from evit.latency.spaces import space_for
+from evit.resolve import space_for
 from evit.latency.timing import OUTLIER_TOLERANCE, REMEASURE_PASSES, LoadWatch, keep_lower, outliers
 from evit.space import SearchSpace
 
@@ -374,7 +375,7 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
     try:
         # the harness (module building, ONNX export) uses the device's thread budget: on a
         # shared machine a 2-thread op waits whenever another job holds the second core
-        with _quiet("evit.nn.export"), torch_threads(dp.threads):
+        with _quiet("evit.formats.onnx"), torch_threads(dp.threads):
             measure_all(dev, space, plan, archs, state, progress=progress, watch=watch)
     except BaseException:
         dev.close()
@@ -523,7 +524,7 @@ def _remeasure_outliers(dev: Device, dp: DeviceParams, space: SearchSpace, archs
                  "table units of %d", dp.name, len(bad), OUTLIER_TOLERANCE * 100, len(slow), len(fast))
         if slow:
             items = [_subnet_item(archs[i], space, dp.batch_size) for i in slow]
-            with _quiet("evit.nn.export"), torch_threads(dp.threads):
+            with _quiet("evit.formats.onnx"), torch_threads(dp.threads):
                 again = dev.measure_many(items)
             for i, m in zip(slow, again):
                 new = keep_lower(measured[i], m.to_dict()[stat])
@@ -547,7 +548,7 @@ def _remeasure_table(dev: Device, space: SearchSpace, plan: Plan, archs: Sequenc
     keys = {b.key for a in archs for b in arch_blocks(a, space)}
     fresh: dict[str, list[float]] = {}
     null = _overhead_item(dev, space, plan)
-    with _quiet("evit.nn.export"), torch_threads(dp.threads):
+    with _quiet("evit.formats.onnx"), torch_threads(dp.threads):
         if plan.carriers:
             carriers = [c for c in plan.carriers if keys & {b.key for b in arch_blocks(c, space)}]
             for g in range(0, len(carriers), CHAIN_GROUP):

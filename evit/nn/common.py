@@ -12,7 +12,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from evit.flops import out_side
+from evit.blocks import out_side
 from evit.space import SearchSpace
 
 BN_EPS = 1e-5

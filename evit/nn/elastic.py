@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from evit.flops import Block, mbconv_mid, se_channels
+from evit.blocks import Block, mbconv_mid, se_channels
 from evit.nn.common import BN_EPS, BN_MOMENTUM, LN_EPS, crop_rel_table, rel_pos_index
 
 State = dict[str, Tensor]

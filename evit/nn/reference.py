@@ -21,9 +21,9 @@ reference's semantics (see `../shared/fixtures/reference-supernet/LAYOUT.md`):
 - the head is Linear(C, mul*C) + BN + Hardswish per token, mean over tokens,
   Linear(mul*C, hd) + Hardswish, classifier.
 
-It has `Supernet`'s interface: `forward(x, arch)`, `active(arch)` pairing each position
-with its `evit.flops.Block`, and per position a `static_state(block)` that hands the
-slices to the static modules (`evit.nn.reference_static`, and evit's default first conv,
+It has `Supernet`'s interface (`evit.nn.supernet_base`): `forward(x, arch)`, `active(arch)`
+pairing each position with its `evit.blocks.Block`, and per position a `static_state(block)`
+that hands the slices to the static modules (`evit.nn.reference_static`, and evit's default first conv,
 stem and head), rearranging the qkv rows into the static layout and folding the head's
 pre-BN bias into the BN's running mean. So extraction, export, LUTs, search and the
 registry need no reference-specific code.
@@ -40,10 +40,10 @@ from torch import Tensor, nn
 
 from evit.arch import Arch, MBStage
 from evit.errors import UserError
-from evit.flops import Block, arch_blocks, has_shortcut_conv, mbconv_mid, se_channels
+from evit.blocks import Block, has_shortcut_conv, mbconv_mid, se_channels
 from evit.nn.common import BN_EPS, BN_MOMENTUM, LN_EPS, crop_rel_table, init_module, max_token_sides, rel_pos_index
 from evit.nn.elastic import ElasticBatchNorm2d, ElasticConv2d
-from evit.nn.supernet import _ACTIVE_CACHE, Supernet
+from evit.nn.supernet_base import SupernetBase
 from evit.space import SearchSpace
 
 State = dict[str, Tensor]
@@ -278,14 +278,12 @@ class _HeadView:
                 "classifier.weight": n.classifer.weight, "classifier.bias": n.classifer.bias}
 
 
-class ReferenceSupernet(nn.Module):
+class ReferenceSupernet(SupernetBase):
     """All subnets of a reference-variant space on the reference's own parameter layout."""
 
     def __init__(self, space: SearchSpace) -> None:
-        super().__init__()
         check_reference_space(space)
-        self.space = space
-        self.num_classes = space.num_classes
+        super().__init__(space)
         self.head_dropout = space.head_dropout
         sides = max_token_sides(space)
         c0 = max(space.stem_widths)
@@ -316,14 +314,8 @@ class ReferenceSupernet(nn.Module):
         self.classifer = nn.Linear(space.head_width, space.num_classes)
         init_module(self)
         self._first, self._head = _FirstConvView(self), _HeadView(self)
-        self._active: dict[Arch, list[tuple[Any, Block]]] = {}
 
-    def active(self, arch: Arch) -> list[tuple[Any, Block]]:
-        """(position, its `Block`) pairs of `arch` in forward order; validates `arch`."""
-        hit = self._active.get(arch)
-        if hit is not None:
-            return hit
-        self.space.validate(arch)
+    def positions(self, arch: Arch) -> list[Any]:
         mods: list[Any] = [self._first, *(lay[0] for lay in list(self.conv_stem.layers)[: arch.stem.depth])]
         for st, stage in zip(arch.stages, self.feature_exactor, strict=True):
             layers = list(stage.layers)
@@ -333,14 +325,7 @@ class ReferenceSupernet(nn.Module):
                 mods.append(layers[0].reduction)
                 mods.extend(_LayerView(layers[2 * j], layers[2 * j + 1]) for j in range(st.depth))
         mods.append(self._head)
-        pairs = list(zip(mods, arch_blocks(arch, self.space), strict=True))
-        if len(self._active) >= _ACTIVE_CACHE:
-            self._active.clear()
-        self._active[arch] = pairs
-        return pairs
-
-    # the same walk over `active(arch)` as evit's own supernet (no resizing either)
-    forward = Supernet.forward
+        return mods
 
 
 def check_reference_space(space: SearchSpace) -> None:

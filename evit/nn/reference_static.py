@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evit.flops import Block, has_shortcut_conv, mbconv_mid, se_channels
+from evit.blocks import Block, has_shortcut_conv, mbconv_mid, se_channels
 from evit.nn.common import BN_EPS, BN_MOMENTUM, LN_EPS, MatMul, rel_pos_index
 
 

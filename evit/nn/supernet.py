@@ -1,10 +1,10 @@
 """The weight-sharing supernet: every subnet of a search space runs on one set of weights.
 
 `Supernet(space)(x, arch)` runs subnet `arch` (validated against `space`) on the shared
-max-size weights. The network is the same block sequence as `evit.flops.arch_blocks`:
+max-size weights. The network is the same block sequence as `evit.blocks.arch_blocks`:
 one elastic block per position of the largest subnet, and a call pairs the first `depth`
-positions of each stage with that stage's `Block`s. `extract` (in `evit.nn.static`) uses
-the same pairing to copy a subnet's weights out.
+positions of each stage with that stage's `Block`s (`evit.nn.supernet_base`). `extract`
+(in `evit.nn.static`) uses the same pairing to copy a subnet's weights out.
 
 Parameter count of the `imagenet` space with 1,000 classes: 37,618,158 (37.6M), which
 is exactly the largest subnet at 256 px (every shared weight is used by it). Breakdown:
@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import nn
 
 from evit.arch import Arch, MBStage
-from evit.flops import Block, arch_blocks
 from evit.nn.common import init_module, max_token_sides
 from evit.nn.elastic import (
     ElasticBlock,
@@ -36,9 +35,8 @@ from evit.nn.elastic import (
     ElasticMBConv,
     ElasticTransformerLayer,
 )
+from evit.nn.supernet_base import SupernetBase
 from evit.space import SearchSpace
-
-_ACTIVE_CACHE = 4096
 
 
 class MBStageModule(nn.Module):
@@ -54,7 +52,7 @@ class TransformerStageModule(nn.Module):
         self.layers = nn.ModuleList(layers)
 
 
-class Supernet(nn.Module):
+class Supernet(SupernetBase):
     """All subnets of `space` on shared weights; the subnet is an argument of `forward`.
 
     `drop_path` is the stochastic-depth rate of the deepest residual block, rising
@@ -63,9 +61,7 @@ class Supernet(nn.Module):
     """
 
     def __init__(self, space: SearchSpace, drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.space = space
-        self.num_classes = space.num_classes
+        super().__init__(space)
         sides = max_token_sides(space)
         n_pos = max(space.stem_depths) + sum(max(ss.depths) + (ss.kind == "transformer") for ss in space.stages)
         rates = iter([drop_path * i / max(1, n_pos - 1) for i in range(n_pos)])
@@ -100,45 +96,11 @@ class Supernet(nn.Module):
         self.head = ElasticHead(max(in_widths), space.head_expansion, space.head_width, space.num_classes,
                                 space.head_dropout)
         init_module(self)
-        self._active: dict[Arch, list[tuple[ElasticBlock, Block]]] = {}
 
-    def active(self, arch: Arch) -> list[tuple[ElasticBlock, Block]]:
-        """(elastic block, its `Block`) pairs of `arch` in forward order; validates `arch`.
-
-        Cached per arch (bounded), since training revisits level archs and banks often.
-        """
-        hit = self._active.get(arch)
-        if hit is not None:
-            return hit
-        self.space.validate(arch)
+    def positions(self, arch: Arch) -> list[ElasticBlock]:
         mods: list[ElasticBlock] = [self.first_conv, *list(self.stem)[: arch.stem.depth]]
         for st, stage in zip(arch.stages, self.stages, strict=True):
             layers = list(stage.layers)[: st.depth]
             mods.extend(layers if isinstance(st, MBStage) else [stage.ds, *layers])
         mods.append(self.head)
-        pairs = list(zip(mods, arch_blocks(arch, self.space), strict=True))
-        if len(self._active) >= _ACTIVE_CACHE:
-            self._active.clear()
-        self._active[arch] = pairs
-        return pairs
-
-    def forward(self, x: Tensor, arch: Arch) -> Tensor:  # type: ignore[override]
-        """Logits of subnet `arch` for NCHW images `x` at `arch.resolution`."""
-        if x.shape[-1] != arch.resolution or x.shape[-2] != arch.resolution:
-            raise ValueError(f"input is {tuple(x.shape[-2:])} px but arch {arch.key} runs at {arch.resolution} px")
-        for module, block in self.active(arch):
-            x = module(x, block)
-        return x
-
-
-def build_supernet(space: SearchSpace, drop_path: float = 0.0) -> nn.Module:
-    """The supernet module family of `space.variant`: `Supernet`, or `ReferenceSupernet`
-    (the paper's released layout, `evit.nn.reference`). Both take `forward(x, arch)`."""
-    if space.variant == "reference":
-        from evit.errors import UserError
-        from evit.nn.reference import ReferenceSupernet
-
-        if drop_path > 0:
-            raise UserError("train.drop_path > 0 is not supported for a reference-variant space; set it to 0")
-        return ReferenceSupernet(space)
-    return Supernet(space, drop_path=drop_path)
+        return mods

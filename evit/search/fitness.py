@@ -89,27 +89,3 @@ class FitnessCache:
     def stats(self) -> dict[str, float | int]:
         return {"cached": len(self.values), "hits": self.hits, "evaluated": self.misses,
                 "eval_seconds": round(self.seconds, 3)}
-
-
-def calibrated_static(supernet: Any, arch: Arch, data: Any, *, bn_batches: int, batch_size: int, seed: int) -> Any:
-    """The static subnet of `arch` with BN statistics re-estimated exactly as fitness does.
-
-    `evaluate_subnet` recalibrates BN on a throw-away copy; the final evaluation, the latency
-    measurement and the export must use the same calibrated weights, or the exported model
-    would not be the one whose accuracy the search reported.
-    """
-    from evit.nn.static import extract
-    from evit.train.evaluate import calibration_batches, isolated_rng, recalibrate_bn
-
-    with isolated_rng():
-        net = extract(supernet, arch).float()
-        calib = calibration_batches(data, arch.resolution, bn_batches, batch_size, seed)
-        recalibrate_bn(net, calib, bn_batches, batch_size=batch_size)
-    return net.eval()
-
-
-def split_top1(module: Any, data: Any, split: str, resolution: int, batch_size: int) -> float:
-    """Top-1 in [0, 1] of a (static, calibrated) module on a data split."""
-    from evit.train.evaluate import eval_source, evaluate_top1
-
-    return float(evaluate_top1(module, eval_source(data, split, resolution, batch_size), batch_size=batch_size))

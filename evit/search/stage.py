@@ -37,7 +37,8 @@ from evit.errors import CheckpointError, DataError, LUTError, UserError
 from evit.io import read_json, sha256_file, write_json_atomic
 from evit.search.budgets import Budget, device_budgets
 from evit.search.evolution import EvolutionResult, EvolutionSettings, GenerationStats, evolve
-from evit.search.fitness import FitnessCache, calibrated_static, split_top1
+from evit.search.fitness import FitnessCache
+from evit.evaluate import calibrated_static, split_top1
 from evit.search.pareto import pareto_front, plot_search, write_front_csv
 from evit.search.seeding import match_level, proposal
 from evit.space import SearchSpace
@@ -77,7 +78,7 @@ def load_inputs(params: Params, device: str) -> SearchInputs:
 
     from evit.data.loader import PreparedData
     from evit.latency.predictor import LatencyPredictor
-    from evit.latency.spaces import space_for
+    from evit.resolve import space_for
     from evit.train.checkpoint import load_supernet
 
     dev = params.device(device)
@@ -152,7 +153,7 @@ class _Costs:
 
 
 def _fitness_fn(inputs: SearchInputs, params: Params):  # noqa: ANN202
-    from evit.train.evaluate import evaluate_subnet
+    from evit.evaluate import evaluate_subnet
 
     sp = params.search
 

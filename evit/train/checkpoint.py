@@ -39,7 +39,8 @@ class CorruptCheckpointError(CheckpointError):
     """The file is missing, truncated or not a torch checkpoint at all (unlike a checkpoint of
     other params or another space, which is readable but must not be resumed)."""
 from evit.io import atomic_path, sha256_json
-from evit.space import NON_STRUCTURAL, SearchSpace, get_space
+from evit.resolve import restore_space
+from evit.space import NON_STRUCTURAL, SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +87,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # --- space ------------------------------------------------------------------------------------------
-
-def space_from_dict(d: dict[str, Any]) -> SearchSpace:
-    """Rebuild a preset space from its `to_dict` (checking every structural field matches).
-
-    A reference-variant space is not a preset (it comes from the reference's config file),
-    so it is rebuilt from the dict itself.
-    """
-    if d.get("variant", "default") != "default":
-        from evit.export.card import space_from_dict as plain_space_from_dict
-
-        return plain_space_from_dict(d)
-    space = get_space(str(d["name"]), levels=list(d.get("levels") or []) or None, tolerance=d.get("tolerance"),
-                      flops_convention=d.get("flops_convention"),
-                      num_classes=int(d["num_classes"]))
-    if space.structure_dict() != {k: v for k, v in d.items() if k not in NON_STRUCTURAL}:
-        raise CheckpointError(f"the checkpoint's search space '{d['name']}' differs from this version's preset "
-                              "of that name; it was written by an incompatible evit version")
-    return space
-
 
 def check_space(found: dict[str, Any], space: SearchSpace, path: Path) -> None:
     want = space.structure_dict()
@@ -209,10 +191,10 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None,
     meta keys: space (dict), weights ("ema" | "raw"), data_hash, params_hash, step,
     evaluation, banks (JSON form) and sampler.
     """
-    from evit.nn.supernet import build_supernet
+    from evit.nn.factory import build_supernet
 
     ckpt = load_checkpoint(path, space=space)
-    sp = space if space is not None else space_from_dict(ckpt["space"])
+    sp = space if space is not None else restore_space(ckpt["space"])
     net = build_supernet(sp)
     try:
         net.load_state_dict(ckpt["model"], strict=True)
@@ -234,6 +216,6 @@ def load_banks(path: str | Path) -> dict[int, list[tuple[Arch, float]]]:
     sampler = ckpt.get("sampler") or {}
     if "banks" not in sampler:
         raise KeyError(f"{path} has no memory banks (sampler {sampler.get('name')!r})")
-    space = space_from_dict(ckpt["space"])
+    space = restore_space(ckpt["space"])
     table = banks_to_json(sampler, space)
     return {int(lv): [(Arch.from_dict(r["arch_json"]), float(r["score"])) for r in rows] for lv, rows in table.items()}

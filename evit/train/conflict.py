@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evit.train.evaluate import isolated_rng
+from evit.evaluate import isolated_rng
 from evit.train.samplers import Draw, SubnetSampler
 from evit.train.step import resize
 

@@ -38,10 +38,11 @@ from torch.utils.data import DataLoader, Sampler
 from evit import cancel, paths
 from evit.arch import Arch
 from evit.config import ConfigError, Params
-from evit.space import SearchSpace, space_from_params
+from evit.space import SearchSpace
+from evit.resolve import space_from_params
 from evit.train import checkpoint as ckpt_mod
 from evit.train.distributed import DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed
-from evit.train.evaluate import evaluate_subnet
+from evit.evaluate import evaluate_subnet
 from evit.train.logbook import STEP_LOG, MlflowBatcher, StepLog
 from evit.train.samplers import SubnetSampler, banks_to_json, make_sampler, settings_from_params
 from evit.train.step import StepConfig, StepRunner, Throughput, make_mixup, score_archs
@@ -138,7 +139,7 @@ class Trainer:
                  data: Any | None = None, mlflow_run_id: str | None = None, progress: bool = True,
                  on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> None:
         from evit.data.loader import PreparedData
-        from evit.nn.supernet import build_supernet
+        from evit.nn.factory import build_supernet
 
         self.params = params
         t = self.t = params.train

@@ -53,7 +53,7 @@ def write_outputs(params: Params, result: FitResult, *, plots: bool = True) -> d
     if plots and result.step_log is not None:
         rows = read_step_log(result.step_log)
         space = params.space
-        from evit.space import space_from_params
+        from evit.resolve import space_from_params
 
         sp = space_from_params(space)
         loss_png = plot_losses(rows, paths.plots_dir() / "train-loss.png", title=f"supernet loss ({s['sampler']})")
@@ -86,7 +86,7 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
 
     Under torchrun every rank calls this; only rank 0 talks to MLflow and writes files.
     """
-    from evit.latency.spaces import space_for
+    from evit.resolve import space_for
     from evit.level_sampler import LevelSampler
     from evit.train.distributed import init_distributed
 

@@ -7,65 +7,19 @@ downloaded folder can be checked on its own.
 
 The card also carries the search space (`space`), so the static subnet can be rebuilt
 from `arch.json` + `model.safetensors` without this project's params.yaml
-(`space_from_dict`).
+(`SearchSpace.from_dict`).
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
+from evit.formats.bundle import MODEL_FILES
 from evit.io import sha256_file
-from evit.space import SearchSpace, StageSpace
 
 CARD_VERSION = 2
 """2: the card carries `classes` (logit index -> class name) and the full input spec."""
-MODEL_FILES = ("model.onnx", "arch.json", "model.safetensors")
-"""The files a card vouches for (the card itself is hashed by whoever stores it)."""
-
-
-def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
-    """`git rev-parse HEAD` of the project, or 'unknown' outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
-                             check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
-def host_description() -> dict[str, str]:
-    """The machine latency was measured on (CPU model, OS, library versions)."""
-    import torch
-
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": _cpu_model(),
-        "cpu_count": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:  # pragma: no cover - a locked dependency
-        pass
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def input_spec(resolution: int) -> dict[str, Any]:
@@ -94,22 +48,6 @@ def classes_text(classes: list[str], limit: int = 12) -> str:
 
 def file_hashes(folder: Path, names: tuple[str, ...] = MODEL_FILES) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in names}
-
-
-def space_from_dict(d: dict[str, Any]) -> SearchSpace:
-    """Inverse of `SearchSpace.to_dict` (a card or checkpoint carries the space as data)."""
-    stages = tuple(
-        StageSpace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()}) for s in d["stages"]
-    )
-    return SearchSpace(
-        name=d["name"], resolutions=tuple(d["resolutions"]), stem_widths=tuple(d["stem_widths"]),
-        stem_depths=tuple(d["stem_depths"]), stem_kernels=tuple(d["stem_kernels"]), stages=stages,
-        first_stride=d["first_stride"], head_expansion=d["head_expansion"], head_width=d["head_width"],
-        head_dim=d["head_dim"], ds_expansion=d["ds_expansion"], se_reduction=d["se_reduction"],
-        levels=tuple(d.get("levels", ())), tolerance=d.get("tolerance", 10.0), num_classes=d["num_classes"],
-        variant=d.get("variant", "default"),
-        flops_convention=d.get("flops_convention", "true"),
-    )
 
 
 def render_markdown(card: dict[str, Any]) -> str:

@@ -1,9 +1,9 @@
-"""Search spaces as data, plus the seeded sampling primitives the paper uses.
+"""The search space type, plus the seeded sampling primitives the paper uses.
 
 A `SearchSpace` says which values every field of an `Arch` may take, how the supernet is
-shaped around them (strides, head widths), and where its FLOPs levels lie. Two presets
-ship: `imagenet` (the paper space, exactly as in the spec) and `cpu` (same family,
-small inputs, four stages, what the embedded default trains on 2 cores).
+shaped around them (strides, head widths), and where its FLOPs levels lie. The presets
+(`imagenet`, `cpu`) are in `evit.space.presets`; a space built from the reference
+implementation's own config is in `evit.space.reference`.
 
 Choices of ours where the paper is silent:
 - The "width never smaller than the previous stage's" rule applies between consecutive
@@ -282,6 +282,27 @@ class SearchSpace:
             "flops_convention": self.flops_convention,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchSpace:
+        """Inverse of `to_dict`: a checkpoint, LUT or model card carries its space as data.
+
+        Rebuilt field by field, whatever the space's name (a reference space is not a
+        preset); `evit.resolve.restore_space` also checks a preset's dict against this
+        version's preset of that name.
+        """
+        stages = tuple(
+            StageSpace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()}) for s in d["stages"]
+        )
+        return cls(
+            name=d["name"], resolutions=tuple(d["resolutions"]), stem_widths=tuple(d["stem_widths"]),
+            stem_depths=tuple(d["stem_depths"]), stem_kernels=tuple(d["stem_kernels"]), stages=stages,
+            first_stride=d["first_stride"], head_expansion=d["head_expansion"], head_width=d["head_width"],
+            head_dim=d["head_dim"], ds_expansion=d["ds_expansion"], se_reduction=d["se_reduction"],
+            levels=tuple(d.get("levels", ())), tolerance=d.get("tolerance", 10.0), num_classes=d["num_classes"],
+            variant=d.get("variant", "default"),
+            flops_convention=d.get("flops_convention", "true"),
+        )
+
     def structure_dict(self) -> dict[str, Any]:
         """`to_dict` without levels and FLOPs convention: what decides whether weights/LUTs are compatible."""
         d = self.to_dict()
@@ -298,92 +319,3 @@ class SearchSpace:
 
 NON_STRUCTURAL = ("levels", "tolerance", "flops_convention")
 """`to_dict` keys that change how subnets are grouped and counted, not the weights."""
-
-
-def _r(lo: int, hi: int, step: int) -> tuple[int, ...]:
-    return tuple(range(lo, hi + 1, step))
-
-
-IMAGENET = SearchSpace(
-    name="imagenet",
-    resolutions=(128, 160, 176, 192, 224, 256),
-    stem_widths=(16, 24),
-    stem_depths=(1, 2),
-    stem_kernels=(3, 5),
-    stages=(
-        StageSpace("mbconv", _r(16, 32, 8), _r(2, 5, 1), 2, expansions=(3, 4, 5, 6), kernels=(3, 5), se=False),
-        StageSpace("mbconv", _r(16, 48, 8), _r(2, 6, 1), 2, expansions=(3, 4, 5, 6), kernels=(3, 5), se=True),
-        StageSpace("transformer", _r(48, 96, 16), _r(1, 5, 1), 2, mlp_ratios=(2, 3, 4, 5), v_scales=(2, 3, 4)),
-        StageSpace("transformer", _r(80, 160, 16), _r(1, 6, 1), 1, mlp_ratios=(2, 3, 4, 5), v_scales=(2, 3, 4)),
-        StageSpace("transformer", _r(144, 288, 16), _r(1, 6, 1), 2, mlp_ratios=(2, 3, 4, 5), v_scales=(2, 3, 4)),
-        StageSpace("transformer", _r(160, 320, 16), _r(1, 6, 1), 2, mlp_ratios=(2, 3, 4, 5), v_scales=(2, 3, 4)),
-    ),
-    head_expansion=6,
-    head_width=1984,
-    head_dropout=0.2,
-    levels=(100, 200, 300, 400, 500, 700, 900, 1200),
-    tolerance=10.0,
-)
-
-# CPU scale, same family: 32-48 px inputs, two MBConv + two transformer stages, narrow.
-# Stage 2 keeps stride 1 so that 32 px inputs still give a 4x4 token map.
-CPU = SearchSpace(
-    name="cpu",
-    resolutions=(32, 40, 48),
-    stem_widths=(8, 16),
-    stem_depths=(1, 2),
-    stem_kernels=(3, 5),
-    stages=(
-        StageSpace("mbconv", _r(16, 24, 8), _r(1, 2, 1), 2, expansions=(2, 3, 4), kernels=(3, 5), se=False),
-        StageSpace("mbconv", _r(16, 32, 8), _r(1, 3, 1), 1, expansions=(2, 3, 4), kernels=(3, 5), se=True),
-        StageSpace("transformer", _r(32, 64, 16), _r(1, 2, 1), 2, mlp_ratios=(2, 3), v_scales=(2, 3)),
-        StageSpace("transformer", _r(48, 80, 16), _r(1, 3, 1), 1, mlp_ratios=(2, 3), v_scales=(2, 3)),
-    ),
-    head_expansion=6,
-    head_width=256,
-    head_dropout=0.0,
-    # FLOPs range of this space at 10 classes: 1.6 to 29 MMACs, median 8.
-    levels=(2, 4, 6, 9, 13, 18),
-    tolerance=0.5,
-    num_classes=10,
-)
-
-PRESETS: dict[str, SearchSpace] = {s.name: s for s in (IMAGENET, CPU)}
-
-
-def get_space(
-    name: str,
-    levels: Sequence[int] | None = None,
-    tolerance: float | None = None,
-    num_classes: int | None = None,
-    flops_convention: str | None = None,
-) -> SearchSpace:
-    """A preset by name, optionally with its FLOPs levels/tolerance/classes/convention overridden."""
-    try:
-        space = PRESETS[name]
-    except KeyError:
-        raise ArchError(f"unknown search space {name!r}; accepted: {sorted(PRESETS)}") from None
-    if levels is not None or tolerance is not None:
-        space = space.with_levels(levels if levels is not None else space.levels, tolerance)
-    if num_classes is not None:
-        space = space.with_classes(num_classes)
-    if flops_convention is not None:
-        space = space.with_convention(flops_convention)
-    return space
-
-
-def space_from_params(space_params: object, num_classes: int | None = None) -> SearchSpace:
-    """The search space that a validated `params.space` section describes.
-
-    `preset: reference` builds the space from the reference's own config file
-    (`space.reference_config`, see `evit.reference_space`).
-    """
-    sp: Any = space_params
-    if sp.preset == "reference":
-        from evit.reference_space import load_reference_space
-
-        space = load_reference_space(sp.reference_config, num_classes=num_classes)
-        if sp.levels is not None or sp.tolerance is not None:
-            space = space.with_levels(sp.levels if sp.levels is not None else space.levels, sp.tolerance)
-        return space.with_convention(sp.flops_convention)
-    return get_space(sp.preset, sp.levels, sp.tolerance, num_classes, sp.flops_convention)

@@ -1,8 +1,10 @@
 """LiteRT (.tflite) export through the converter venv, and in-process LiteRT runs.
 
-`LiteRTConverter` starts `evit/export/litert_worker.py` once in the converter's own venv
-(evit.export.litert_env, created on first use) and keeps it for many conversions, so
+`LiteRTConverter` starts `evit/formats/litert_worker.py` once in the converter's own venv
+(evit.formats.litert_env, created on first use) and keeps it for many conversions, so
 the converter's import cost (torch, jax, litert) is paid once per table or export run.
+`convert_modules` converts several modules (e.g. a latency table's blocks) into one file,
+one signature each, through `torch.export` programs (`export_pt2`).
 The interface is plain files: arch JSON + safetensors (+ the space as JSON) in, a
 .tflite out; the main process never imports litert-torch.
 
@@ -27,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 import evit
 from evit.errors import UserError
-from evit.export.litert_env import ensure_env
+from evit.formats.inputs import seeded_input
+from evit.formats.litert_env import ensure_env
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ class LiteRTConverter:
         (Path(self._shim.name) / "evit").symlink_to(Path(evit.__file__).resolve().parent)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         env.update(PYTHONPATH=self._shim.name, PYTHONNOUSERSITE="1", TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.Popen([str(python), "-m", "evit.export.litert_worker"], cwd=self._shim.name, env=env,
+        proc = subprocess.Popen([str(python), "-m", "evit.formats.litert_worker"], cwd=self._shim.name, env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 bufsize=1)
         threading.Thread(target=self._drain, args=(proc,), daemon=True).start()
@@ -173,3 +177,26 @@ def full_delegation(path: str | os.PathLike[str], threads: int = 1) -> tuple[boo
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
     return proc.returncode == 0 and re.search(r"Fully accelerated:\s+True", text) is not None, text
+
+
+def export_pt2(modules: dict[str, tuple[nn.Module, tuple[int, ...]]],
+               folder: Path) -> list[tuple[str, Path, list[tuple[int, ...]]]]:
+    """Modules -> `torch.export` programs saved as .pt2 in `folder` (what the LiteRT converter reads)."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    programs = []
+    with torch.no_grad():
+        for name, (m, shape) in modules.items():
+            ep = torch.export.export(m.eval(), (seeded_input(shape),))
+            pt2 = folder / f"{name}.pt2"
+            torch.export.save(ep, str(pt2))
+            programs.append((name, pt2, [shape]))
+    return programs
+
+
+def convert_modules(converter: LiteRTConverter, modules: dict[str, tuple[nn.Module, tuple[int, ...]]],
+                    path: Path) -> None:
+    """Modules (name -> (module, input shape)) -> one .tflite with a signature each, via .pt2 files."""
+    with tempfile.TemporaryDirectory(prefix="evit-pt2-") as tmp:
+        converter.convert_programs(export_pt2(modules, Path(tmp)), path)

@@ -1,4 +1,4 @@
-"""Evaluating subnets of a supernet: BN recalibration, then top-1.
+"""Evaluating subnets of a supernet: BN recalibration, then top-1 (train, search, export, baselines).
 
 A supernet's BatchNorm running statistics are a blend over every subnet it trained, so
 they fit no single subnet. Before any evaluation a subnet is extracted as a static copy
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from evit.arch import Arch
+from evit.nn.static import extract
 
 IN_MEMORY_BYTES = 512 * 2**20
 """A split whose float tensors at the eval resolution fit in this many bytes is held in memory."""
@@ -161,12 +162,8 @@ def evaluate_subnet(supernet: nn.Module, arch: Arch, data: Any, split: str, bn_b
     device, in float32, without consuming the global RNG streams. Deterministic for a
     given (weights, arch, data, bn_batches, batch_size, seed).
     """
-    from evit.nn.static import extract
-
     with isolated_rng():
-        net = extract(supernet, arch).float()
-        calib = calibration_batches(data, arch.resolution, bn_batches, batch_size, seed)
-        recalibrate_bn(net, calib, bn_batches, batch_size=batch_size)
+        net = calibrated_static(supernet, arch, data, bn_batches=bn_batches, batch_size=batch_size, seed=seed)
         return evaluate_top1(net, eval_source(data, split, arch.resolution, batch_size), batch_size=batch_size)
 
 
@@ -175,3 +172,22 @@ def evaluate_archs(supernet: nn.Module, archs: dict[str, Arch], data: Any, split
     """`evaluate_subnet` for named archs (e.g. "level0/min") -> name: top-1."""
     return {name: evaluate_subnet(supernet, arch, data, split, bn_batches, batch_size, seed)
             for name, arch in archs.items()}
+
+
+def calibrated_static(supernet: Any, arch: Arch, data: Any, *, bn_batches: int, batch_size: int, seed: int) -> Any:
+    """The static subnet of `arch` with BN statistics re-estimated exactly as fitness does.
+
+    `evaluate_subnet` recalibrates BN on a throw-away copy; the final evaluation, the latency
+    measurement and the export must use the same calibrated weights, or the exported model
+    would not be the one whose accuracy the search reported.
+    """
+    with isolated_rng():
+        net = extract(supernet, arch).float()
+        calib = calibration_batches(data, arch.resolution, bn_batches, batch_size, seed)
+        recalibrate_bn(net, calib, bn_batches, batch_size=batch_size)
+    return net.eval()
+
+
+def split_top1(module: Any, data: Any, split: str, resolution: int, batch_size: int) -> float:
+    """Top-1 in [0, 1] of a (static, calibrated) module on a data split."""
+    return float(evaluate_top1(module, eval_source(data, split, resolution, batch_size), batch_size=batch_size))

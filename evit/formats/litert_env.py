@@ -5,7 +5,7 @@ dependency chain needs typing-extensions < 4.13 while the main lock's anyio/pyda
 need >= 4.16. So it lives in its own venv, installed exactly from
 `requirements-litert.lock` with `pip install --no-deps` (never re-resolved), the first
 time a `.tflite` is needed. The main process never imports it: it talks to
-`evit/export/litert_worker.py` running in that venv (evit.export.tflite).
+`evit/formats/litert_worker.py` running in that venv (evit.formats.tflite).
 
 Where: `EVIT_LITERT_VENV` or `<repo>/.venv-litert`; the lock: `EVIT_LITERT_LOCK` or
 `<repo>/requirements-litert.lock`. A marker file records the lock's sha256, so a changed

@@ -1,45 +1,26 @@
-"""params.yaml, validated once and up front.
-
-Every knob of the pipeline lives in params.yaml, grouped by stage. `load_params` turns it
-into a frozen pydantic model or raises `ConfigError` naming the key, the bad value and
-what is accepted, before any expensive work starts. Unknown keys are errors (a typo in a
-knob must not silently fall back to a default).
+"""params.yaml's sections: every knob of the pipeline, its type, range and meaning.
 
 Each section is also what a Prefect task and a DVC stage hash for caching, so a change to
-one device's settings only invalidates that device's branch.
+one device's settings only invalidates that device's branch. Checks that need the search
+space itself (a `search.fixed_archs` entry lies in the configured space) are not made
+here but in `evit.resolve.check_params`, which builds the space: this module stays below
+the space and the models.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from evit.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-DEFAULT_PARAMS = "params.yaml"
-
-
-class ConfigError(UserError, ValueError):
-    """params.yaml is missing, malformed or has a value outside what is accepted."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-PosInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+from evit.config.base import ConfigError, Fraction, NonNegInt, PosInt, Section
+from evit.config.devices import DeviceParams
 
 
 # --- data ------------------------------------------------------------------------------------
 
-class DataParams(_Section):
+class DataParams(Section):
     source: str = "digits"
     """'digits' (scikit-learn's bundled handwritten digits), a local ImageFolder directory
     (train/<class>/*, optional val/<class>/*), or s3://bucket/prefix with the same layout."""
@@ -100,7 +81,7 @@ class DataParams(_Section):
 
 # --- search space ----------------------------------------------------------------------------
 
-class SpaceParams(_Section):
+class SpaceParams(Section):
     preset: Literal["cpu", "imagenet", "reference"] = "cpu"
     """reference: the space of the paper's released supernet, read from `reference_config`
     (see `evit import-reference`)."""
@@ -135,7 +116,7 @@ class SpaceParams(_Section):
 
 # --- training --------------------------------------------------------------------------------
 
-class TeacherParams(_Section):
+class TeacherParams(Section):
     model: str
     """Any timm model name (e.g. swsl_resnext101_32x4d, the paper's)."""
     weights: str | None = None
@@ -143,7 +124,7 @@ class TeacherParams(_Section):
     temperature: Annotated[float, Field(gt=0)] = 1.0
 
 
-class TrainParams(_Section):
+class TrainParams(Section):
     @model_validator(mode="before")
     @classmethod
     def _single_teacher(cls, data: Any) -> Any:
@@ -218,7 +199,7 @@ class TrainParams(_Section):
     """Autocast dtype on GPU (CPU always trains in float32)."""
 
 
-class AblateParams(_Section):
+class AblateParams(Section):
     samplers: list[Literal["elastic", "complexity", "uniform", "flat"]] = ["uniform", "flat", "complexity", "elastic"]
     seeds: list[int] = [0, 1]
     epochs: PosInt = 3
@@ -229,7 +210,7 @@ class AblateParams(_Section):
     out_dir: str = "results"
 
 
-class BaselinesParams(_Section):
+class BaselinesParams(Section):
     """Standalone timm models trained with the `train` recipe (`evit baselines`, evit/baselines/)."""
 
     models: list[str] = ["mobilenetv3_small_050", "mobilenetv3_large_075"]
@@ -243,103 +224,9 @@ class BaselinesParams(_Section):
     results: str = "results/baselines.json"
 
 
-# --- devices ---------------------------------------------------------------------------------
-
-THREAD_CLOCK_KINDS = ("torch-cpu", "onnxruntime-cpu", "litert", "executorch")
-"""Kinds whose single-threaded runs execute on the calling thread (clock 'thread' applies)."""
-
-
-class DeviceParams(_Section):
-    """One latency target: how to run a subnet there and how to benchmark it.
-
-    The measurement knobs (threads, warmup, repeats, rounds, batch size) are part of what a
-    LUT is keyed on: change one and the device's LUT is rebuilt, never silently reused.
-    """
-
-    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
-    kind: Literal["torch-cpu", "onnxruntime-cpu", "cuda", "litert", "executorch", "command"]
-    threads: PosInt = 1
-    """torch-cpu: torch.set_num_threads while timing; onnxruntime-cpu: intra-op threads;
-    litert / executorch: XNNPACK threads."""
-    gpu: bool = False
-    """litert on a phone (kind command with infra/devices/litert_benchmark.sh): the GPU
-    delegate. The in-process litert kind times the CPU (XNNPACK) path only."""
-    format: Literal["onnx", "tflite", "pte"] = "onnx"
-    """kind=command: the model file the runner gets as {model} (onnx; tflite for LiteRT's
-    benchmark_model; pte for ExecuTorch's executor_runner)."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Half precisions are for kind=cuda only (CPU runtimes time float32)."""
-    runtime: Literal["eager", "torchscript"] = "eager"
-    """torch-cpu / cuda: time the eager module or its traced+frozen TorchScript."""
-    command: str | None = None
-    """For kind=command: a shell command template with {model} (the model file, in `format`), {input_shape}
-    (e.g. 1,3,32,32) and {resolution} (input side); also {batch_size}, {threads}, {warmup},
-    {repeats}. It must print the latency in ms as the last stand-alone number on stdout
-    (e.g. `python -m evit.latency.ort_runner {model} --input-shape {input_shape}`)."""
-    command_timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    """kind=command: one invocation running longer than this is an error."""
-    warmup: NonNegInt = 10
-    repeats: PosInt = 30
-    """Timed samples per LUT block (per carrier subnet it is timed in) and per validation
-    subnet. In context a sample is one run; alone, a sample repeats a module for >= 0.5 ms."""
-    rounds: PosInt = 3
-    """The samples are taken in this many passes over everything being timed (all LUT
-    blocks and validation subnets), so a burst of load from another job on a shared
-    machine inflates a few samples of everything instead of all samples of a few."""
-    estimator: Literal["median", "p10"] = "median"
-    """The statistic a LUT entry, an end-to-end validation run and so the predictor use
-    (every measurement records median, p10, p90, mean and std). median: the typical
-    latency on a dedicated device. p10: on a machine shared with other jobs, where a
-    sample is inflated whenever another process has just evicted the caches, the 10th
-    percentile estimates the undisturbed latency far more stably than the median."""
-    clock: Literal["auto", "wall", "thread"] = "auto"
-    """wall: elapsed time. thread: CPU time of the timing thread, which equals the wall
-    latency of a single-threaded run on an idle machine but leaves out the time other
-    processes hold the core (shared CI machines). auto: thread for single-threaded CPU
-    kinds, else wall. thread needs threads=1 and a CPU kind."""
-    batch_size: PosInt = 1
-    budgets_ms: list[Annotated[float, Field(gt=0)]] = []
-    validate_subnets: Annotated[int, Field(ge=10)] = 100
-    """Random subnets across the FLOPs levels timed end to end to validate the LUT."""
-    lut_mode: Literal["full", "sampled"] = "full"
-    """full: every unique block of the space; sampled: the blocks of `sample_subnets`
-    subnets across the levels, other blocks predicted by a per-kind regression."""
-    max_entries: PosInt = 5000
-    """A full LUT needing more entries than this is refused (switch to lut_mode: sampled)."""
-    sample_subnets: PosInt = 300
-    convert_jobs: PosInt | None = None
-    """litert / executorch: files converted in parallel before a LUT build times anything
-    (each worker converts one file at a time); null = one per CPU. Not part of what a
-    table is keyed on."""
-    seed: int = 0
-    """Seeds the validation (and sampled-mode) subnet draws."""
-
-    @model_validator(mode="after")
-    def _command(self) -> DeviceParams:
-        if self.kind == "command" and not self.command:
-            raise ValueError(f"device '{self.name}' has kind 'command' but no 'command' template")
-        if self.kind != "command" and self.command:
-            raise ValueError(f"device '{self.name}': 'command' is only used with kind 'command'")
-        if self.kind != "cuda" and self.dtype != "float32":
-            raise ValueError(f"device '{self.name}': dtype {self.dtype!r} needs kind 'cuda'; "
-                             f"kind {self.kind!r} accepts only 'float32'")
-        if self.clock == "thread" and (self.threads != 1 or self.kind not in THREAD_CLOCK_KINDS):
-            raise ValueError(f"device '{self.name}': clock 'thread' times the calling thread only, so it needs "
-                             f"threads: 1 and kind {' or '.join(THREAD_CLOCK_KINDS)}; accepted here: auto, wall")
-        if self.gpu and self.kind not in ("litert", "command"):
-            raise ValueError(f"device '{self.name}': gpu applies to kinds 'litert' and 'command' (phones); "
-                             f"kind {self.kind!r} accepts only gpu: false")
-        if self.format != "onnx" and self.kind != "command":
-            raise ValueError(f"device '{self.name}': format {self.format!r} applies to kind 'command' only")
-        if self.runtime != "eager" and self.kind not in ("torch-cpu", "cuda"):
-            raise ValueError(f"device '{self.name}': runtime {self.runtime!r} applies to kinds 'torch-cpu' "
-                             f"and 'cuda' only; kind {self.kind!r} accepts only 'eager'")
-        return self
-
-
 # --- search ----------------------------------------------------------------------------------
 
-class SearchParams(_Section):
+class SearchParams(Section):
     """Evolutionary search per device budget (evit.search); fitness is cached per arch."""
 
     out_dir: str = "results"
@@ -369,7 +256,7 @@ class SearchParams(_Section):
 
 # --- export ----------------------------------------------------------------------------------
 
-class ExportParams(_Section):
+class ExportParams(Section):
     out_dir: str = "exports"
     onnx_opset: Annotated[int, Field(ge=13, le=23)] = 17
     register_model: bool = True
@@ -383,7 +270,7 @@ class ExportParams(_Section):
 
 # --- storage / tracking ----------------------------------------------------------------------
 
-class StorageParams(_Section):
+class StorageParams(Section):
     remote: str = ".dvc-remote"
     """DVC remote: a local directory (embedded default) or s3://bucket/prefix."""
     endpoint_url: str | None = None
@@ -404,7 +291,7 @@ class StorageParams(_Section):
         return v
 
 
-class TrackingParams(_Section):
+class TrackingParams(Section):
     uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins."""
     experiment: str = "evit"
@@ -417,7 +304,7 @@ class TrackingParams(_Section):
 
 # --- the whole file --------------------------------------------------------------------------
 
-class Params(_Section):
+class Params(Section):
     data: DataParams = DataParams()
     space: SpaceParams = SpaceParams()
     train: TrainParams = TrainParams()
@@ -438,28 +325,6 @@ class Params(_Section):
             raise ValueError(f"device names must be unique; repeated: {dups}")
         return v
 
-    @model_validator(mode="after")
-    def _fixed_archs(self) -> Params:
-        """Every `search.fixed_archs` entry resolves and lies in the configured space (checked up front)."""
-        if not self.search.fixed_archs:
-            return self
-        from evit.released import arch_label, resolve_arch
-        from evit.space import get_space
-
-        space = get_space(self.space.preset)
-        labels: dict[str, str] = {}
-        for spec in self.search.fixed_archs:
-            try:
-                name, arch = resolve_arch(spec)
-                space.validate(arch)
-            except UserError as exc:
-                raise ValueError(f"search.fixed_archs entry {spec!r}: {exc}") from None
-            label = arch_label(name)
-            if label in labels:
-                raise ValueError(f"search.fixed_archs: {labels[label]!r} and {spec!r} share the label {label!r}")
-            labels[label] = spec
-        return self
-
     def device(self, name: str) -> DeviceParams:
         for d in self.devices:
             if d.name == name:
@@ -471,150 +336,3 @@ class Params(_Section):
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain data (what caches and DVC hash)."""
         return self.model_dump(mode="json")[name]
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    """The pydantic model class found by walking `loc` (field names / list indices) from Params."""
-    model: type[BaseModel] = Params
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            break
-        ann = field.annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        for c in candidates:  # list[Model] | None
-            nested += [a for a in getattr(c, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            break
-        model = nested[0]
-    return model
-
-
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: {exc.error_count()} invalid setting(s):"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        inp = err.get("input")
-        if err["type"] == "extra_forbidden":
-            accepted = sorted(_model_at(err["loc"][:-1]).model_fields)
-            close = difflib.get_close_matches(str(err["loc"][-1]), accepted, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            lines.append(f"  - {loc}: unknown key (value {inp!r}){hint}; accepted keys here: {accepted}")
-            continue
-        msg = err["msg"]
-        if err["type"] == "literal_error":
-            msg = msg.replace("Input should be", "accepted:")
-        if not loc:  # a check across sections: the message names the keys itself
-            lines.append(f"  - {msg.removeprefix('Value error, ')}")
-            continue
-        value = "" if err["type"] == "missing" else f" = {inp!r}"
-        lines.append(f"  - {loc}{value}: {msg}")
-    return "\n".join(lines)
-
-
-def parse_params(data: Any, source: str = "params") -> Params:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
-    try:
-        return Params.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
-
-
-OVERRIDES_ENV = "EVIT_OVERRIDES"
-"""Override items applied on top of every params file loaded, one per line (a YAML file or
-KEY=VALUE). The CLI's `--set` appends to it, so `dvc`, torchrun and Prefect task processes
-started from that command load the same settings."""
-
-
-def _merge(base: Any, over: Any, where: str) -> Any:
-    """`over` merged into `base`: mappings key by key, a mapping onto a list of named entries
-    (`devices`) entry by name, anything else replaced."""
-    if isinstance(base, dict) and isinstance(over, dict):
-        out = dict(base)
-        for k, v in over.items():
-            out[k] = _merge(base[k], v, f"{where}.{k}" if where else str(k)) if k in base else v
-        return out
-    if isinstance(base, list) and isinstance(over, dict) and all(isinstance(e, dict) and "name" in e for e in base):
-        names = [e["name"] for e in base]
-        unknown = sorted(set(over) - set(names))
-        if unknown:
-            raise ConfigError(f"override of {where}: no entry named {unknown}; entries: {names}")
-        return [_merge(e, over[e["name"]], f"{where}.{e['name']}") if e["name"] in over else e for e in base]
-    return over
-
-
-def _item_to_mapping(item: str) -> tuple[Any, str]:
-    """One override item -> (nested mapping, description): `a.b=VALUE` (VALUE parsed as YAML) or a YAML file."""
-    key, eq, value = item.partition("=")
-    if eq and key.strip() and not Path(item).is_file():
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
-        parts = [p for p in key.strip().split(".")]
-        if not all(parts):
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, e.g. train.epochs=2")
-        out: Any = parsed
-        for part in reversed(parts):
-            out = {part: out}
-        return out, f"--set {key.strip()}"
-    path = Path(item)
-    if not path.is_file():
-        raise ConfigError(f"override {item!r} is neither KEY=VALUE (e.g. train.epochs=2) nor an existing YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: an override file is a mapping of sections, got {type(data).__name__}")
-    return data, str(path)
-
-
-def override_items(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The override items in force: those of $EVIT_OVERRIDES, then `extra`."""
-    env = [line.strip() for line in os.environ.get(OVERRIDES_ENV, "").splitlines() if line.strip()]
-    return env + [x for x in extra if x.strip()]
-
-
-def apply_overrides(data: dict[str, Any], items: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
-    """`data` with every override item merged on top, in order; also the items' descriptions."""
-    described = []
-    for item in items:
-        mapping, desc = _item_to_mapping(item)
-        data = _merge(data, mapping, "")
-        described.append(desc)
-    return data, described
-
-
-def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read and validate params.yaml (or `path`); errors name key, value and what is accepted.
-
-    Override items ($EVIT_OVERRIDES, then `overrides`: YAML files or KEY=VALUE) are merged on
-    top before validation, so a budget profile (`tests/data/imagenet-smoke.yaml`) or a
-    one-off `--set train.epochs=2` is checked like the file itself.
-    """
-    path = Path(path or os.environ.get("EVIT_PARAMS", DEFAULT_PARAMS))
-    if not path.is_file():
-        raise ConfigError(f"params file {str(path)!r} not found (pass --params PATH or run from the project root)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    items = override_items(tuple(overrides))
-    source = str(path)
-    if items:
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
-        data, described = apply_overrides(data, items)
-        source = " + ".join([source, *described])
-    return parse_params(data, source)

@@ -1,9 +1,10 @@
-"""LiteRT converter worker: runs inside the converter venv (evit.export.litert_env), never imported by evit.
+"""LiteRT converter worker: runs inside the converter venv (evit.formats.litert_env), never imported by evit.
 
 A long-lived process: one JSON request per line on stdin, one JSON answer per line on
 the protocol pipe (the original stdout; the converter's own prints go to stderr). It
-imports only the torch-level part of evit (arch, space, flops, nn.static), which needs
-torch, numpy, timm and safetensors, all pinned in requirements-litert.lock.
+imports only the torch-level part of evit (the bundle loader: arch, space, blocks,
+nn.static), which needs torch, numpy, timm and safetensors, all pinned in
+requirements-litert.lock.
 
 Requests:
 - {"op": "subnet", "arch_json": PATH, "weights": PATH, "space": {...}, "out": PATH}:
@@ -35,15 +36,11 @@ def _atomic_export(model: Any, out: str) -> None:
 def _subnet(req: dict[str, Any]) -> None:
     import litert_torch
     import torch
-    from safetensors.torch import load_file
 
-    from evit.arch import Arch
-    from evit.export.card import space_from_dict
-    from evit.nn.static import load_static
+    from evit.formats.bundle import load_static_files
 
-    arch = Arch.from_json(open(req["arch_json"]).read())
-    net = load_static(arch, space_from_dict(req["space"]), load_file(req["weights"])).eval()
-    x = torch.zeros(1, 3, arch.resolution, arch.resolution)
+    net = load_static_files(req["arch_json"], req["weights"], req["space"])
+    x = torch.zeros(1, 3, net.arch.resolution, net.arch.resolution)
     _atomic_export(litert_torch.convert(net, (x,)), req["out"])
 
 

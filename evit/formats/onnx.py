@@ -1,11 +1,11 @@
-"""Export static subnets (or single static blocks) to ONNX and TorchScript.
+"""ONNX: export a static subnet (or a single static block), and run it with onnxruntime.
 
-ONNX uses torch's TorchScript-based exporter (`dynamo=False`): it runs offline, keeps
+Export uses torch's TorchScript-based exporter (`dynamo=False`): it runs offline, keeps
 the graph to plain ops (Conv, Gemm/MatMul, Softmax, HardSwish, AveragePool with ceil
-mode, Gather for the relative-position bias) and supports a dynamic batch axis, which
-is all a static subnet needs. TorchScript uses `torch.jit.trace` on an eval-mode module:
-a static subnet has no data-dependent control flow, so the trace is the whole program.
-Both write through a temporary file and rename, so a crash never leaves a partial file.
+mode, Gather for the relative-position bias) and supports a dynamic batch axis, which is
+all a static subnet needs. Files are written through a temporary file and renamed, so a
+crash never leaves a partial file. The latency devices time blocks and subnets from
+exactly the files `evit export` ships: same exporter, opset and options.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +28,8 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 
 
-def _example(module: nn.Module, resolution: int, batch_size: int) -> torch.Tensor:
+def example_input(module: nn.Module, resolution: int, batch_size: int) -> torch.Tensor:
+    """A seeded NCHW input on the module's device and dtype."""
     ref = next(module.parameters(), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None else torch.float32
@@ -41,7 +44,7 @@ def export_onnx(module: nn.Module, resolution: int, path: str | os.PathLike[str]
     `resolution` is the input side; for a single block pass its input side and note that
     blocks take C channels, not 3 (use `export_onnx_input` then).
     """
-    example = _example(module, resolution, batch_size)
+    example = example_input(module, resolution, batch_size)
     return export_onnx_input(module, example, path, opset)
 
 
@@ -66,22 +69,25 @@ def export_onnx_input(module: nn.Module, example: torch.Tensor, path: str | os.P
     return path
 
 
-def export_torchscript(module: nn.Module, resolution: int, path: str | os.PathLike[str],
-                       batch_size: int = 1) -> Path:
-    """Write `module` (eval mode) as a traced TorchScript archive, loadable with `torch.jit.load`."""
-    path = Path(path)
-    example = _example(module, resolution, batch_size)
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch 2.x marks TorchScript deprecated (FutureWarning); the issue asks for it
-            # as a deployment format next to ONNX, and it still loads in C++ libtorch.
-            warnings.simplefilter("ignore", FutureWarning)
-            traced = torch.jit.trace(module, (example,), check_trace=False)
-            with atomic_path(path) as tmp:
-                torch.jit.save(traced, str(tmp))
-    finally:
-        module.train(was_training)
-    log.info("exported TorchScript to %s", path)
-    return path
+def session(path: str | os.PathLike[str], threads: int = 1, *, timing: bool = False) -> Any:
+    """An onnxruntime CPU session on `path` with `threads` intra-op threads.
+
+    `timing=True`: the benchmark settings (one inter-op thread, sequential execution, every
+    graph optimisation, quiet), as a latency device runs it.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if timing:
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | os.PathLike[str], x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """One inference of the file's model on `x` (its first input and output)."""
+    sess = session(path, threads)
+    return np.asarray(sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x)})[0])
