@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evit import flops  # noqa: E402
-from evit.latency.blocks import unique_blocks  # noqa: E402
+from evit.latency.coverage import unique_blocks  # noqa: E402
 from evit.latency.predictor import LatencyPredictor  # noqa: E402
 from evit.space import get_space  # noqa: E402
 

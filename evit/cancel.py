@@ -34,7 +34,7 @@ class Cancelled(Exception):  # noqa: N818 - reads as "the stage was cancelled"
     """The work stopped on a SIGTERM/SIGINT request; `signum` says which (exit 128 + signum).
 
     An `Exception` (not `BaseException`) so Prefect records the task's reason; it is never
-    retried (`flows.transient`) and the CLI turns it into exit code 130 / 143.
+    retried (`evit.retry`) and the CLI turns it into exit code 130 / 143.
     """
 
     def __init__(self, signum: int, what: str = "") -> None:

@@ -320,12 +320,11 @@ def export(
         _device_stage("export", device, params, overrides, no_wait)
         return
     from evit import stages
-    from evit.registry import restore_registrations
 
     p = _params(params, overrides)
     p.device(device)
     with _writer(f"evit export -d {device}", no_wait):
-        out = ({"device": device, "registered_again": restore_registrations(p, device)} if register_only
+        out = ({"device": device, "registered_again": stages.restore_registrations(p, device)} if register_only
                else stages.export(p, device, archs=arch))
     _echo_json(out)
 
@@ -361,7 +360,7 @@ def import_reference(
     = "auto",
 ) -> None:
     """Import the paper's released supernet (microsoft/Moonlit ElasticViT) as an evit checkpoint."""
-    from evit.reference_import import ReferenceImportError, import_reference as run_import
+    from evit.train.import_reference import ReferenceImportError, import_reference as run_import
 
     if prefer not in ("auto", "ema", "raw"):
         raise ReferenceImportError(f"--prefer {prefer!r}: accepted: auto, ema, raw")
@@ -385,7 +384,8 @@ def pipeline(
 
     SIGTERM / Ctrl-C stop every running stage after its current step (exit 143 / 130)."""
     from evit import cancel
-    from flows.pipeline import check_selection, run_pipeline, subnets_table
+    from flows.pipeline import check_selection, run_pipeline
+    from flows.report import subnets_table
 
     cancel.install()
     # validate before Prefect (or any server) starts, and pass the overrides on to its tasks

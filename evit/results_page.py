@@ -235,7 +235,7 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
                   ablation_markdown(rep), "", "### Which part of the gain comes from what", "",
                   decomposition_markdown(rep), "", "### Gradient conflict (cosine of shared-weight gradients; "
                   f"{rep['conflict_steps']} steps per sampler and seed)", "", conflict_markdown(rep), ""]
-        from evit.train.ablate import _plot as plot_ablation  # the ablation's own plot, of the merged seeds
+        from evit.train.ablate import plot_ablation  # the ablation's own plot, of the merged seeds
 
         plot_ablation(rep, figs / png)
         parts += [f"![ablation {rep['epochs']} epochs]({figs.name}/{png})", ""]

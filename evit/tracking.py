@@ -8,7 +8,9 @@ there is one (`mlflow server --artifacts-destination s3://...`), else
 `MLFLOW_S3_ENDPOINT_URL`), else ./mlruns.
 
 A pipeline run is one parent MLflow run (`pipeline_run`, opened by the Prefect flow) with
-one child run per stage that ran (`stage_run`). The parent id travels explicitly: the flow
+one child run per stage that ran (`stage_run`, or in one call `log_stage`). Stages log
+through the `StageRun` these hand out, so MLflow itself is imported here (and by the
+registry and the training logbook's batched uploads) and nowhere else. The parent id travels explicitly: the flow
 hands it to each task, the task binds it with `parent_run(...)` in its own thread
 (Prefect runs tasks in worker threads), and `EVIT_PARENT_RUN_ID` carries it to code that
 only reads the environment and to subprocesses (torchrun workers).
@@ -19,8 +21,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
+import numbers
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from evit.config import Params
@@ -114,9 +119,64 @@ def flat_params(section: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def numeric_metrics(obj: Any, prefix: str = "") -> dict[str, float]:
+    """The finite numbers in a (nested) metrics document, flattened to MLflow metric names
+    (`{"a": {"b": 1}}` -> `{"a.b": 1.0}`); booleans, strings and NaN/inf are left out."""
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(numeric_metrics(v, f"{prefix}{k}."))
+    elif isinstance(obj, numbers.Real) and not isinstance(obj, bool) and math.isfinite(float(obj)):
+        out[prefix.rstrip(".")] = float(obj)
+    return out
+
+
+class StageRun:
+    """One open MLflow run of a stage: what a stage may record, without importing MLflow itself."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        import mlflow
+
+        mlflow.log_params({k: str(v)[:500] for k, v in values.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log the finite values of `metrics` (names cut to MLflow's 250 characters)."""
+        import mlflow
+
+        finite = {k[:250]: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        if finite:
+            mlflow.log_metrics(finite, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        import mlflow
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(obj, artifact_file)
+
+    @contextlib.contextmanager
+    def child(self, run_name: str, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+        """A run nested under this one (e.g. each training run of the ablation)."""
+        import mlflow
+
+        with mlflow.start_run(run_name=run_name, nested=True, tags=tags) as run:
+            yield StageRun(run.info.run_id)
+
+
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, *, tags: dict[str, str] | None = None,
-              log_sections: tuple[str, ...] = ()) -> Iterator[Any]:
+              log_sections: tuple[str, ...] = ()) -> Iterator[StageRun]:
     """Open an MLflow run for one stage (nested under the pipeline's parent run when there is one)."""
     import mlflow
 
@@ -132,13 +192,55 @@ def stage_run(params: Params, stage: str, *, tags: dict[str, str] | None = None,
         for name in log_sections:
             section = params.section(name)
             mlflow.log_params(flat_params(section, f"{name}."))
-        yield run
+        yield StageRun(run.info.run_id)
         status = "FINISHED"
     except BaseException as exc:
         status = end_status(exc)
         raise
     finally:
         mlflow.end_run(status)
+
+
+def log_stage(params: Params, stage: str, *, tags: dict[str, str] | None = None, log_sections: tuple[str, ...] = (),
+              values: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+              artifacts: Iterable[str | os.PathLike[str]] = (), artifact_path: str | None = None,
+              dicts: dict[str, Any] | None = None, best_effort: bool = True) -> str | None:
+    """Record a finished stage as one MLflow run: params sections and `values`, metrics, the
+    artifacts that exist, JSON documents (`dicts`: artifact file -> object). The one way a
+    stage logs itself; returns the run id.
+
+    `best_effort`: a tracking failure (an unreachable server) is a warning, because the
+    stage's own outputs are already written and must not be thrown away for it.
+    """
+    try:
+        with stage_run(params, stage, tags=tags, log_sections=log_sections) as run:
+            if values:
+                run.log_params(values)
+            if metrics:
+                run.log_metrics(metrics)
+            for name, obj in (dicts or {}).items():
+                run.log_dict(obj, name)
+            for f in artifacts:
+                if Path(f).is_file():
+                    run.log_artifact(f, artifact_path=artifact_path)
+            return run.run_id
+    except Exception as exc:
+        if not best_effort:
+            raise
+        log.warning("%s: could not log to MLflow (%s: %s); the stage's outputs are written", stage,
+                    type(exc).__name__, exc)
+        return None
+
+
+def has_stage_run(params: Params, parent: str, stage: str) -> bool:
+    """Whether the pipeline run `parent` already has a child run for `stage`."""
+    from mlflow import MlflowClient
+
+    experiment_id = ensure_experiment(params)
+    found = MlflowClient().search_runs(
+        [experiment_id], max_results=1,
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`evit.stage` = '{stage}'")
+    return bool(found)
 
 
 def end_status(exc: BaseException | None) -> str:

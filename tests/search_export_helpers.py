@@ -97,7 +97,7 @@ def tiny_predictor(space: SearchSpace, device: Any) -> Any:
     import functools
 
     from evit.latency.devices import Item, get_device
-    from evit.latency.blocks import unique_blocks
+    from evit.latency.coverage import unique_blocks
     from evit.latency.predictor import LatencyPredictor
     from evit.nn.static import build_block
 

@@ -12,7 +12,8 @@ from search_export_helpers import TINY, make_export
 
 from evit.formats.bundle import MODEL_FILES
 from evit.host import git_commit
-from evit.export.stage import ExportError, check_onnx, export_device
+from evit.export.checks import ExportError, check_onnx
+from evit.export.stage import export_device
 from evit.io import read_json, sha256_file
 from evit.search.budgets import Budget
 from evit.space import CPU, IMAGENET, SearchSpace
@@ -40,11 +41,11 @@ def test_budget_folder_has_model_files_and_a_card_that_vouches_for_them(tmp_path
     for fact in ("0.4200", "2.5 ms", card["arch_key"], card["files"]["model.onnx"], "data-v1"):
         assert fact in md
     # the files rebuild the very same module, without the supernet
-    from evit.registry import load_static_from_folder
+    from evit.formats.bundle import load_static
 
     x = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
-        torch.testing.assert_close(load_static_from_folder(folder)(x), static(x))
+        torch.testing.assert_close(load_static(folder)(x), static(x))
 
 
 def test_export_is_byte_reproducible(tmp_path: Path) -> None:

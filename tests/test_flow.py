@@ -16,7 +16,7 @@ import yaml
 
 from evit.errors import DataError, UserError
 from flows import dvcrepo
-from flows.transient import is_transient
+from evit.retry import is_transient
 from tests.flow_helpers import (dvc, flow_env, prefect_home, shared_mlflow_db,  # noqa: F401
                                 tiny, tiny_device)
 
@@ -143,10 +143,10 @@ def test_user_error_fails_once_with_its_message(tiny_params: Any, flow_env: Path
 
 
 def test_unknown_stage_or_device_is_a_user_error() -> None:
-    from flows.pipeline import _select
+    from flows.pipeline import select
 
     with pytest.raises(UserError, match=r"unknown devices \['gpu'\]; accepted: \['a'\]"):
-        _select(["gpu"], ["a"], "devices")
+        select(["gpu"], ["a"], "devices")
 
 
 def test_transient_failures_are_told_from_user_errors() -> None:
@@ -176,8 +176,8 @@ def test_transient_failures_are_told_from_user_errors() -> None:
 
 
 def test_tasks_retry_transient_failures_with_backoff() -> None:
-    from flows.pipeline import TASKS
-    from flows.transient import retry_condition
+    from flows.tasks import TASKS
+    from flows.tasks import retry_condition
 
     for t in TASKS.values():
         assert t.retries >= 1 and t.retry_condition_fn is retry_condition
@@ -186,7 +186,7 @@ def test_tasks_retry_transient_failures_with_backoff() -> None:
 
 
 def test_final_table_names_what_to_fetch() -> None:
-    from flows.pipeline import subnets_table
+    from flows.report import subnets_table
 
     rows = [{"device": "cpu-1t", "budget": "4ms", "feasible": True, "val_top1": 0.94521, "predicted_ms": 3.8,
              "measured_ms": 3.7612, "fetch": "evit-cpu-1t/2", "aliases": ["4ms"]},

@@ -34,15 +34,13 @@ def _objects(s3_client: Any, bucket: str, prefix: str) -> list[str]:
 
 def log_probe(params: Any, tmp_path: Path) -> tuple[str, str]:
     """A stage run nested under a pipeline run, with one artifact; (child run id, parent run id)."""
-    import mlflow
-
     probe = tmp_path / "probe.json"
     probe.write_text('{"ok": true}\n')
     with tracking.pipeline_run(params) as parent, tracking.parent_run(parent.run_id):
         with tracking.stage_run(params, "probe", log_sections=("tracking",)) as run:
-            mlflow.log_metric("answer", 42.0)
-            mlflow.log_artifact(str(probe))
-    return run.info.run_id, parent.run_id
+            run.log_metrics({"answer": 42.0})
+            run.log_artifact(probe)
+    return run.run_id, parent.run_id
 
 
 @pytest.mark.slow

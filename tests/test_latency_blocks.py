@@ -7,8 +7,14 @@ import random
 from test_latency_helpers import TINY, all_archs
 
 from evit.blocks import arch_blocks
-from evit.latency.blocks import (block_witnesses, count_by_kind, covering_archs, sample_subnets, sampled_blocks,
-                                 unique_blocks)
+from evit.latency.coverage import (
+    block_witnesses,
+    count_by_kind,
+    covering_archs,
+    sample_subnets,
+    sampled_blocks,
+    unique_blocks,
+)
 from evit.space import SearchSpace, StageSpace, get_space
 
 

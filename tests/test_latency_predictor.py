@@ -12,7 +12,7 @@ from test_latency_helpers import TINY, all_archs
 
 from evit.errors import LUTError
 from evit.blocks import arch_blocks
-from evit.latency.blocks import unique_blocks
+from evit.latency.coverage import unique_blocks
 from evit.latency.predictor import BlockRegression, Correction, LatencyPredictor, block_features, fit_affine
 from evit.latency.report import choose_correction, error_metrics, flops_proxy
 from evit.space import get_space

@@ -19,7 +19,7 @@ from test_latency_helpers import FAST, TINY, all_archs
 from evit.config import load_params
 from evit.errors import DeviceError, LUTError
 from evit.blocks import arch_blocks
-from evit.latency.blocks import covering_archs, unique_blocks
+from evit.latency.coverage import covering_archs, unique_blocks
 from evit.latency.lut import load_lut, partial_path
 from evit.latency.predictor import LatencyPredictor
 from evit.latency.stage import build_lut

@@ -20,7 +20,7 @@ from search_export_helpers import TINY, make_export, registry_params
 
 from evit.config import DeviceParams
 from evit.errors import UserError
-from evit.export.stage import ExportError
+from evit.export.checks import ExportError
 from evit.blocks import arch_blocks
 from evit.io import read_json, sha256_file
 from evit.latency.devices import Item, get_device
@@ -50,10 +50,10 @@ def test_pte_export_is_checked_and_on_the_card(tmp_path: Path) -> None:
 
 
 def test_pte_export_fails_when_the_runtime_disagrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import evit.formats.pte as pte
+    from evit.export import checks
 
-    real = pte.run_pte
-    monkeypatch.setattr(pte, "run_pte", lambda *a, **k: real(*a, **k) + 0.5)
+    real = checks.run_pte
+    monkeypatch.setattr(checks, "run_pte", lambda *a, **k: real(*a, **k) + 0.5)
     with pytest.raises(ExportError, match="ExecuTorch output differs from PyTorch by 0.5"):
         make_export(tmp_path, seed=2, formats=("onnx", "pte"))
     assert not any(tmp_path.iterdir())  # nothing half-written

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evit.arch import Arch
-from evit.reference_import import ReferenceImportError, import_reference, select_state_dict
+from evit.train.import_reference import ReferenceImportError, import_reference, select_state_dict
 from evit.space.reference import ReferenceConfigError, load_reference_space, reference_space, read_reference_config
 from evit.space import SearchSpace
 

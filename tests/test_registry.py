@@ -21,6 +21,7 @@ from search_export_helpers import make_export, registry_params
 
 from evit import registry
 from evit.errors import RegistryError
+from evit.formats import bundle
 from evit.io import read_json, sha256_file
 from evit.search.budgets import Budget
 
@@ -112,7 +113,7 @@ def test_register_is_idempotent_and_fetch_verifies(mlflow_server: MlflowServer, 
     assert mv.tags["evit.val_top1"] == repr(0.6)
     assert json.loads(mv.tags["evit.arch"]) == card["arch"]
     assert mv.tags["evit.data_version"] == "data-v1"
-    for f in registry.EXTRA_FILES:
+    for f in bundle.CORE_FILES:
         assert mv.tags[f"evit.sha256.{f}"] == sha256_file(folder / f)
     assert mv.tags[registry.HASH_TAG] == registry.content_hash(card)
 
@@ -134,7 +135,7 @@ def test_register_is_idempotent_and_fetch_verifies(mlflow_server: MlflowServer, 
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
     out = registry.fetch_model(params, f"{name}@1_5ms", "pytorch", tmp_path / "pt")
-    rebuilt = registry.load_static_from_folder(tmp_path / "pt")
+    rebuilt = bundle.load_static(tmp_path / "pt")
     torch.testing.assert_close(rebuilt(x), want)
     assert (tmp_path / "pt" / "model.pt2").is_file()
 

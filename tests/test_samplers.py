@@ -11,15 +11,13 @@ import pytest
 from evit import flops
 from evit.arch import Arch
 from evit.space import get_space
+from evit.train.banks import BankEntry, MemoryBank, banks_to_json
 from evit.train.samplers import (
-    BankEntry,
     ComplexitySampler,
     ElasticSampler,
     ElasticSettings,
     FlatSampler,
-    MemoryBank,
     UniformSampler,
-    banks_to_json,
     make_sampler,
     preference_diff,
     walk_level,

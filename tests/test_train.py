@@ -34,7 +34,8 @@ def test_train_stage_outputs_mlflow_and_downstream_loaders(tiny_params, small_di
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from evit.train.checkpoint import load_banks, load_checkpoint, load_supernet
+    from evit.train.banks import load_banks
+    from evit.train.checkpoint import load_checkpoint, load_supernet
     from evit.train.logbook import read_step_log
     from evit.train.stage import train_supernet
 
@@ -66,9 +67,6 @@ def test_train_stage_outputs_mlflow_and_downstream_loaders(tiny_params, small_di
 
         assert all(lo <= flops.flops_m(a, net.space) <= hi for a, _ in items)
         assert [s for _, s in items] == sorted((s for _, s in items), reverse=True)
-    from evit.train.samplers import load_banks as load_banks_alias
-
-    assert load_banks_alias("models/supernet.pt") == banks
     last = load_checkpoint("models/last.pt")
     assert last["step"] == 6 and last["rng"]["torch"].dtype == torch.uint8
 

@@ -26,6 +26,7 @@ from typing import Any
 from evit import paths
 from evit.config import Params
 from evit.io import write_json_atomic, write_text_atomic
+from evit.tracking import log_stage, numeric_metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def run_baselines(params: Params, *, track: bool = True) -> dict[str, Any]:
     from evit.baselines.train import baseline_hash, train_baseline
     from evit.data.loader import PreparedData
     from evit.latency.devices import get_device
-    from evit.latency.stage import statistic
+    from evit.latency.measurement import statistic
     from evit.resolve import space_from_params
     from evit.evaluate import eval_source, evaluate_top1
 
@@ -109,21 +110,10 @@ def run_baselines(params: Params, *, track: bool = True) -> dict[str, Any]:
 
 
 def _track(params: Params, rows: list[dict[str, Any]], files: list[Path]) -> None:
-    import mlflow
-
-    from evit.tracking import stage_run
-
-    with stage_run(params, "baselines", log_sections=("baselines", "train")):
-        flat: dict[str, float] = {}
-        for r in rows:
-            flat[f"{r['model']}.val_top1"] = r["val_top1"]
-            flat[f"{r['model']}.macs_m"] = r["macs_m"]
-            for d, v in r["latency_ms"].items():
-                flat[f"{r['model']}.latency_ms.{d}"] = v
-        mlflow.log_metrics(flat)
-        for f in files:
-            if f.is_file():
-                mlflow.log_artifact(str(f))
+    flat: dict[str, Any] = {r["model"]: {"val_top1": r["val_top1"], "macs_m": r["macs_m"], "latency_ms": r["latency_ms"]}
+                            for r in rows}
+    log_stage(params, "baselines", log_sections=("baselines", "train"), metrics=numeric_metrics(flat),
+              artifacts=files, best_effort=False)
 
 
 def load_baselines(params: Params) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evit.io import atomic_path, sha256_json
-from evit.train.checkpoint import _HASH_EXCLUDED
+from evit.train.checkpoint import recipe
 from evit.evaluate import eval_source, evaluate_top1
 from evit.train.step import make_mixup
 
@@ -46,7 +46,7 @@ class TrainedBaseline:
 
 
 def baseline_hash(train_section: dict[str, Any], name: str, resolution: int, epochs: int, data_hash: str) -> str:
-    train = {k: v for k, v in train_section.items() if k not in _HASH_EXCLUDED and k != "sampler"}
+    train = {k: v for k, v in recipe(train_section).items() if k != "sampler"}
     return sha256_json({"train": train, "model": name, "resolution": resolution, "epochs": epochs, "data": data_hash})
 
 
@@ -96,8 +96,7 @@ def train_baseline(model: nn.Module, name: str, data: Any, t: Any, *, resolution
     sched = CosineLRScheduler(opt, t_initial=max(1, total - warmup), lr_min=t.min_lr, warmup_t=warmup,
                               warmup_lr_init=t.min_lr, warmup_prefix=True, t_in_epochs=False)
     ema = ModelEmaV3(model, decay=t.ema_decay, use_warmup=True)
-    mixup = make_mixup(t.mixup_alpha, t.label_smoothing, model.num_classes if hasattr(model, "num_classes")
-                       else int(data.num_classes))
+    mixup = make_mixup(t.mixup_alpha, t.label_smoothing, int(data.num_classes))
 
     start_epoch, seconds = 0, 0.0
     part = _load(last) if last.is_file() else None

@@ -9,8 +9,10 @@ Per feasible budget in `<search_dir>/result.json`, under `<export_dir>/<budget-l
   fails above the tolerance; the .pte's delegate partitions are on the card too);
 - `arch.json` + `model.safetensors`: the architecture and the static subnet's
   state_dict, enough to rebuild it with `evit.nn.static.load_static` (no pickles);
-- `card.json` + `card.md`: the model card (evit.export.card), with the sha256 of the
+- `card.json` + `card.md`: the model card (evit.card), with the sha256 of the
   three model files.
+The folder's layout (file names, how the weights are written and read back) is
+`evit.formats.bundle`; the checks against PyTorch are `evit.export.checks`.
 A budget folder is built under a temporary name and swapped in whole, so an interrupted
 export never leaves a half-written model. Then, when `export.register_model` is set, every
 exported subnet is registered in MLflow (evit.registry).
@@ -21,112 +23,31 @@ Outputs: `<export_dir>/<label>/...`, `<export_dir>/index.json`, `metrics/export-
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
 from evit import __version__, cancel, paths
 from evit.arch import Arch
-from evit.config import Params
-from evit.errors import UserError
 from evit.card import CARD_VERSION, data_facts, file_hashes, render_markdown
-from evit.formats.bundle import MODEL_FILES
-from evit.host import git_commit, describe_host
+from evit.config import Params
+from evit.export.checks import ExportError, check_onnx, check_pte, check_tflite
+from evit.formats import bundle
+from evit.formats.onnx import export_onnx
+from evit.formats.pte import export_pte
+from evit.formats.tflite import LiteRTConverter
+from evit.host import describe_host, git_commit
 from evit.io import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from evit.search.stage import RESULT_FILE
 
 log = logging.getLogger(__name__)
 
-ONNX_TOLERANCE = 1e-3
 VAL_DRIFT_LIMIT = 0.01
 """Largest val top-1 difference between search and export tolerated (GPU vs CPU rounding)."""
-
-
-class ExportError(UserError):
-    """The search result to export is missing, or an exported file fails its check."""
-
-
-def _seeded_input(resolution: int, seed: int) -> Any:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 3, resolution, resolution, generator=g)
-
-
-def check_outputs(what: str, path: Path, got: np.ndarray, ref: np.ndarray) -> float:
-    """Max abs difference of a runtime's output from PyTorch's (ExportError past the tolerance)."""
-    diff = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref)))
-    scale = max(1.0, float(np.max(np.abs(ref))))
-    if not diff <= ONNX_TOLERANCE * scale:
-        raise ExportError(f"{path}: {what} output differs from PyTorch by {diff:.3g} "
-                          f"(tolerance {ONNX_TOLERANCE * scale:.3g}); not exporting a wrong model")
-    return diff
-
-
-def check_tflite(path: Path, module: Any, resolution: int, seed: int = 0) -> float:
-    """Max abs difference between the LiteRT interpreter (XNNPACK) and PyTorch on a seeded input."""
-    import torch
-
-    from evit.formats.tflite import run_tflite
-
-    x = _seeded_input(resolution, seed)
-    with torch.no_grad():
-        ref = module(x).numpy()
-    return check_outputs("LiteRT", path, run_tflite(path, x.numpy()), ref)
-
-
-def check_pte(path: Path, module: Any, resolution: int, seed: int = 0) -> float:
-    """Max abs difference between the ExecuTorch runtime (XNNPACK) and PyTorch on a seeded input."""
-    import torch
-
-    from evit.formats.pte import run_pte
-
-    x = _seeded_input(resolution, seed)
-    with torch.no_grad():
-        ref = module(x).numpy()
-    return check_outputs("ExecuTorch", path, run_pte(path, x).numpy(), ref)
-
-
-def check_onnx(onnx_path: Path, module: Any, resolution: int, seed: int = 0) -> float:
-    """Max abs difference between onnxruntime and PyTorch on a random input (raises past tolerance)."""
-    import onnxruntime as ort
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 3, resolution, resolution, generator=g)
-    with torch.no_grad():
-        ref = module(x).numpy()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    diff = float(np.max(np.abs(got - ref)))
-    scale = max(1.0, float(np.max(np.abs(ref))))
-    if diff > ONNX_TOLERANCE * scale:
-        raise ExportError(f"{onnx_path}: onnxruntime output differs from PyTorch by {diff:.3g} "
-                          f"(tolerance {ONNX_TOLERANCE * scale:.3g}); not exporting a wrong model")
-    return diff
-
-
-def weights_digest(state: dict[str, Any]) -> str:
-    """sha256 over the tensors themselves (name, dtype, shape, bytes; sorted by name).
-
-    Identifies the weights independently of how a file serialises them.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def export_subnet(
@@ -145,59 +66,44 @@ def export_subnet(
     `evit.formats.tflite.LiteRTConverter` to reuse; else one is started for this call).
     `card` is completed with the file hashes and the format checks; the final card is returned.
     """
-    import torch
-    from safetensors.torch import save_file
-
-    from evit.formats.onnx import export_onnx
-
     static = static.to("cpu").eval()
     with atomic_dir(folder) as tmp:
-        export_onnx(static, arch.resolution, tmp / "model.onnx", opset=opset, batch_size=1)
-        diff = check_onnx(tmp / "model.onnx", static, arch.resolution)
-        write_text_atomic(tmp / "arch.json", arch.to_json(indent=2) + "\n")
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in static.state_dict().items()
-                 if isinstance(v, torch.Tensor)}
-        # One metadata key: safetensors writes a multi-key metadata map in hash order, which
-        # would make the file bytes (and its sha256) differ from run to run.
-        meta = json.dumps({"arch": arch.to_dict(), "format": "evit-static-subnet", "evit_version": __version__},
-                          sort_keys=True)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"evit": meta})
+        export_onnx(static, arch.resolution, tmp / bundle.ONNX, opset=opset, batch_size=1)
+        diff = check_onnx(tmp / bundle.ONNX, static, arch.resolution)
+        bundle.write_arch(tmp, arch)
+        state = bundle.static_state(static)
+        bundle.write_weights(tmp, state, arch, __version__)
         mobile = _export_mobile(static, arch, tmp, card["space"], formats, converter)
-        names = MODEL_FILES + tuple(f"model.{fmt}" for fmt in mobile)
-        full = {**card, "files": file_hashes(tmp, names), "weights_sha256": weights_digest(state),
+        names = bundle.MODEL_FILES + tuple(bundle.MOBILE_FILES[fmt] for fmt in mobile)
+        full = {**card, "files": file_hashes(tmp, names), "weights_sha256": bundle.weights_digest(state),
                 "onnx": {**card.get("onnx", {}), "max_abs_diff_vs_torch": diff}, **mobile}
-        write_json_atomic(tmp / "card.json", full)
-        write_text_atomic(tmp / "card.md", render_markdown(full))
+        write_json_atomic(tmp / bundle.CARD, full)
+        write_text_atomic(tmp / bundle.CARD_MD, render_markdown(full))
     return full
 
 
 def _export_mobile(static: Any, arch: Arch, folder: Path, space: dict[str, Any], formats: Sequence[str],
                    converter: Any) -> dict[str, dict[str, Any]]:
     """model.tflite / model.pte in `folder` (already holding arch.json + model.safetensors); card sections."""
-    import torch
-
     out: dict[str, dict[str, Any]] = {}
     if "tflite" in formats:
-        from evit.formats.tflite import LiteRTConverter
-
         conv = converter or LiteRTConverter()
         try:
             t0 = time.monotonic()
-            conv.convert_subnet(folder / "arch.json", folder / "model.safetensors", space, folder / "model.tflite")
+            conv.convert_subnet(folder / bundle.ARCH, folder / bundle.WEIGHTS, space, folder / bundle.MOBILE_FILES["tflite"])
             seconds = time.monotonic() - t0
         finally:
             if converter is None:
                 conv.close()
         out["tflite"] = {"runtime": "LiteRT (ai-edge-litert), fp32, XNNPACK delegate",
-                         "max_abs_diff_vs_torch": check_tflite(folder / "model.tflite", static, arch.resolution),
+                         "max_abs_diff_vs_torch": check_tflite(folder / bundle.MOBILE_FILES["tflite"], static,
+                                                                              arch.resolution),
                          "convert_seconds": round(seconds, 1)}
     if "pte" in formats:
-        from evit.formats.pte import export_pte
-
         t0 = time.monotonic()
-        report = export_pte(static, torch.zeros(1, 3, arch.resolution, arch.resolution), folder / "model.pte")
+        report = export_pte(static, torch.zeros(1, 3, arch.resolution, arch.resolution), folder / bundle.MOBILE_FILES["pte"])
         out["pte"] = {"runtime": "ExecuTorch, fp32, XNNPACK delegate", **report.to_dict(),
-                      "max_abs_diff_vs_torch": check_pte(folder / "model.pte", static, arch.resolution),
+                      "max_abs_diff_vs_torch": check_pte(folder / bundle.MOBILE_FILES["pte"], static, arch.resolution),
                       "lower_seconds": round(time.monotonic() - t0, 1)}
     return out
 
@@ -283,8 +189,6 @@ def export_result(
     with contextlib.ExitStack() as stack:
         converter = None
         if "tflite" in formats:
-            from evit.formats.tflite import LiteRTConverter
-
             # one converter process for every budget, started first: a converter venv that cannot
             # be created stops the export before any subnet is calibrated
             converter = stack.enter_context(LiteRTConverter()).start()

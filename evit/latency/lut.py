@@ -29,7 +29,7 @@ from typing import Any
 
 from evit.errors import LUTError
 from evit.io import write_json_atomic
-from evit.latency.devices import Measurement
+from evit.latency.measurement import Measurement
 from evit.space import SearchSpace
 
 log = logging.getLogger(__name__)

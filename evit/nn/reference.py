@@ -1,7 +1,7 @@
 """The reference-compatible supernet: the paper's released parameter layout, evit's interface.
 
 `ReferenceSupernet(space)` (for a `space.variant == "reference"` space, built by
-`evit.reference_space`) holds exactly the state_dict of the reference implementation's
+`evit.space.reference`) holds exactly the state_dict of the reference implementation's
 `FusedSuperNet` (microsoft/Moonlit ElasticViT), key for key and shape for shape, so its
 released checkpoint loads with `load_state_dict(strict=True)`. Its forward follows the
 reference's semantics (see `../shared/fixtures/reference-supernet/LAYOUT.md`):

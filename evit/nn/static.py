@@ -1,4 +1,4 @@
-"""Static subnets: plain modules, one per `evit.flops.Block`, with no elastic logic.
+"""Static subnets: plain modules, one per `evit.blocks.Block`, with no elastic logic.
 
 A static subnet is exactly `nn.Sequential(build_block(b) for b in arch_blocks(arch, space))`.
 The latency lookup tables time these same modules one by one, and `evit.flops` counts

@@ -42,6 +42,7 @@ from evit.evaluate import calibrated_static, split_top1
 from evit.search.pareto import pareto_front, plot_search, write_front_csv
 from evit.search.seeding import match_level, proposal
 from evit.space import SearchSpace
+from evit.tracking import log_stage, numeric_metrics
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def load_inputs(params: Params, device: str) -> SearchInputs:
 
 
 def _load_banks(ckpt: Path) -> dict[int, list[tuple[Arch, float]]]:
-    from evit.train.samplers import load_banks
+    from evit.train.banks import load_banks
 
     try:
         banks = load_banks(ckpt)
@@ -241,10 +242,6 @@ def _progress(desc: str, total: int):  # noqa: ANN202
     return Progress(total, f"search {desc}", unit="gen", logger=log, min_interval_s=float("inf"))
 
 
-def _measurement_dict(m: Any) -> dict[str, Any]:
-    return m.to_dict() if hasattr(m, "to_dict") else {"median_ms": float(m.median_ms)}
-
-
 def final_evaluation(inputs: SearchInputs, params: Params,
                      archs: Sequence[Arch]) -> tuple[dict[Arch, dict[str, Any]], dict[str, Any]]:
     """val top-1 and measured latency of each distinct chosen subnet (each measured once).
@@ -252,7 +249,7 @@ def final_evaluation(inputs: SearchInputs, params: Params,
     Both use the BN-calibrated static subnet that export will ship (evit.search.fitness).
     """
     from evit.latency.devices import get_device
-    from evit.latency.stage import statistic
+    from evit.latency.measurement import statistic
 
     sp = params.search
     runner = get_device(inputs.device, opset=params.export.onnx_opset)
@@ -267,7 +264,7 @@ def final_evaluation(inputs: SearchInputs, params: Params,
         shape = (inputs.device.batch_size, 3, arch.resolution, arch.resolution)
         m = runner.measure(static, shape)
         ms = float(getattr(m, stat))
-        out[arch] = {"val_top1": val, "measured_latency_ms": ms, "measurement": _measurement_dict(m)}
+        out[arch] = {"val_top1": val, "measured_latency_ms": ms, "measurement": m.to_dict()}
         log.info("final %s: val top-1 %.4f, measured %.4f ms (%s)", arch.key, val, ms, stat)
     return out, runner.describe()
 
@@ -439,30 +436,11 @@ def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             "evaluated": metrics["evaluated"], "seconds": metrics["seconds"]}
 
 
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    out = {k: float(metrics[k]) for k in ("evaluated", "cache_hits", "seconds")}
-    for label, m in metrics["budgets"].items():
-        for k, v in m.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{label}.{k}"] = float(v)
-    return out
-
-
 def _track(params: Params, device: str, metrics: dict[str, Any], files: list[Path]) -> None:
     """Log the stage to MLflow; a tracking failure must not throw away a finished search."""
-    try:
-        import mlflow
-
-        from evit.tracking import stage_run
-
-        with stage_run(params, f"search@{device}", tags={"evit.device": device}, log_sections=("search",)):
-            mlflow.log_metrics(_flat_metrics(metrics))
-            for f in files:
-                if f.is_file():
-                    mlflow.log_artifact(str(f), artifact_path="search")
-    except Exception as exc:  # noqa: BLE001 - tracking is best effort by design
-        log.warning("search@%s: could not log to MLflow (%s: %s); the results are written", device,
-                    type(exc).__name__, exc)
+    numbers = numeric_metrics({k: metrics[k] for k in ("evaluated", "cache_hits", "seconds")})
+    log_stage(params, f"search@{device}", tags={"evit.device": device}, log_sections=("search",),
+              metrics={**numbers, **numeric_metrics(metrics["budgets"])}, artifacts=files, artifact_path="search")
 
 
 def search_device(params: Params, device: str, *, track: bool = True) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class SearchSpace:
     variant: str = "default"
     """"default": evit's own supernet modules; "reference": modules with the parameter layout
     and forward of the paper's released supernet (`evit.nn.reference`, built by
-    `evit.reference_space`), so its checkpoint imports exactly. Same arch type, sampler,
+    `evit.space.reference`), so its checkpoint imports exactly. Same arch type, sampler,
     FLOPs counter, LUTs, search and export for both."""
     flops_convention: FlopsConvention = "true"
     """How `evit.flops` counts this space's FLOPs (levels, budgets, reports); not structural."""

@@ -38,6 +38,7 @@ from evit.config import Params
 from evit.io import save_figure_atomic, write_json_atomic
 from evit.space import SearchSpace
 from evit.resolve import space_from_params
+from evit.tracking import stage_run
 from evit.train import checkpoint as ckpt_mod
 from evit.train.conflict import measure_conflict
 from evit.evaluate import evaluate_subnet, isolated_rng, split_tensors
@@ -96,7 +97,7 @@ def _stats(values: list[float]) -> dict[str, Any]:
             "per_seed": values}
 
 
-def _plot(report: dict[str, Any], path: Path) -> None:
+def plot_ablation(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,10 +121,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
 def run_ablation(params: Params) -> dict[str, Any]:
     """Stage entry point (`evit ablate`); returns a compact table of the results."""
-    import mlflow
-
     from evit.data.loader import PreparedData
-    from evit.tracking import stage_run
     from evit.train.loop import Trainer
 
     a = params.ablate
@@ -145,10 +143,9 @@ def run_ablation(params: Params) -> dict[str, Any]:
                 if _finished(final, ckpt_mod.params_hash(p, data.content_hash)):
                     log.info("ablation %s seed %d: reusing %s", sampler, seed, final)
                 else:
-                    with mlflow.start_run(run_name=f"ablate-{sampler}-seed{seed}", nested=True,
-                                          tags={"evit.stage": "ablate-run", "evit.sampler": sampler}) as child:
-                        res = Trainer(p, out_dir=out_dir, resume=True, data=data,
-                                      mlflow_run_id=child.info.run_id).fit()
+                    with parent.child(f"ablate-{sampler}-seed{seed}",
+                                      tags={"evit.stage": "ablate-run", "evit.sampler": sampler}) as child:
+                        res = Trainer(p, out_dir=out_dir, resume=True, data=data, mlflow_run_id=child.run_id).fit()
                         info = {k: res.summary.get(k) for k in ("train_seconds", "images_per_s", "top1_mean")}
                 supernet, meta = ckpt_mod.load_supernet(final, space=space)
                 supernets[sampler], states[sampler] = supernet, meta["sampler"]
@@ -177,7 +174,7 @@ def run_ablation(params: Params) -> dict[str, Any]:
         report = _report(params, per_run, archs, arch_flops)
         out = paths.ablation_dir(params)
         write_json_atomic(out / "ablation.json", report)
-        _plot(report, out / "ablation.png")
+        plot_ablation(report, out / "ablation.png")
         metrics = {}
         for s, r in report["samplers"].items():
             metrics[f"{s}_top1_mean"] = r["top1_mean"]
@@ -186,10 +183,9 @@ def run_ablation(params: Params) -> dict[str, Any]:
                     v = r["conflict"][key][kind]["mean"]
                     if v is not None:
                         metrics[f"{s}_cos_{key}_{kind}"] = v
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(out / "ablation.json"))
-        mlflow.log_artifact(str(out / "ablation.png"))
-        _ = parent
+        parent.log_metrics(metrics)
+        parent.log_artifact(out / "ablation.json")
+        parent.log_artifact(out / "ablation.png")
     return {"ablation": str(out / "ablation.json"), "plot": str(out / "ablation.png"),
             "top1": {s: {lv: round(v["top1_mean"], 4) for lv, v in r["levels"].items()}
                      for s, r in report["samplers"].items()},

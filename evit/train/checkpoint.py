@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from evit.arch import Arch
 from evit.errors import CheckpointError
 
 
@@ -46,16 +45,21 @@ log = logging.getLogger(__name__)
 
 FORMAT = "evit-supernet-checkpoint/1"
 
-_HASH_EXCLUDED = frozenset({"out_dir", "checkpoint_every", "eval_every_epochs", "workers", "device", "threads",
-                            "log_every"})
+HASH_EXCLUDED = frozenset({"out_dir", "checkpoint_every", "eval_every_epochs", "workers", "device", "threads",
+                           "log_every"})
 """Train knobs that do not change what is trained (workers: augmentation is seeded per sample;
 threads may change float rounding, not the recipe)."""
 
 
+def recipe(train_section: dict[str, Any]) -> dict[str, Any]:
+    """The `train` section less its bookkeeping knobs (`HASH_EXCLUDED`): what shapes the weights."""
+    return {k: v for k, v in train_section.items() if k not in HASH_EXCLUDED}
+
+
 def params_hash(params: Any, data_hash: str) -> str:
     """Hash of everything that shapes the trained weights: train (less bookkeeping), space, data."""
-    train = {k: v for k, v in params.section("train").items() if k not in _HASH_EXCLUDED}
-    return sha256_json({"train": train, "space": params.section("space"), "data": data_hash})
+    return sha256_json({"train": recipe(params.section("train")), "space": params.section("space"),
+                        "data": data_hash})
 
 
 # --- RNG states ----------------------------------------------------------------------------------
@@ -203,19 +207,3 @@ def load_supernet(path: str | Path, space: SearchSpace | None = None,
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng")}
     meta.setdefault("weights", "raw")
     return net.to(map_location).eval(), meta
-
-
-def load_banks(path: str | Path) -> dict[int, list[tuple[Arch, float]]]:
-    """level -> [(arch, score)], best first, from a checkpoint's elastic sampler state.
-
-    KeyError when the run kept no banks (uniform / complexity samplers).
-    """
-    from evit.train.samplers import banks_to_json
-
-    ckpt = load_checkpoint(path)
-    sampler = ckpt.get("sampler") or {}
-    if "banks" not in sampler:
-        raise KeyError(f"{path} has no memory banks (sampler {sampler.get('name')!r})")
-    space = restore_space(ckpt["space"])
-    table = banks_to_json(sampler, space)
-    return {int(lv): [(Arch.from_dict(r["arch_json"]), float(r["score"])) for r in rows] for lv, rows in table.items()}

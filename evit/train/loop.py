@@ -44,7 +44,8 @@ from evit.train import checkpoint as ckpt_mod
 from evit.train.distributed import DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed
 from evit.evaluate import evaluate_subnet
 from evit.train.logbook import STEP_LOG, MlflowBatcher, StepLog
-from evit.train.samplers import SubnetSampler, banks_to_json, make_sampler, settings_from_params
+from evit.train.banks import banks_to_json
+from evit.train.samplers import SubnetSampler, make_sampler, settings_from_params
 from evit.train.step import StepConfig, StepRunner, Throughput, make_mixup, score_archs
 
 log = logging.getLogger(__name__)

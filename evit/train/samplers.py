@@ -13,7 +13,7 @@
   likely, as in the reference's `get_bank_id`); each step trains 3 subnets drawn in
   the current level plus that level's min subnet (distilled from the mean of the 3).
 - `elastic` (default): complexity-aware + performance-aware sampling with one memory
-  bank of (arch, score) per level (see `MemoryBank` and `ElasticSampler`).
+  bank of (arch, score) per level (see `evit.train.banks.MemoryBank` and `ElasticSampler`).
 - `flat` (an ablation control, not a method): exactly `complexity`'s step structure
   and losses (3 subnets learn from the labels/teacher, a min subnet is distilled from
   their detached mean), but the 3 are drawn uniformly over the WHOLE space and the min
@@ -60,12 +60,12 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from evit import flops
 from evit.arch import Arch, MBStage
 from evit.space import SearchSpace
+from evit.train.banks import BankEntry, MemoryBank
 
 SAMPLERS = ("uniform", "flat", "complexity", "elastic")
 LEVEL_SUBNETS = 3
@@ -139,75 +139,6 @@ def preference_diff(candidate: Arch, anchor: Arch, space: SearchSpace) -> float:
     wide = flops.flops_m(with_transformer(candidate, anchor, "width"), space)
     deep = flops.flops_m(with_transformer(candidate, anchor, "depth"), space)
     return wide - deep
-
-
-# --- memory bank -------------------------------------------------------------------------------
-
-@dataclass
-class BankEntry:
-    score: float
-    """-CE (hard labels) when last measured."""
-    advantage: float
-    """score minus the same step's score of the level's reference (min) subnet; ranks the bank."""
-    step: int
-    """Training step of the last measurement."""
-
-
-class MemoryBank:
-    """(arch, score) entries of one FLOPs level, at most `capacity`; insertion-ordered."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.entries: dict[Arch, BankEntry] = {}
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __contains__(self, arch: object) -> bool:
-        return arch in self.entries
-
-    def more_than_half_full(self) -> bool:
-        return len(self.entries) > self.capacity // 2
-
-    def at_least_half_full(self) -> bool:
-        return len(self.entries) >= self.capacity // 2
-
-    def offer(self, arch: Arch, entry: BankEntry) -> bool:
-        """Insert, refresh (arch already in), or replace the worst entry if better; True if kept."""
-        if arch in self.entries or len(self.entries) < self.capacity:
-            self.entries[arch] = entry
-            return True
-        worst = min(self.entries, key=lambda a: self.entries[a].advantage)
-        if entry.advantage > self.entries[worst].advantage:
-            del self.entries[worst]
-            self.entries[arch] = entry
-            return True
-        return False
-
-    def best(self) -> Arch | None:
-        if not self.entries:
-            return None
-        return max(self.entries, key=lambda a: self.entries[a].advantage)
-
-    def draw(self, rng: random.Random) -> Arch:
-        """One arch with probability softmax(advantage) (= softmax of the scores moved to now)."""
-        archs = list(self.entries)
-        adv = [self.entries[a].advantage for a in archs]
-        top = max(adv)
-        weights = [math.exp(v - top) for v in adv]
-        return rng.choices(archs, weights=weights, k=1)[0]
-
-    def to_list(self) -> list[dict[str, Any]]:
-        return [{"arch": a.key, "score": e.score, "advantage": e.advantage, "step": e.step}
-                for a, e in self.entries.items()]
-
-    @classmethod
-    def from_list(cls, capacity: int, items: Sequence[dict[str, Any]]) -> MemoryBank:
-        bank = cls(capacity)
-        for it in items:
-            bank.entries[Arch.from_key(str(it["arch"]))] = BankEntry(
-                float(it["score"]), float(it["advantage"]), int(it["step"]))
-        return bank
 
 
 # --- the interface -------------------------------------------------------------------------------
@@ -456,22 +387,6 @@ class ElasticSampler(ComplexitySampler):
         self.baseline = {int(k): float(v) for k, v in state["baseline"].items()}
 
 
-def banks_to_json(sampler_state: dict[str, Any], space: SearchSpace) -> dict[str, list[dict[str, Any]]]:
-    """The banks of an elastic sampler state as JSON: level -> [{arch, arch_json, score, ...}], best first."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    baseline = {int(k): float(v) for k, v in sampler_state.get("baseline", {}).items()}
-    for lv, items in sampler_state.get("banks", {}).items():
-        base = baseline.get(int(lv), 0.0)
-        rows = []
-        for it in sorted(items, key=lambda it: -float(it["advantage"])):
-            arch = Arch.from_key(str(it["arch"]))
-            rows.append({"arch": arch.key, "arch_json": arch.to_dict(), "score": float(it["advantage"]) + base,
-                         "measured_score": float(it["score"]), "measured_step": int(it["step"]),
-                         "flops_m": round(flops.flops_m(arch, space), 4)})
-        out[str(lv)] = rows
-    return out
-
-
 def make_sampler(name: str, space: SearchSpace, seed: int, total_steps: int,
                  settings: ElasticSettings = ElasticSettings(),
                  level_sampler: LevelSamplerLike | None = None) -> SubnetSampler:
@@ -495,15 +410,3 @@ def settings_from_params(train: Any) -> ElasticSettings:
     return ElasticSettings(bank_capacity=train.bank_capacity, exploit_p_start=train.exploit_p_start,
                            exploit_p_step=train.exploit_p_step, exploit_p_every=train.exploit_p_every,
                            explore_candidates=train.explore_candidates)
-
-
-def load_banks(checkpoint_path: str | Path) -> dict[int, list[tuple[Arch, float]]]:
-    """Memory banks of a training checkpoint: level -> [(arch, score)], best first.
-
-    Score = -CE moved to the end of training (see the module docstring). Raises
-    CheckpointError when the file is unreadable, KeyError when the run kept no banks
-    (the uniform and complexity samplers).
-    """
-    from evit.train.checkpoint import load_banks as _load
-
-    return _load(checkpoint_path)

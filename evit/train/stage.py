@@ -21,8 +21,13 @@ from typing import Any
 
 from evit import paths
 from evit.config import Params
-from evit.io import sha256_file, write_json_atomic
+from evit.io import read_json, sha256_file, write_json_atomic
+from evit.level_sampler import LevelSampler
+from evit.resolve import space_for, space_from_params
+from evit.tracking import StageRun, numeric_metrics, stage_run
 from evit.train import checkpoint as ckpt_mod
+from evit.train.distributed import init_distributed
+from evit.train.import_reference import refuse_training_over_import
 from evit.train.logbook import plot_flops, plot_losses, read_step_log
 from evit.train.loop import FitResult, Trainer
 
@@ -31,12 +36,12 @@ log = logging.getLogger(__name__)
 BANKS_FILE = "banks.json"
 
 
-def _flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    out = {f"top1_{k.replace('/', '_')}": float(v) for k, v in summary.get("top1", {}).items()}
-    for k in ("top1_mean", "top1_raw_mean", "top1_ema_mean", "images_per_s", "train_seconds", "steps"):
-        if summary.get(k) is not None:
-            out[k] = float(summary[k])
-    return out
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The run's headline numbers: top-1 per evaluated subnet, their means, throughput, steps."""
+    top1 = {f"top1_{k.replace('/', '_')}": v for k, v in summary.get("top1", {}).items()}
+    rest = {k: summary.get(k) for k in ("top1_mean", "top1_raw_mean", "top1_ema_mean", "images_per_s",
+                                         "train_seconds", "steps")}
+    return numeric_metrics({**top1, **{k: v for k, v in rest.items() if v is not None}})
 
 
 def write_outputs(params: Params, result: FitResult, *, plots: bool = True) -> dict[str, Any]:
@@ -47,15 +52,12 @@ def write_outputs(params: Params, result: FitResult, *, plots: bool = True) -> d
     write_json_atomic(banks_path, result.banks)
     # Flat numbers only (`dvc metrics show` makes a column of every key); the per-epoch history
     # is in the checkpoint and the MLflow run.
-    metrics = {**_flat_metrics(s), "weights": s["weights"], "sampler": s["sampler"]}
+    metrics = {**summary_metrics(s), "weights": s["weights"], "sampler": s["sampler"]}
     write_json_atomic(paths.train_metrics_path(), metrics)
     outputs = {"metrics": str(paths.train_metrics_path()), "banks": str(banks_path)}
     if plots and result.step_log is not None:
         rows = read_step_log(result.step_log)
-        space = params.space
-        from evit.resolve import space_from_params
-
-        sp = space_from_params(space)
+        sp = space_from_params(params.space)
         loss_png = plot_losses(rows, paths.plots_dir() / "train-loss.png", title=f"supernet loss ({s['sampler']})")
         flops_png = plot_flops(rows, paths.plots_dir() / "train-flops.png", sp.levels, sp.tolerance,
                                title=f"sampled FLOPs ({s['sampler']})")
@@ -63,22 +65,41 @@ def write_outputs(params: Params, result: FitResult, *, plots: bool = True) -> d
     return outputs
 
 
-def log_to_mlflow(result: FitResult, outputs: dict[str, Any]) -> None:
-    import mlflow
-
+def log_outputs(run: StageRun, result: FitResult, outputs: dict[str, Any]) -> None:
+    """The finished run's metrics, checkpoint reference (path + sha256; the file stays in
+    DVC's cache/remote), banks, metrics file, plots and step log, on the stage's MLflow run."""
     s = result.summary
-    mlflow.log_metrics(_flat_metrics(s))
+    run.log_metrics(summary_metrics(s))
     ck = result.final_checkpoint
-    mlflow.set_tags({"evit.weights": s["weights"], "evit.sampler": s["sampler"],
-                     "evit.checkpoint": str(ck), "evit.checkpoint_sha256": sha256_file(ck),
-                     "evit.data_hash": s["data_hash"]})
-    mlflow.log_dict({"path": str(ck), "sha256": sha256_file(ck), "bytes": ck.stat().st_size,
-                     "weights": s["weights"], "data_hash": s["data_hash"]}, "checkpoint.json")
+    digest = sha256_file(ck)
+    run.set_tags({"evit.weights": s["weights"], "evit.sampler": s["sampler"], "evit.checkpoint": str(ck),
+                  "evit.checkpoint_sha256": digest, "evit.data_hash": s["data_hash"]})
+    run.log_dict({"path": str(ck), "sha256": digest, "bytes": ck.stat().st_size, "weights": s["weights"],
+                  "data_hash": s["data_hash"]}, "checkpoint.json")
     for key in ("banks", "metrics", "loss_plot", "flops_plot"):
         if key in outputs and Path(outputs[key]).is_file():
-            mlflow.log_artifact(outputs[key])
+            run.log_artifact(outputs[key])
     if result.step_log is not None and result.step_log.is_file():
-        mlflow.log_artifact(str(result.step_log))
+        run.log_artifact(result.step_log)
+
+
+def resumable(params: Params) -> bool:
+    """Whether training may resume from `models/last.pt`: only a checkpoint of these very params
+    and data (a params change that makes the stage rerun must start over, not mix two
+    configurations). No checkpoint: True (there is nothing to mix)."""
+    last = paths.resume_path(params)
+    if not ckpt_mod.rolling_exists(last):
+        return True
+    try:
+        manifest = read_json(paths.manifest_path(params))
+        ck, _ = ckpt_mod.load_rolling(last)  # a corrupt latest falls back to last.prev.pt (reported)
+        same = ck.get("params_hash") == ckpt_mod.params_hash(params, str(manifest["content_hash"]))
+    except Exception as exc:  # noqa: BLE001 - unreadable: the trainer would refuse it too
+        log.warning("%s is unreadable (%s); training starts over", last, type(exc).__name__)
+        return False
+    if not same:
+        log.info("%s belongs to other train/space params or data; training starts over", last)
+    return same
 
 
 def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
@@ -86,36 +107,24 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
 
     Under torchrun every rank calls this; only rank 0 talks to MLflow and writes files.
     """
-    from evit.resolve import space_for
-    from evit.level_sampler import LevelSampler
-    from evit.train.distributed import init_distributed
-
-    from evit.reference_import import refuse_training_over_import
-
     refuse_training_over_import(paths.checkpoint_path(params), resume)
     if params.train.sampler not in ("uniform", "flat"):  # fail on unreachable custom levels before any work
         LevelSampler(space_for(params)).check_levels()
     info = init_distributed(params.train.device)
-    if info.is_main:
-        from evit.tracking import stage_run
-
-        ctx: Any = stage_run(params, "train", log_sections=("train", "space"))
-    else:
-        ctx = contextlib.nullcontext(None)
+    ctx: Any = stage_run(params, "train", log_sections=("train", "space")) if info.is_main \
+        else contextlib.nullcontext(None)
     with ctx as run:
-        trainer = Trainer(params, resume=resume, mlflow_run_id=run.info.run_id if run is not None else None)
+        trainer = Trainer(params, resume=resume, mlflow_run_id=run.run_id if run is not None else None)
         if run is not None:
-            import mlflow
-
-            mlflow.log_params({"train.steps_per_epoch_effective": trainer.steps_per_epoch,
-                               "train.total_steps": trainer.total_steps, "world_size": info.world_size,
-                               "data.content_hash": trainer.data_hash})
+            run.log_params({"train.steps_per_epoch_effective": trainer.steps_per_epoch,
+                            "train.total_steps": trainer.total_steps, "world_size": info.world_size,
+                            "data.content_hash": trainer.data_hash})
             if resume and ckpt_mod.rolling_exists(trainer.last_path):
-                mlflow.set_tag("evit.resumed", "true")
+                run.set_tags({"evit.resumed": "true"})
         result = trainer.fit()
         if not info.is_main:
             return {"rank": info.rank}
         outputs = write_outputs(params, result)
         if run is not None:
-            log_to_mlflow(result, outputs)
+            log_outputs(run, result, outputs)
         return {**result.summary, "outputs": outputs}

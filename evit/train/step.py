@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from evit import flops
 from evit.arch import Arch
@@ -131,7 +132,7 @@ class StepRunner:
         sup_probs: list[Tensor] = []
         losses: list[Tensor] = []
         scores: list[Tensor] = []
-        ddp = hasattr(self.model, "no_sync")
+        ddp = isinstance(self.model, DistributedDataParallel)
         for i, d in enumerate(draws):
             res = d.arch.resolution
             if res not in inputs:

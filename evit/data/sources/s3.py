@@ -1,4 +1,4 @@
-"""S3 (AWS, MinIO, moto_server): the client every stage shares, and the S3 data source.
+"""S3 (AWS, MinIO, moto_server) as an image source: the boto3 client and the S3 data source.
 
 Endpoint: `AWS_ENDPOINT_URL_S3`, then `AWS_ENDPOINT_URL`, then `storage.endpoint_url`
 (None means AWS itself), so one environment variable points a whole run at MinIO or a
@@ -19,7 +19,7 @@ import numpy as np
 
 from evit.config import StorageParams
 from evit.data.images import BadImage, decode
-from evit.data.sources import LAYOUT_HINT, SOURCE_SPLITS, Item, Listing, Source, classify, merge
+from evit.data.sources.base import LAYOUT_HINT, SOURCE_SPLITS, Item, Listing, Source, classify, merge
 from evit.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ holds plain tensors. `module.` prefixes (DataParallel/DDP) are stripped.
 
 Every key and shape is checked against `ReferenceSupernet(space)`, the module that holds
 the reference layout for the space built from the reference's own YAML
-(`evit.reference_space`); a mismatch is one error naming the missing, unexpected and
+(`evit.space.reference`); a mismatch is one error naming the missing, unexpected and
 mis-shaped keys. The result is written with `evit.train.checkpoint.save_checkpoint`, so
 `load_supernet(path)` returns a module whose `forward(x, arch)` runs any subnet, and
 `evit lut/search/export` (with `space.preset: reference`) take it like a trained one.

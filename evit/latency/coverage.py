@@ -1,6 +1,6 @@
-"""Which blocks a latency table must hold: derived from the space's choices, not sampled.
+"""Which blocks a latency table must hold, and the carrier subnets that cover them.
 
-A subnet's latency is predicted as the sum over `evit.flops.arch_blocks(arch, space)`, so
+A subnet's latency is predicted as the sum over `evit.blocks.arch_blocks(arch, space)`, so
 a complete LUT holds every `Block` that any valid arch of the space can produce. Sampling
 subnets until no new block appears would miss rare combinations; instead
 `unique_blocks` walks the stages with the set of reachable (input side, input width,
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from evit.arch import Arch, Stage, Stem
-from evit.blocks import Block, arch_blocks, out_side, stage_blocks
+from evit.blocks import Block, arch_blocks, head_block, out_side, stage_blocks
 from evit.space import SearchSpace, StageSpace
 
 
@@ -51,7 +51,7 @@ def block_witnesses(space: SearchSpace) -> dict[Block, Arch]:
 
     Walks the stages with the reachable states (input side, input width, previous width),
     keeping only widths that can still be completed into a valid arch. Blocks are produced
-    by `evit.flops.stage_blocks`, the function `arch_blocks` uses, so keys always agree.
+    by `evit.blocks.stage_blocks`, the function `arch_blocks` uses, so keys always agree.
     """
     completable = _completable(space)
     found: dict[Block, Arch] = {}
@@ -141,9 +141,7 @@ def _layers(space: SearchSpace) -> list[list[_Edge]]:
                     layer.append(_Edge((h, c_in, prev), (sb[0].h_out, width, width), st, frozenset(sb)))
         layers.append(layer)
         states = sorted({e.dst for e in layer if e.dst is not None})
-    heads = [_Edge(st, None, None, frozenset([Block("head", st[0], st[1], space.num_classes,
-                                                    expansion=space.head_expansion, head_width=space.head_width)]))
-             for st in states]
+    heads = [_Edge(st, None, None, frozenset([head_block(space, st[0], st[1])])) for st in states]
     layers.append(heads)
     return layers
 

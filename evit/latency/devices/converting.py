@@ -1,0 +1,272 @@
+"""The kinds whose timing first converts modules into a runtime's files (litert, executorch).
+
+Both run the XNNPACK CPU kernels a phone runs (LiteRT's default delegate; ExecuTorch's
+XNNPACK backend), here, on `threads` threads, with the shared timing discipline of
+`evit.latency.devices.base.Device` (warm-up, inner repeats, interleaved rounds, in-context
+chains, the thread clock for single-threaded runs).
+
+What is expensive is making the files: a whole subnet takes 15-85 s to convert (LiteRT)
+or 25-120 s to lower (ExecuTorch) here, and the cost grows with the graph's size. So:
+- a block repeated inside a subnet is converted once: its positions share one signature
+  (LiteRT) or method (ExecuTorch), and each position loads its own instance of it (a
+  program or interpreter of its own), so each still runs with its own weights and
+  buffers, as in the deployed subnet;
+- `prepare_ahead` converts everything a table build will time before timing starts, in
+  `convert_jobs` parallel workers (spawned processes lowering ExecuTorch programs; LiteRT
+  converter processes), so the conversions no longer sit between measurements and use
+  every core;
+- modules are converted together, one signature / method each, at most `BATCH` per file;
+- LiteRT conversions go through long-lived converter processes
+  (evit.formats.tflite.LiteRTConverter), paying the converter's start-up once per worker;
+- files are cached by content hash under `EVIT_MODEL_CACHE` (default
+  `.evit-cache/latency-models/`): the runtime's version, the evit static-module source,
+  and every module's key and input shape; a resumed or repeated table build reuses them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from evit import cancel
+from evit.host import package_version, usable_cpus
+from evit.latency.devices.base import Device, Item, Prepared
+from evit.latency.measurement import Measurement
+
+log = logging.getLogger(__name__)
+
+BATCH = 48
+"""Modules per converted file (one signature / method each)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EVIT_MODEL_CACHE") or Path(".evit-cache") / "latency-models")
+
+
+def _code_digest() -> str:
+    """The module definitions a converted file was made from (a change invalidates the cache)."""
+    import evit.nn.common
+    import evit.nn.static
+
+    h = hashlib.sha256()
+    for mod in (evit.nn.static, evit.nn.common):
+        h.update(Path(str(mod.__file__)).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _code_digest() -> str:
+    """The module definitions a converted file was made from (a change invalidates the cache)."""
+    import evit.nn.common
+    import evit.nn.static
+
+    h = hashlib.sha256()
+    for mod in (evit.nn.static, evit.nn.common):
+        h.update(Path(str(mod.__file__)).read_bytes())
+    return h.hexdigest()[:16]
+
+
+Modules = dict[str, tuple[nn.Module | Callable[[], nn.Module], tuple[int, ...]]]
+"""What one file holds: signature / method name -> (module or its factory, input shape)."""
+
+
+@dataclass(frozen=True)
+class ConvertedFile:
+    """One converted file: where it is cached and which module (content key) is which name."""
+
+    path: Path
+    names: dict[str, str]
+    """content key -> signature / method name."""
+    modules: Modules
+
+
+def convert_workers(requested: int | None, files: int) -> int:
+    """Parallel conversions: `convert_jobs`, else one per usable CPU; never more than files."""
+    return max(1, min(requested or usable_cpus(), files))
+
+
+class ConvertingDevice(Device):
+    """Shared batching, caching and parallel conversion; subclasses convert files and load entries."""
+
+    per_call_overhead = True
+    suffix = ""
+    runtime_packages: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._code = _code_digest()
+        self.convert_seconds = 0.0
+        """Wall seconds spent converting (parallel conversions count once)."""
+        self.files_made = 0
+        self.files_reused = 0
+        self._index: dict[str, tuple[Path, str]] = {}
+        """content key -> (file, signature / method name) `prepare_ahead` put it in."""
+        self._instances: dict[tuple[Path, str], int] = {}
+        """(file, name) -> instances loaded so far (each position of a block gets its own)."""
+        self._isolate = False
+        """Convert in worker processes even one file at a time (`isolate_conversions`)."""
+
+    def close(self) -> None:
+        super().close()
+        self._instances.clear()
+
+    def conversion_stats(self) -> dict[str, Any]:
+        return {"files_made": self.files_made, "files_reused": self.files_reused,
+                "seconds": round(self.convert_seconds, 1)}
+
+    def isolate_conversions(self) -> None:
+        # keeps this process's GIL free: the pipeline converts beside training, in the same process
+        self._isolate = True
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({p: package_version(p) for p in self.runtime_packages})
+        d["delegate"] = "xnnpack"
+        return d
+
+    # --- batching ----------------------------------------------------------------------
+    def measure_many(self, items: Sequence[Item], **kw: Any) -> list[Measurement]:
+        self._prepare_batch(items)
+        return super().measure_many(items, **kw)
+
+    def measure_chains(self, chains: Sequence[Sequence[Item]], **kw: Any) -> list[list[Measurement]]:
+        self._prepare_batch([it for ch in chains for it in ch])
+        return super().measure_chains(chains, **kw)
+
+    def prepare(self, item: Item) -> Prepared:
+        if item.key is None or item.key not in self._prepared:
+            self._prepare_batch([item])
+        return super().prepare(item)
+
+    def _content_key(self, item: Item) -> str:
+        """What a file must hold for `item`: its block (`file_key`: every position of a block in
+        a subnet shares one converted signature / method) and input shape."""
+        return f"{item.file_key or item.key}|{'x'.join(map(str, item.input_shape))}"
+
+    def _plan_files(self, items: Sequence[Item]) -> list[ConvertedFile]:
+        """Files for `items` (one module per content key), split evenly into files of at most BATCH."""
+        modules: dict[str, tuple[Any, tuple[int, ...]]] = {}
+        for it in items:
+            if it.key is None:
+                it.key = f"anon|{id(it)}"
+            modules.setdefault(self._content_key(it), (it.module, it.input_shape))
+        keys = list(modules)
+        n_files = math.ceil(len(keys) / BATCH)
+        files = []
+        for i in range(n_files):
+            group = keys[i * len(keys) // n_files:(i + 1) * len(keys) // n_files]
+            contents = sorted(group)
+            digest = hashlib.sha256(json.dumps({"kind": self.params.kind, "code": self._code, "contents": contents,
+                                                "runtime": [package_version(p) for p in self.runtime_packages]})
+                                    .encode()).hexdigest()[:24]
+            names = {c: f"m{j}" for j, c in enumerate(contents)}
+            files.append(ConvertedFile(cache_dir() / f"{digest}{self.suffix}", names,
+                               {names[c]: modules[c] for c in contents}))
+        return files
+
+    def prepare_ahead(self, groups: Sequence[Sequence[Item]]) -> None:
+        """Convert every file the timing of `groups` will need, before any timing, in parallel.
+
+        Each group is planned into files on its own (a group's modules share files), so
+        the same groups give the same files and a resumed build finds them in the cache.
+        Modules already converted, cached or indexed are skipped.
+        """
+        files: list[ConvertedFile] = []
+        planned: set[str] = set(self._index)
+        for group in groups:
+            todo = [it for it in group if (it.key is None or it.key not in self._prepared)
+                    and self._content_key(it) not in planned]
+            planned.update(self._content_key(it) for it in todo)
+            if todo:
+                files.extend(self._plan_files(todo))
+        missing = [f for f in files if not f.path.is_file()]
+        self.files_reused += len(files) - len(missing)
+        if missing:
+            self._convert_files(missing)
+        for f in files:
+            for c, name in f.names.items():
+                self._index[c] = (f.path, name)
+
+    def _convert_files(self, files: Sequence[ConvertedFile]) -> None:
+        """Convert `files` (all missing from the cache): in this process, or in parallel workers."""
+        workers = convert_workers(self.params.convert_jobs, len(files))
+        n_modules = sum(len(f.names) for f in files)
+        log.info("%s: converting %d module(s) into %d %s file(s), %d at a time", self.name, n_modules, len(files),
+                 self.suffix, workers)
+        for f in files:
+            f.path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        if workers == 1 and not self._isolate:
+            for i, f in enumerate(files, 1):
+                cancel.check(f"{self.name}: converting files, the ones done are cached")
+                self._convert({n: build_module(m, shape) for n, (m, shape) in f.modules.items()}, f.path)
+                log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, i, len(files),
+                         len(f.names), time.monotonic() - t0)
+        else:
+            self._convert_parallel(files, workers, t0)
+        self.convert_seconds += time.monotonic() - t0
+        self.files_made += len(files)
+
+    def _convert_parallel(self, files: Sequence[ConvertedFile], workers: int, t0: float) -> None:
+        raise NotImplementedError
+
+    def _wait(self, futures: dict[cf.Future[Any], ConvertedFile], total: int, t0: float) -> None:
+        """Wait for every conversion, logging each; stop on a cancel request or the first failure."""
+        pending = set(futures)
+        done_n = 0
+        while pending:
+            cancel.check(f"{self.name}: converting files, the ones done are cached")
+            done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # re-raises the worker's error
+                done_n += 1
+                log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, done_n, total,
+                         len(futures[fut].names), time.monotonic() - t0)
+
+    def _prepare_batch(self, items: Sequence[Item]) -> None:
+        """Load every not-yet-prepared item, converting (BATCH per file) what no file holds yet."""
+        todo = [it for it in items if it.key is None or it.key not in self._prepared]
+        fresh = [it for it in todo if self._content_key(it) not in self._index]
+        if fresh:
+            self.prepare_ahead([fresh])
+        for it in todo:
+            if it.key in self._prepared:  # the same key twice in `items`
+                continue
+            path, name = self._index[self._content_key(it)]
+            instance = self._instances.get((path, name), 0)
+            self._instances[(path, name)] = instance + 1
+            self._prepared[it.key] = self._load(path, name, it, instance)  # type: ignore[index]
+            self._prepared_bytes[it.key] = 0  # type: ignore[index]
+
+    def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:  # pragma: no cover
+        raise AssertionError("mobile devices prepare in batches (_prepare_batch)")
+
+    def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
+        raise NotImplementedError
+
+    def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
+        """Entry `name` of the file, from its `instance`-th loaded copy (own weights and buffers)."""
+        raise NotImplementedError
+
+
+def build_module(module: nn.Module | Callable[[], nn.Module],
+                 shape: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
+    """The module (built now when it is a factory) in eval mode, with its input shape."""
+    m = module if isinstance(module, nn.Module) else module()
+    return m.eval(), shape
+
+
+def clear_cache() -> None:
+    """Remove every cached converted file (`evit` never needs this; for disk space)."""
+    shutil.rmtree(cache_dir(), ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Kind `executorch`: ExecuTorch with the XNNPACK delegate, in process (what a phone's
+`executor_runner` links), on programs lowered in spawned worker processes."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import multiprocessing
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evit.errors import DeviceError
+from evit.formats.pte import export_pte_methods, load_program, set_threads
+from evit.latency.devices.base import Item, Prepared, random_input
+from evit.latency.devices.converting import ConvertingDevice, ConvertedFile, Modules, build_module
+
+
+def _lower_pte_file(modules: Modules, path: str) -> float:
+    """Worker process: build the modules and lower them into one .pte (returns CPU seconds)."""
+    torch.set_num_threads(1)
+    t = time.process_time()
+    built = {n: build_module(m, shape) for n, (m, shape) in modules.items()}
+    export_pte_methods({n: (m, random_input(shape)) for n, (m, shape) in built.items()}, path)
+    return time.process_time() - t
+
+
+class ExecuTorchDevice(ConvertingDevice):
+    """ExecuTorch with the XNNPACK delegate, in process (the runtime a phone's executor_runner links)."""
+
+    suffix = ".pte"
+    runtime_packages = ("executorch",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._programs: dict[tuple[Path, int], Any] = {}
+
+    def _prepare_batch(self, items: Sequence[Item]) -> None:
+        # ExecuTorch's XNNPACK thread pool is process-wide and must be sized before any
+        # method is loaded: resizing it under loaded methods crashes the process
+        set_threads(self.params.threads)
+        super()._prepare_batch(items)
+
+    def close(self) -> None:
+        super().close()
+        self._programs.clear()
+
+    def check_available(self) -> None:
+        try:
+            from executorch.runtime import Runtime
+
+            ok = Runtime.get().backend_registry.is_available("XnnpackBackend")
+        except ImportError as exc:
+            raise DeviceError(f"device '{self.name}' (kind executorch) needs the executorch package "
+                              f"(requirements.lock): {exc}") from None
+        if not ok:
+            raise DeviceError(f"device '{self.name}': this executorch build has no XnnpackBackend")
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        set_threads(self.params.threads)
+        with torch.inference_mode():
+            yield
+
+    def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
+        export_pte_methods({n: (m, random_input(shape)) for n, (m, shape) in modules.items()}, path)
+
+    def _convert_parallel(self, files: Sequence[ConvertedFile], workers: int, t0: float) -> None:
+        # spawned, not forked: this process has torch's and the ExecuTorch runtime's threads
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                self._wait({pool.submit(_lower_pte_file, f.modules, str(f.path)): f for f in files}, len(files), t0)
+            except BaseException:
+                for proc in list(getattr(pool, "_processes", {}).values()):  # do not wait for running lowerings
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+    def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
+        program = self._programs.get((path, instance))
+        if program is None:
+            program = self._programs[(path, instance)] = load_program(path)
+        method = program.load_method(name)
+        execute = method.execute
+
+        def step(v: torch.Tensor) -> torch.Tensor:
+            return execute((v,))[0]
+
+        step.keep = (program, method)  # type: ignore[attr-defined]  # the method runs in the program's memory
+
+        return Prepared(step, random_input(item.input_shape))
