@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evit import blocks as blocks_mod  # noqa: E402
 from evit import flops  # noqa: E402
+from evit.level_coverage import coverage_report  # noqa: E402
 from evit.level_sampler import LevelSampler  # noqa: E402
 from evit.space import SearchSpace, get_space  # noqa: E402
 
@@ -142,7 +143,7 @@ def main() -> int:
         print(f"coverage vs rejection sampling (up to {n_cov} draws each; 'noise' = the mean TV two samples "
               "of one distribution would show at these sizes):")
         for lv in levels:
-            rep = ls.coverage_report(lv, n_cov, random.Random(500 + lv), max_uniform_draws=60 * n_cov)
+            rep = coverage_report(ls, lv, n_cov, random.Random(500 + lv), max_uniform_draws=60 * n_cov)
             s = rep.summary()
             cov.append(s)
             print(f"  level {space.levels[lv]:>5}: rejection kept {rep.n_rejection}/{rep.uniform_draws}; "

@@ -11,7 +11,8 @@ import pytest
 
 from evit import flops
 from evit.errors import UserError
-from evit.level_sampler import LevelError, LevelSampler, null_total_variation, total_variation
+from evit.level_coverage import coverage_report, null_total_variation, total_variation
+from evit.level_sampler import LevelError, LevelSampler
 from evit.space import IMAGENET, SearchSpace, get_space
 
 CPU10 = get_space("cpu", num_classes=10)
@@ -127,7 +128,7 @@ def test_coverage_matches_rejection_sampling(cpu_sampler: LevelSampler, level: i
     With 2,000 draws each, two samples of one distribution differ by TV ~0.01-0.03 per
     marginal; a level-blind sampler (uniform draws) is off by > 0.2 on the resolution.
     """
-    rep = cpu_sampler.coverage_report(level, 2000, random.Random(100 + level))
+    rep = coverage_report(cpu_sampler, level, 2000, random.Random(100 + level))
     assert rep.n_rejection == 2000 and rep.acceptance > 0.03
     assert len(rep.tv) == 4 + 4 * len(CPU10.stages) + 1
     worst, tv = rep.max_tv
@@ -152,7 +153,7 @@ def test_total_variation() -> None:
 
 def test_coverage_on_an_imagenet_middle_level(imagenet_sampler: LevelSampler) -> None:
     """The paper space's 400 MFLOPs level (rejection keeps ~3% of uniform draws): looser, fewer draws."""
-    rep = imagenet_sampler.coverage_report(3, 700, random.Random(7))
+    rep = coverage_report(imagenet_sampler, 3, 700, random.Random(7))
     assert rep.n_rejection == 700
     worst, tv = rep.max_tv
     assert tv < 0.13, (worst, rep.tv)

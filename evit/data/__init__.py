@@ -5,6 +5,7 @@
   squares (`data.format: npy`) or WebDataset tars of the encoded images (`shards`).
 - `loader.PreparedData(path)`: the prepared data as torch Datasets / DataLoaders with timm
   transforms at any resolution, or whole splits as tensors.
-- `sources`, `s3`, `images`, `split`, `shards`, `tarshards`: listing, S3 access, decoding,
-  the split rule and the two on-disk formats, each small enough to read in one sitting.
+- `sources/` (one module per source: digits, a local ImageFolder, S3), `images`, `split`,
+  `shards`, `tarshards`: listing and reading, decoding, the split rule and the two on-disk
+  formats, each small enough to read in one sitting.
 """
