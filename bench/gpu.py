@@ -153,8 +153,8 @@ def train_throughput(base: torch.nn.Module, space: Any, cfg: Config, args: argpa
 def search_throughput(base: torch.nn.Module, space: Any, args: argparse.Namespace, device: torch.device,
                       budget_s: float) -> dict[str, Any]:
     """Subnets/min of the search's fitness evaluation: extract, BN recalibration, top-1 in fp32."""
-    from evit.nn.static import extract
     from evit.evaluate import evaluate_top1, recalibrate_bn
+    from evit.nn.static import extract
 
     rng = random.Random(0)
     archs = sorted((space.sample_uniform(rng) for _ in range(args.search_subnets)), key=lambda a: a.resolution)

@@ -40,10 +40,10 @@ def main() -> int:
     from evit.arch import Arch
     from evit.config import load_params
     from evit.data.loader import PreparedData
+    from evit.evaluate import evaluate_subnet
     from evit.resolve import space_from_params
     from evit.train.ablate import EVAL_SEED, EVAL_SPLIT, run_params
     from evit.train.checkpoint import load_supernet
-    from evit.evaluate import evaluate_subnet
 
     torch.set_num_threads(1)
     os.chdir(work)

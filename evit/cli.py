@@ -360,7 +360,8 @@ def import_reference(
     = "auto",
 ) -> None:
     """Import the paper's released supernet (microsoft/Moonlit ElasticViT) as an evit checkpoint."""
-    from evit.train.import_reference import ReferenceImportError, import_reference as run_import
+    from evit.train.import_reference import ReferenceImportError
+    from evit.train.import_reference import import_reference as run_import
 
     if prefer not in ("auto", "ema", "raw"):
         raise ReferenceImportError(f"--prefer {prefer!r}: accepted: auto, ema, raw")

@@ -63,7 +63,6 @@ from evit.blocks import (
 )
 from evit.space import SearchSpace
 
-
 # --- per-block costs ---------------------------------------------------------------------
 
 def block_flops(b: Block, convention: str = "true") -> int:

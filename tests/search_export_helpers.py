@@ -15,8 +15,8 @@ import torch
 
 from evit.arch import Arch
 from evit.config import Params, parse_params
-from evit.host import describe_host
 from evit.export.stage import build_card, export_subnet
+from evit.host import describe_host
 from evit.search.budgets import Budget
 from evit.space import SearchSpace, StageSpace
 
@@ -96,8 +96,8 @@ def tiny_predictor(space: SearchSpace, device: Any) -> Any:
     """
     import functools
 
-    from evit.latency.devices import Item, get_device
     from evit.latency.coverage import unique_blocks
+    from evit.latency.devices import Item, get_device
     from evit.latency.predictor import LatencyPredictor
     from evit.nn.static import build_block
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from search_export_helpers import TINY, make_export
 
-from evit.formats.bundle import MODEL_FILES
-from evit.host import git_commit
 from evit.export.checks import ExportError, check_onnx
 from evit.export.stage import export_device
+from evit.formats.bundle import MODEL_FILES
+from evit.host import git_commit
 from evit.io import read_json, sha256_file
 from evit.search.budgets import Budget
 from evit.space import CPU, IMAGENET, SearchSpace

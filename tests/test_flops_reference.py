@@ -27,8 +27,8 @@ from evit.config import parse_params
 from evit.nn.common import MatMul
 from evit.nn.static import MBConv, StaticSubnet
 from evit.released import RELEASED, resolve_arch
-from evit.space import IMAGENET
 from evit.resolve import space_from_params
+from evit.space import IMAGENET
 
 REF = IMAGENET.with_convention("reference")
 

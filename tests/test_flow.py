@@ -15,10 +15,9 @@ import pytest
 import yaml
 
 from evit.errors import DataError, UserError
-from flows import dvcrepo
 from evit.retry import is_transient
-from tests.flow_helpers import (dvc, flow_env, prefect_home, shared_mlflow_db,  # noqa: F401
-                                tiny, tiny_device)
+from flows import dvcrepo
+from tests.flow_helpers import dvc, flow_env, prefect_home, shared_mlflow_db, tiny, tiny_device  # noqa: F401
 
 CHEAP = ["prepare", "lut"]
 
@@ -106,7 +105,6 @@ def test_mobile_lut_converts_ahead_beside_training_then_only_measures(tiny_param
     import json
 
     from flows.pipeline import run_pipeline
-
     from tests.search_export_helpers import TINY
 
     monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "model-cache"))
@@ -176,8 +174,7 @@ def test_transient_failures_are_told_from_user_errors() -> None:
 
 
 def test_tasks_retry_transient_failures_with_backoff() -> None:
-    from flows.tasks import TASKS
-    from flows.tasks import retry_condition
+    from flows.tasks import TASKS, retry_condition
 
     for t in TASKS.values():
         assert t.retries >= 1 and t.retry_condition_fn is retry_condition

@@ -14,9 +14,9 @@ from torch import nn
 
 from evit.config import ConfigError, DeviceParams, parse_params
 from evit.errors import DeviceError
+from evit.host import cpu_model
 from evit.latency.devices import Item, get_device
 from evit.latency.measurement import Measurement
-from evit.host import cpu_model
 
 
 def _conv() -> nn.Module:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_latency_helpers import TINY, all_archs
 
-from evit.errors import LUTError
 from evit.blocks import arch_blocks
+from evit.errors import LUTError
 from evit.latency.coverage import unique_blocks
 from evit.latency.predictor import BlockRegression, Correction, LatencyPredictor, block_features, fit_affine
 from evit.latency.report import choose_correction, error_metrics, flops_proxy

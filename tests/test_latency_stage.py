@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from test_latency_helpers import FAST, TINY, all_archs
 
+from evit.blocks import arch_blocks
 from evit.config import load_params
 from evit.errors import DeviceError, LUTError
-from evit.blocks import arch_blocks
 from evit.latency.coverage import covering_archs, unique_blocks
 from evit.latency.lut import load_lut, partial_path
 from evit.latency.predictor import LatencyPredictor

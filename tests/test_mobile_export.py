@@ -18,10 +18,10 @@ import torch
 from fixtures_servers import MlflowServer, mlflow_server  # noqa: F401
 from search_export_helpers import TINY, make_export, registry_params
 
+from evit.blocks import arch_blocks
 from evit.config import DeviceParams
 from evit.errors import UserError
 from evit.export.checks import ExportError
-from evit.blocks import arch_blocks
 from evit.io import read_json, sha256_file
 from evit.latency.devices import Item, get_device
 from evit.nn.static import block_input_shape, build_block

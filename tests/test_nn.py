@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from evit.arch import Arch, ArchError
-from evit.errors import CheckpointError
 from evit.blocks import arch_blocks
+from evit.errors import CheckpointError
 from evit.flops import count
 from evit.formats.onnx import export_onnx, export_onnx_input
 from evit.formats.torchscript import export_torchscript

@@ -201,8 +201,8 @@ def test_onnx_runner_pushes_and_parses_onnxruntime_perf_test(fake_adb: Path, tmp
 
 def test_command_device_hands_the_runner_a_pte(fake_adb: Path) -> None:
     """kind: command with format: pte lowers the block to ExecuTorch and the runner times that file."""
-    from evit.config import DeviceParams
     from evit.blocks import Block
+    from evit.config import DeviceParams
     from evit.latency.devices import Item, get_device
     from evit.nn.static import block_input_shape, build_block
 

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evit.arch import Arch
-from evit.train.import_reference import ReferenceImportError, import_reference, select_state_dict
-from evit.space.reference import ReferenceConfigError, load_reference_space, reference_space, read_reference_config
 from evit.space import SearchSpace
+from evit.space.reference import ReferenceConfigError, load_reference_space, read_reference_config, reference_space
+from evit.train.import_reference import ReferenceImportError, import_reference, select_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("EVIT_REFERENCE_FIXTURE", REPO.parent / "shared" / "fixtures" / "reference-supernet"))
@@ -177,8 +177,8 @@ def test_reference_flops_convention_reproduces_the_fixture(space: SearchSpace) -
 def test_bn_recalibration_runs_on_imported_subnets(supernet: Any, io: Any) -> None:
     """Evaluation recalibrates BN per subnet (as the reference's eval_one_subnet does); the
     reference blocks expose their BNs to `recalibrate_bn` like evit's own."""
-    from evit.nn.static import extract
     from evit.evaluate import recalibrate_bn
+    from evit.nn.static import extract
 
     arch = plain_arch(CASES[0]["plain"])
     x = io[0][CASES[0]["input_key"]]

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_helpers import prepare_small_digits, tiny_overrides
 
 from evit.config import load_params
 from evit.errors import CheckpointError
-from evit.space import get_space
 from evit.resolve import space_from_params
-from train_helpers import prepare_small_digits, tiny_overrides
-
+from evit.space import get_space
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +129,9 @@ def test_checkpoint_errors_are_clear(tiny_params, small_digits, mlflow_uri, tmp_
 
 def test_evaluate_subnet_recalibrates_a_copy_and_is_deterministic(small_digits) -> None:
     from evit.data.loader import PreparedData
+    from evit.evaluate import evaluate_subnet, recalibrate_bn
     from evit.nn.static import extract
     from evit.nn.supernet import Supernet
-    from evit.evaluate import evaluate_subnet, recalibrate_bn
 
     data = PreparedData(small_digits)
     space = get_space("cpu", num_classes=data.num_classes)

@@ -53,10 +53,10 @@ def run_baselines(params: Params, *, track: bool = True) -> dict[str, Any]:
     from evit.baselines.models import build_model, check_model_names, model_cost
     from evit.baselines.train import baseline_hash, train_baseline
     from evit.data.loader import PreparedData
+    from evit.evaluate import eval_source, evaluate_top1
     from evit.latency.devices import get_device
     from evit.latency.measurement import statistic
     from evit.resolve import space_from_params
-    from evit.evaluate import eval_source, evaluate_top1
 
     b = params.baselines
     check_model_names(b.models)

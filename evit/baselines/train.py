@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evit.evaluate import eval_source, evaluate_top1
 from evit.io import atomic_path, sha256_json
 from evit.train.checkpoint import recipe
-from evit.evaluate import eval_source, evaluate_top1
 from evit.train.step import make_mixup
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from pydantic import Field, field_validator, model_validator
 from evit.config.base import ConfigError, Fraction, NonNegInt, PosInt, Section
 from evit.config.devices import DeviceParams
 
-
 # --- data ------------------------------------------------------------------------------------
 
 class DataParams(Section):

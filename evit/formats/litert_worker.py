@@ -45,9 +45,8 @@ def _subnet(req: dict[str, Any]) -> None:
 
 
 def _programs(req: dict[str, Any]) -> None:
-    import torch
-
     import litert_torch
+    import torch
 
     conv = litert_torch.Converter()
     for item in req["programs"]:

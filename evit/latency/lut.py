@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from evit.errors import LUTError
 from evit.io import write_json_atomic
 from evit.latency.measurement import Measurement

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from evit.arch import Arch, Stage, Stem
-from evit.errors import LUTError
 from evit.blocks import Block, arch_blocks, out_side, stage_blocks
+from evit.errors import LUTError
 from evit.flops import block_flops, block_params
 from evit.latency.lut import check_space, load_lut
 from evit.space import SearchSpace

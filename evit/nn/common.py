@@ -8,6 +8,7 @@ the relative-position index, the table crop, the weight initialisation, and the 
 from __future__ import annotations
 
 import math
+
 import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn

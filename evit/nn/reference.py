@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evit.arch import Arch, MBStage
-from evit.errors import UserError
 from evit.blocks import Block, has_shortcut_conv, mbconv_mid, se_channels
+from evit.errors import UserError
 from evit.nn.common import BN_EPS, BN_MOMENTUM, LN_EPS, crop_rel_table, init_module, max_token_sides, rel_pos_index
 from evit.nn.elastic import ElasticBatchNorm2d, ElasticConv2d
 from evit.nn.supernet_base import SupernetBase

@@ -39,8 +39,8 @@ from timm.layers import Mlp, SEModule
 from torch import Tensor, nn
 
 from evit.arch import Arch
-from evit.errors import CheckpointError
 from evit.blocks import Block, arch_blocks, mbconv_mid, se_channels
+from evit.errors import CheckpointError
 from evit.nn.common import BN_EPS, BN_MOMENTUM, LN_EPS, MatMul, init_module, rel_pos_index
 from evit.space import SearchSpace
 

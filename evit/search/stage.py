@@ -34,11 +34,11 @@ from evit import cancel, flops, paths
 from evit.arch import Arch
 from evit.config import DeviceParams, Params
 from evit.errors import CheckpointError, DataError, LUTError, UserError
+from evit.evaluate import calibrated_static, split_top1
 from evit.io import read_json, sha256_file, write_json_atomic
 from evit.search.budgets import Budget, device_budgets
 from evit.search.evolution import EvolutionResult, EvolutionSettings, GenerationStats, evolve
 from evit.search.fitness import FitnessCache
-from evit.evaluate import calibrated_static, split_top1
 from evit.search.pareto import pareto_front, plot_search, write_front_csv
 from evit.search.seeding import match_level, proposal
 from evit.space import SearchSpace

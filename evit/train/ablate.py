@@ -35,13 +35,13 @@ import torch
 from evit import flops, paths
 from evit.arch import Arch
 from evit.config import Params
+from evit.evaluate import evaluate_subnet, isolated_rng, split_tensors
 from evit.io import save_figure_atomic, write_json_atomic
-from evit.space import SearchSpace
 from evit.resolve import space_from_params
+from evit.space import SearchSpace
 from evit.tracking import stage_run
 from evit.train import checkpoint as ckpt_mod
 from evit.train.conflict import measure_conflict
-from evit.evaluate import evaluate_subnet, isolated_rng, split_tensors
 from evit.train.samplers import make_sampler, settings_from_params
 
 log = logging.getLogger(__name__)

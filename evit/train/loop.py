@@ -38,13 +38,13 @@ from torch.utils.data import DataLoader, Sampler
 from evit import cancel, paths
 from evit.arch import Arch
 from evit.config import ConfigError, Params
-from evit.space import SearchSpace
-from evit.resolve import space_from_params
-from evit.train import checkpoint as ckpt_mod
-from evit.train.distributed import DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed
 from evit.evaluate import evaluate_subnet
-from evit.train.logbook import STEP_LOG, MlflowBatcher, StepLog
+from evit.resolve import space_from_params
+from evit.space import SearchSpace
+from evit.train import checkpoint as ckpt_mod
 from evit.train.banks import banks_to_json
+from evit.train.distributed import DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed
+from evit.train.logbook import STEP_LOG, MlflowBatcher, StepLog
 from evit.train.samplers import SubnetSampler, make_sampler, settings_from_params
 from evit.train.step import StepConfig, StepRunner, Throughput, make_mixup, score_archs
 

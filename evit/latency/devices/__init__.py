@@ -18,7 +18,15 @@ from __future__ import annotations
 
 from evit.config import KINDS, DeviceParams
 from evit.errors import DeviceError
-from evit.latency.devices.base import Device, Item, Prepared, export_onnx_file, random_input, split_repeats, torch_threads
+from evit.latency.devices.base import (
+    Device,
+    Item,
+    Prepared,
+    export_onnx_file,
+    random_input,
+    split_repeats,
+    torch_threads,
+)
 from evit.latency.devices.command import CommandDevice
 from evit.latency.devices.cuda import CudaDevice
 from evit.latency.devices.executorch import ExecuTorchDevice

@@ -28,7 +28,6 @@ from evit.formats.tflite import LiteRTConverter, convert_modules
 from evit.latency.devices.base import Device, Item, Prepared, random_input
 from evit.latency.measurement import Measurement
 
-
 _NUMBER = re.compile(r"(?<![\w.\-/])([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?:ms)?(?![\w.])")
 """A stand-alone number (optionally with an 'ms' suffix): digits inside words or paths
 (`/tmp/m1/model.onnx`, `abc123`) are not latencies."""

@@ -17,7 +17,7 @@ from torch import nn
 from evit.errors import DeviceError
 from evit.formats.pte import export_pte_methods, load_program, set_threads
 from evit.latency.devices.base import Item, Prepared, random_input
-from evit.latency.devices.converting import ConvertingDevice, ConvertedFile, Modules, build_module
+from evit.latency.devices.converting import ConvertedFile, ConvertingDevice, Modules, build_module
 
 
 def _lower_pte_file(modules: Modules, path: str) -> float:
