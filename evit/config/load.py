@@ -80,6 +80,14 @@ KEY=VALUE). The CLI's `--set` appends to it, so `dvc`, torchrun and Prefect task
 started from that command load the same settings."""
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in `path` (a params or override file); ConfigError naming the file if it is not YAML."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
 def _merge(base: Any, over: Any, where: str) -> Any:
     """`over` merged into `base`: mappings key by key, a mapping onto a list of named entries
     (`devices`) entry by name, anything else replaced."""
@@ -115,10 +123,7 @@ def _item_to_mapping(item: str) -> tuple[Any, str]:
     path = Path(item)
     if not path.is_file():
         raise ConfigError(f"override {item!r} is neither KEY=VALUE (e.g. train.epochs=2) nor an existing YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = _read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -152,10 +157,7 @@ def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str]
     path = Path(path or os.environ.get("EVIT_PARAMS", DEFAULT_PARAMS))
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} not found (pass --params PATH or run from the project root)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = _read_yaml(path)
     items = override_items(tuple(overrides))
     source = str(path)
     if items:
