@@ -164,7 +164,7 @@ def evaluate_subnet(supernet: nn.Module, arch: Arch, data: Any, split: str, bn_b
     """
     with isolated_rng():
         net = calibrated_static(supernet, arch, data, bn_batches=bn_batches, batch_size=batch_size, seed=seed)
-        return evaluate_top1(net, eval_source(data, split, arch.resolution, batch_size), batch_size=batch_size)
+        return split_top1(net, data, split, arch.resolution, batch_size)
 
 
 def evaluate_archs(supernet: nn.Module, archs: dict[str, Arch], data: Any, split: str, bn_batches: int,

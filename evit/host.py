@@ -66,17 +66,11 @@ def runtime_facts() -> dict[str, object]:
 
 def describe_host() -> dict[str, str]:
     """The machine a model card says its latency was measured on (strings only: card tags)."""
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "cpu_count": str(os.cpu_count()),
-        "python": platform.python_version(),
-        "torch": str(module_version("torch")),
-    }
-    ort = module_version("onnxruntime")
-    if ort is not None:
-        info["onnxruntime"] = ort
+    facts = runtime_facts()
+    info = {k: str(facts[k]) for k in ("platform", "cpu", "cpu_count", "python", "torch")}
+    info["machine"] = platform.machine()
+    if facts["onnxruntime"] is not None:
+        info["onnxruntime"] = str(facts["onnxruntime"])
     return info
 
 

@@ -24,11 +24,11 @@ from evit.config import Params
 def load(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """params.yaml (or `path`) with the override items on top, validated, including the checks
     that need the search space (`evit.resolve.check_params`): what every shell loads first."""
-    from evit.config import load_params
+    from evit.config import load_params, params_path
     from evit.resolve import check_params
 
     params = load_params(path, overrides)
-    check_params(params, str(path or os.environ.get("EVIT_PARAMS", "params.yaml")))
+    check_params(params, str(params_path(path)))
     return params
 
 

@@ -10,10 +10,12 @@ there is one (`mlflow server --artifacts-destination s3://...`), else
 A pipeline run is one parent MLflow run (`pipeline_run`, opened by the Prefect flow) with
 one child run per stage that ran (`stage_run`, or in one call `log_stage`). Stages log
 through the `StageRun` these hand out, so MLflow itself is imported here (and by the
-registry and the training logbook's batched uploads) and nowhere else. The parent id travels explicitly: the flow
-hands it to each task, the task binds it with `parent_run(...)` in its own thread
-(Prefect runs tasks in worker threads), and `EVIT_PARENT_RUN_ID` carries it to code that
-only reads the environment and to subprocesses (torchrun workers).
+registry and the training logbook's batched uploads) and nowhere else.
+
+The parent id travels explicitly: the flow hands it to each task, the task binds it with
+`parent_run(...)` in its own thread (Prefect runs tasks in worker threads), and
+`EVIT_PARENT_RUN_ID` carries it to code that only reads the environment and to
+subprocesses (torchrun workers).
 """
 
 from __future__ import annotations
@@ -143,10 +145,10 @@ class StageRun:
         mlflow.log_params({k: str(v)[:500] for k, v in values.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Log the finite values of `metrics` (names cut to MLflow's 250 characters)."""
+        """Log the finite numbers of `metrics` (`numeric_metrics`; names cut to MLflow's 250 characters)."""
         import mlflow
 
-        finite = {k[:250]: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        finite = {k[:250]: v for k, v in numeric_metrics(metrics).items()}
         if finite:
             mlflow.log_metrics(finite, step=step)
 

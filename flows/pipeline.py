@@ -148,16 +148,6 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
-@contextlib.contextmanager
-def _chdir(path: Path) -> Iterator[None]:
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 @flow(name=FLOW_NAME, log_prints=False, validate_parameters=True)
 def pipeline_flow(params_path: str = "params.yaml", stages: list[str] | None = None,
                   devices: list[str] | None = None, force: list[str] | None = None,
@@ -179,7 +169,7 @@ def pipeline_flow(params_path: str = "params.yaml", stages: list[str] | None = N
     logger = get_run_logger()
     params_file_path = Path(params_path).expanduser().resolve()
     root = params_file_path.parent
-    with workspace_lock(root, f"evit pipeline ({params_file_path.name})", wait=wait), _chdir(root):
+    with workspace_lock(root, f"evit pipeline ({params_file_path.name})", wait=wait), contextlib.chdir(root):
         try:
             return _pipeline_in(root, params_file_path.name, stages, devices, force or [], logger)
         except cancel.Cancelled as exc:

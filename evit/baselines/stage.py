@@ -53,7 +53,7 @@ def run_baselines(params: Params, *, track: bool = True) -> dict[str, Any]:
     from evit.baselines.models import build_model, check_model_names, model_cost
     from evit.baselines.train import baseline_hash, train_baseline
     from evit.data.loader import PreparedData
-    from evit.evaluate import eval_source, evaluate_top1
+    from evit.evaluate import split_top1
     from evit.latency.devices import get_device
     from evit.latency.measurement import statistic
     from evit.resolve import space_from_params
@@ -75,7 +75,7 @@ def run_baselines(params: Params, *, track: bool = True) -> dict[str, Any]:
         h = baseline_hash(params.section("train"), name, resolution, epochs, str(data.content_hash))
         tb = train_baseline(model, name, data, params.train, resolution=resolution, epochs=epochs,
                             out_dir=paths.baselines_dir(params), expect_hash=h)
-        val = evaluate_top1(tb.model, eval_source(data, "val", resolution, 256))
+        val = split_top1(tb.model, data, "val", resolution, 256)
         latency: dict[str, float] = {}
         for dp, dev in zip(params.devices, devices, strict=True):
             m = dev.measure(tb.model.cpu().eval(), (dp.batch_size, 3, resolution, resolution))

@@ -10,7 +10,15 @@ Everything a caller needs is re-exported here (`from evit.config import Params, 
 
 from evit.config.base import ConfigError, Section
 from evit.config.devices import KINDS, THREAD_CLOCK_KINDS, DeviceParams, KindTraits
-from evit.config.load import DEFAULT_PARAMS, OVERRIDES_ENV, apply_overrides, load_params, override_items, parse_params
+from evit.config.load import (
+    DEFAULT_PARAMS,
+    OVERRIDES_ENV,
+    apply_overrides,
+    load_params,
+    override_items,
+    params_path,
+    parse_params,
+)
 from evit.config.schema import (
     AblateParams,
     BaselinesParams,
@@ -29,5 +37,5 @@ __all__ = [
     "DEFAULT_PARAMS", "KINDS", "OVERRIDES_ENV", "THREAD_CLOCK_KINDS", "AblateParams", "BaselinesParams", "ConfigError",
     "DataParams", "DeviceParams", "ExportParams", "KindTraits", "Params", "SearchParams", "Section", "SpaceParams",
     "StorageParams", "TeacherParams", "TrackingParams", "TrainParams", "apply_overrides", "load_params",
-    "override_items", "parse_params",
+    "override_items", "params_path", "parse_params",
 ]

@@ -147,6 +147,11 @@ def apply_overrides(data: dict[str, Any], items: list[str] | tuple[str, ...]) ->
     return data, described
 
 
+def params_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The params file to read: `path`, else $EVIT_PARAMS, else params.yaml."""
+    return Path(path or os.environ.get("EVIT_PARAMS", DEFAULT_PARAMS))
+
+
 def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read and validate params.yaml (or `path`); errors name key, value and what is accepted.
 
@@ -154,7 +159,7 @@ def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str]
     top before validation, so a budget profile (`tests/data/imagenet-smoke.yaml`) or a
     one-off `--set train.epochs=2` is checked like the file itself.
     """
-    path = Path(path or os.environ.get("EVIT_PARAMS", DEFAULT_PARAMS))
+    path = params_path(path)
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} not found (pass --params PATH or run from the project root)")
     data = _read_yaml(path)

@@ -22,7 +22,7 @@ from evit.card import classes_text
 from evit.config import Params
 from evit.errors import RegistryError
 from evit.formats import bundle
-from evit.io import read_json, sha256_file, write_text_atomic
+from evit.io import sha256_file, write_text_atomic
 from evit.registry.connection import http_policy, mlflow_client, retrying
 from evit.registry.tags import FILE_TAG_PREFIX, PT2_TAG
 from evit.retry import is_transient, short
@@ -108,15 +108,15 @@ def _write_format(fmt: str, src: Path, model_dir: Path, out: Path) -> dict[str, 
         raise RegistryError(f"this model version has no {bundle.MOBILE_FILES[fmt]} (it was exported without "
                             f"'{fmt}' in export.formats); accepted here: onnx, torchscript, pytorch"
                             + "".join(f", {k}" for k, f in bundle.MOBILE_FILES.items() if (src / f).is_file()))
-    copy("card.json")
-    copy("card.md")
+    copy(bundle.CARD)
+    copy(bundle.CARD_MD)
     if fmt in bundle.MOBILE_FILES:
         copy(bundle.MOBILE_FILES[fmt])
     elif fmt == "onnx":
-        copy("model.onnx")
+        copy(bundle.ONNX)
     elif fmt == "pytorch":
-        copy("arch.json")
-        copy("model.safetensors")
+        copy(bundle.ARCH)
+        copy(bundle.WEIGHTS)
         pt2 = model_dir / "data" / "model.pt2"
         if pt2.is_file():
             copy("model.pt2", pt2.parent)
@@ -124,7 +124,7 @@ def _write_format(fmt: str, src: Path, model_dir: Path, out: Path) -> dict[str, 
         import torch
 
         module = bundle.load_static(src)
-        r = int(read_json(src / "card.json")["arch"]["resolution"])
+        r = module.arch.resolution
         try:
             scripted = torch.jit.script(module)
         except Exception as exc:  # noqa: BLE001 - scripting is best effort; tracing is exact for static nets
@@ -162,7 +162,7 @@ def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str])
             model_dir = Path(local)
             extra = model_dir / "extra_files"
             verify_files(extra, mv.tags, where)
-            card = read_json(extra / "card.json")
+            card = bundle.read_card(extra)
             out.mkdir(parents=True, exist_ok=True)
             if fmt == "pytorch" and PT2_TAG in mv.tags:
                 got = sha256_file(model_dir / "data" / "model.pt2")

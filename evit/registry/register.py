@@ -261,10 +261,10 @@ def register_export(params: Params, folder: Path, *, on_step: Callable[[str], No
     for f in bundle.CORE_FILES:
         if not (folder / f).is_file():
             raise RegistryError(f"{folder}: {f} is missing; re-run `evit export -d {card['device']['name']}`")
-    for f, digest in card["files"].items():
-        if sha256_file(folder / f) != digest:
-            raise RegistryError(f"{folder / f} does not match the sha256 in its card; re-run the export")
     card_files = {f: sha256_file(folder / f) for f in bundle.files_in(folder)}
+    for f, digest in card["files"].items():
+        if (card_files.get(f) or sha256_file(folder / f)) != digest:
+            raise RegistryError(f"{folder / f} does not match the sha256 in its card; re-run the export")
     tags = card_tags(card, card_files)
     name = params.export.model_name.format(device=card["device"]["name"])
     uri = registry_uri(params)

@@ -23,7 +23,6 @@ from evit.latency.devices.base import (
     Item,
     Prepared,
     export_onnx_file,
-    random_input,
     split_repeats,
     torch_threads,
 )
@@ -47,7 +46,7 @@ assert set(DEVICE_CLASSES) == set(KINDS), "every declared device kind needs its 
 
 __all__ = ["DEVICE_CLASSES", "CommandDevice", "CudaDevice", "Device", "ExecuTorchDevice", "Item", "LiteRTDevice",
            "Measurement", "OnnxRuntimeCPUDevice", "Prepared", "TorchCPUDevice", "export_onnx_file", "get_device",
-           "random_input", "split_repeats", "torch_threads"]
+           "split_repeats", "torch_threads"]
 
 
 def get_device(dp: DeviceParams, *, opset: int = 17) -> Device:

@@ -73,18 +73,13 @@ class Item:
     share one exported file; each still gets its own session and so its own weights."""
 
 
-def random_input(shape: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """The seeded input a device times a module of input `shape` with (`evit.formats.inputs`)."""
-    return seeded_input(shape, seed)
-
-
 def export_onnx_file(module: nn.Module, input_shape: Sequence[int], path: Path, opset: int = 17) -> Path:
     """Export `module` for `input_shape` with the pipeline's own exporter (`evit.formats.onnx`).
 
     So a block, or a whole static subnet, is timed from exactly the kind of file that
     `evit export` ships (same exporter, opset and options).
     """
-    return export_onnx_input(module, random_input(input_shape), path, opset)
+    return export_onnx_input(module, seeded_input(input_shape), path, opset)
 
 
 @contextlib.contextmanager

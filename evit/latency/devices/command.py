@@ -23,9 +23,10 @@ from torch import nn
 
 from evit.config import DeviceParams
 from evit.errors import DeviceError
+from evit.formats.inputs import seeded_input
 from evit.formats.pte import export_pte
 from evit.formats.tflite import LiteRTConverter, convert_modules
-from evit.latency.devices.base import Device, Item, Prepared, random_input
+from evit.latency.devices.base import Device, Item, Prepared
 from evit.latency.measurement import Measurement
 
 _NUMBER = re.compile(r"(?<![\w.\-/])([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?:ms)?(?![\w.])")
@@ -140,7 +141,7 @@ class CommandDevice(Device):
         """`module` as the .tflite or .pte file the runner asks for (`format`)."""
         if self.params.format == "pte":
             path = workdir / "model.pte"
-            export_pte(module.eval(), random_input(input_shape), path)
+            export_pte(module.eval(), seeded_input(input_shape), path)
             return path
         if self._converter is None:
             self._converter = LiteRTConverter()

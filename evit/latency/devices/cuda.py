@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from evit.errors import DeviceError
+from evit.formats.inputs import seeded_input
 from evit.formats.torchscript import trace_and_freeze
-from evit.latency.devices.base import Device, Item, Prepared, random_input
+from evit.latency.devices.base import Device, Item, Prepared
 
 
 class CudaDevice(Device):
@@ -51,7 +52,7 @@ class CudaDevice(Device):
     def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
         dev = torch.device("cuda", 0)
         dtype = getattr(torch, self.params.dtype)
-        x = random_input(item.input_shape).to(dev, dtype)
+        x = seeded_input(item.input_shape).to(dev, dtype)
         module = module.to(dev, dtype)
         if self.params.runtime == "torchscript":
             module = trace_and_freeze(module, x)

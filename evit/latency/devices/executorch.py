@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from evit.errors import DeviceError
+from evit.formats.inputs import seeded_input
 from evit.formats.pte import export_pte_methods, load_program, set_threads
-from evit.latency.devices.base import Item, Prepared, random_input
+from evit.latency.devices.base import Item, Prepared
 from evit.latency.devices.converting import ConvertedFile, ConvertingDevice, Modules, build_module
 
 
@@ -25,7 +26,7 @@ def _lower_pte_file(modules: Modules, path: str) -> float:
     torch.set_num_threads(1)
     t = time.process_time()
     built = {n: build_module(m, shape) for n, (m, shape) in modules.items()}
-    export_pte_methods({n: (m, random_input(shape)) for n, (m, shape) in built.items()}, path)
+    export_pte_methods({n: (m, seeded_input(shape)) for n, (m, shape) in built.items()}, path)
     return time.process_time() - t
 
 
@@ -67,7 +68,7 @@ class ExecuTorchDevice(ConvertingDevice):
             yield
 
     def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
-        export_pte_methods({n: (m, random_input(shape)) for n, (m, shape) in modules.items()}, path)
+        export_pte_methods({n: (m, seeded_input(shape)) for n, (m, shape) in modules.items()}, path)
 
     def _convert_parallel(self, files: Sequence[ConvertedFile], workers: int, t0: float) -> None:
         # spawned, not forked: this process has torch's and the ExecuTorch runtime's threads
@@ -92,4 +93,4 @@ class ExecuTorchDevice(ConvertingDevice):
 
         step.keep = (program, method)  # type: ignore[attr-defined]  # the method runs in the program's memory
 
-        return Prepared(step, random_input(item.input_shape))
+        return Prepared(step, seeded_input(item.input_shape))

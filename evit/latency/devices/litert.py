@@ -15,9 +15,10 @@ from torch import nn
 
 from evit import cancel
 from evit.errors import DeviceError
+from evit.formats.inputs import seeded_input
 from evit.formats.litert_env import lock_file
 from evit.formats.tflite import LiteRTConverter, convert_modules, export_pt2, interpreter
-from evit.latency.devices.base import Item, Prepared, random_input
+from evit.latency.devices.base import Item, Prepared
 from evit.latency.devices.converting import ConvertedFile, ConvertingDevice, build_module
 
 
@@ -101,4 +102,4 @@ class LiteRTDevice(ConvertingDevice):
         def step(v: np.ndarray) -> np.ndarray:
             return runner(**{in_name: v})[out_name]
 
-        return Prepared(step, random_input(item.input_shape).numpy())
+        return Prepared(step, seeded_input(item.input_shape).numpy())

@@ -9,8 +9,9 @@ import numpy as np
 from torch import nn
 
 from evit.errors import DeviceError
+from evit.formats.inputs import seeded_input
 from evit.formats.onnx import session
-from evit.latency.devices.base import Device, Item, Prepared, random_input
+from evit.latency.devices.base import Device, Item, Prepared
 
 
 class OnnxRuntimeCPUDevice(Device):
@@ -44,7 +45,7 @@ class OnnxRuntimeCPUDevice(Device):
         path = self._onnx_file(module, item, workdir)
         sess = self.session(path)
         in_name, out_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-        x = random_input(item.input_shape).numpy()
+        x = seeded_input(item.input_shape).numpy()
         out_shape = sess.run([out_name], {in_name: x})[0].shape
         y = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32)
         io = sess.io_binding()

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from evit.formats.inputs import seeded_input
 from evit.formats.torchscript import trace_and_freeze
-from evit.latency.devices.base import Device, Item, Prepared, random_input, torch_threads
+from evit.latency.devices.base import Device, Item, Prepared, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class TorchCPUDevice(Device):
             yield
 
     def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:
-        x = random_input(item.input_shape)
+        x = seeded_input(item.input_shape)
         if self.params.runtime == "torchscript":
             module = trace_and_freeze(module, x)
         return Prepared(module, x)
