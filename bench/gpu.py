@@ -50,12 +50,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evit.config import TrainParams  # noqa: E402
-from evit.nn.elastic import set_attention_impl  # noqa: E402
-from evit.space import get_space  # noqa: E402
-from evit.train.loop import NO_DECAY_PATTERNS  # noqa: E402
-from evit.train.samplers import make_sampler, settings_from_params  # noqa: E402
-from evit.train.step import StepConfig, StepRunner  # noqa: E402
+from evit.config import TrainParams
+from evit.nn.elastic import set_attention_impl
+from evit.space import get_space
+from evit.train.loop import NO_DECAY_PATTERNS
+from evit.train.sampler_factory import make_sampler
+from evit.train.step import StepConfig, StepRunner, observe_step
 
 AMP = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 
@@ -101,7 +101,8 @@ def train_throughput(base: torch.nn.Module, space: Any, cfg: Config, args: argpa
     groups = param_groups_weight_decay(model, t.weight_decay, no_weight_decay_list=NO_DECAY_PATTERNS)
     opt = create_optimizer_v2(groups, opt="adamw", lr=t.lr, weight_decay=t.weight_decay)
     total = args.warmup + args.steps
-    sampler = make_sampler(cfg.sampler, space, 0, total, settings_from_params(t))
+    sampler = make_sampler(cfg.sampler, space, 0, train=t, steps_per_epoch=max(1, args.steps // 2), total_steps=total)
+    sampler.scores_from_training = True  # no mixup here: the training CE is the bank score
     if cfg.compiled:
         torch._dynamo.reset()  # a fresh compile cache: earlier configurations' graphs must not count
         torch._dynamo.config.recompile_limit = args.recompile_limit
@@ -123,7 +124,7 @@ def train_throughput(base: torch.nn.Module, space: Any, cfg: Config, args: argpa
         t0 = time.perf_counter()
         draws = sampler.step(i)
         out = runner.run(x, y, draws)
-        sampler.observe(i, [(d.draw, d.hard_ce) for d in out])
+        observe_step(sampler, model, runner, x, y, i, out)
         adaptive_clip_grad(model.parameters(), clip_factor=t.agc_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -60,6 +60,9 @@ def main() -> int:
                     help="repeat the searched-vs-baselines comparison with these seeds (ablation seeds: each "
                     "uses the ablation's elastic supernet of that seed, retrains the baselines with it and "
                     "searches again with the same LUTs), for the seed spread; ~15 min per seed on 2 cores")
+    ap.add_argument("--ablation-only", action="store_true",
+                    help="prepare + the sampler ablation only (no pipeline chain, no page): for another epoch "
+                    "budget, shown with `python -m evit.results_page --ablation-workdir DIR`")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
     args = ap.parse_args()
     if not (args.data / "train").is_dir():
@@ -106,6 +109,11 @@ def _run(args: argparse.Namespace, p: dict, work: Path) -> int:
         (work / f"params-ablate-{i}.yaml").write_text(yaml.safe_dump(q, sort_keys=False))
         ablations.append(_evit(["ablate", "--params", f"params-ablate-{i}.yaml"], work, work / f"ablate-{i}.log"))
 
+    if args.ablation_only:
+        for proc in ablations:
+            _check(proc, "evit ablate")
+        print(f"ablation done in {(time.perf_counter() - t0) / 60:.1f} min ({work})")
+        return 0
     _check(_evit(["train", "--params", "params.yaml"], work, work / "train.log"), "evit train")
     handed = work / "models" / "ablate" / f"{p['train']['sampler']}-seed{p['train']['seed']}" / "supernet.pt"
     if p["train"]["epochs"] == p["ablate"]["epochs"] and not handed.exists():

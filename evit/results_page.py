@@ -26,12 +26,14 @@ from evit.baselines.compare import comparison_markdown, comparison_rows
 from evit.config import load_params
 from evit.io import read_json, write_text_atomic
 
-SAMPLER_ORDER = ("uniform", "flat", "complexity", "elastic")
+SAMPLER_ORDER = ("uniform", "flat", "complexity", "elastic", "elastic-compressed")
 SAMPLER_NOTE = {
     "uniform": "sandwich: largest from labels, smallest + 2 random distilled from the largest",
     "flat": "control: complexity's losses (3 from labels, min distilled from their mean), draws over the whole space",
-    "complexity": "level walk, 3 draws in the level from labels, level min distilled from their mean",
-    "elastic": "complexity + per-level memory banks (performance-aware)",
+    "complexity": "level walk, 3 draws in the level from labels, a min subnet distilled from their mean",
+    "elastic": "complexity + per-level memory banks, the reference code's rules (performance-aware)",
+    "elastic-compressed": "complexity + evit's earlier short-run banks (exploit ramp compressed into the run, "
+                          "30 entries, advantage scores)",
 }
 
 
@@ -66,7 +68,17 @@ def merge_ablation(reports: list[dict[str, Any]]) -> dict[str, Any]:
                                        "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0, "per_seed": vals}
         samplers[name] = {"levels": levels, "top1_mean": statistics.fmean(overall), "top1_mean_per_seed": overall,
                           "conflict": conflict}
-    return {**base, "seeds": seeds, "samplers": samplers}
+        if all(run.get("picked") for run in runs):
+            samplers[name]["picked"] = {
+                "mean_per_seed": [v for run in runs for v in run["picked"]["mean_per_seed"]],
+                "levels": {lv: {k: [v for run in runs for v in run["picked"]["levels"][lv][k]] for k in info}
+                           for lv, info in runs[0]["picked"]["levels"].items()}}
+        sources = set.intersection(*(set(run.get("bank_subnets", {})) for run in runs))
+        samplers[name]["bank_subnets"] = {src: [v for run in runs for v in run["bank_subnets"][src]]
+                                          for src in sorted(sources)}
+    from evit.train.ablate import conflict_vs_accuracy
+
+    return {**base, "seeds": seeds, "samplers": samplers, "conflict_vs_accuracy": conflict_vs_accuracy(samplers)}
 
 
 def load_ablation(workdir: Path, out_dir: str) -> dict[str, Any] | None:
@@ -99,21 +111,92 @@ def ablation_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def decomposition_markdown(rep: dict[str, Any]) -> str:
-    """Paired (same seed) differences of the all-level mean: what each ingredient adds."""
+def _per_seed(rep: dict[str, Any], sampler: str, metric: str) -> list[float] | None:
+    r = rep["samplers"][sampler]
+    if metric == "random":
+        return r["top1_mean_per_seed"]
+    return (r.get("picked") or {}).get("mean_per_seed")
+
+
+def decomposition_markdown(rep: dict[str, Any], metric: str = "random") -> str:
+    """Paired (same seed) differences of the all-level mean: what each ingredient adds.
+
+    metric: "random" (the level's min + fixed draws) or "picked" (what search would pick).
+    """
     s = rep["samplers"]
     steps = [("losses (sandwich -> 3 supervised + mean-distilled min)", "uniform", "flat"),
              ("level sampling (whole space -> FLOPs-level walk)", "flat", "complexity"),
-             ("memory banks (performance-aware)", "complexity", "elastic"),
+             ("memory banks, reference rules (performance-aware)", "complexity", "elastic"),
+             ("memory banks, evit's earlier compressed rules", "complexity", "elastic-compressed"),
+             ("reference rules instead of compressed", "elastic-compressed", "elastic"),
              ("total", "uniform", "elastic")]
     lines = ["| ingredient | from -> to | gain (pts), mean ± std over seeds | per seed |", "|---|---|---|---|"]
     for label, a, b in steps:
         if a not in s or b not in s:
             continue
-        diffs = [100 * (y - x) for x, y in zip(s[a]["top1_mean_per_seed"], s[b]["top1_mean_per_seed"], strict=True)]
+        xa, xb = _per_seed(rep, a, metric), _per_seed(rep, b, metric)
+        if not xa or not xb:
+            continue
+        diffs = [100 * (y - x) for x, y in zip(xa, xb, strict=True)]
         m, sd = _stats(diffs)
         lines.append(f"| {label} | {a} -> {b} | {m:+.1f} ± {sd:.1f} | {', '.join(f'{d:+.1f}' for d in diffs)} |")
     return "\n".join(lines)
+
+
+def picked_markdown(rep: dict[str, Any]) -> str:
+    """Per level: val top-1 of the subnet each supernet's search-split ranking picks."""
+    names = [n for n in _ordered(rep["samplers"]) if rep["samplers"][n].get("picked")]
+    if not names:
+        return ""
+    first = rep["samplers"][names[0]]["picked"]["levels"]
+    flops = {lv: rep["samplers"][names[0]]["levels"][lv]["flops_m"] for lv in first}
+    lines = ["| level | MFLOPs | " + " | ".join(f"{n} top-1 %" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for lv in sorted(first, key=int):
+        cells = []
+        for n in names:
+            m, sd = _stats(rep["samplers"][n]["picked"]["levels"][lv]["val_top1"])
+            cells.append(f"{100 * m:.1f} ± {100 * sd:.1f}")
+        lines.append(f"| {lv} | {flops[lv]:.1f} | " + " | ".join(cells) + " |")
+    cells = []
+    for n in names:
+        m, sd = _stats(rep["samplers"][n]["picked"]["mean_per_seed"])
+        cells.append(f"**{100 * m:.1f} ± {100 * sd:.1f}**")
+    lines.append("| all levels | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bank_subnets_markdown(rep: dict[str, Any]) -> str:
+    """Each banked sampler's best bank entries, top-1 on every sampler's supernet."""
+    names = _ordered(rep["samplers"])
+    sources = sorted({src for n in names for src in rep["samplers"][n].get("bank_subnets", {})})
+    if not sources:
+        return ""
+    lines = ["| bank subnets of | " + " | ".join(f"on {n} %" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for src in sources:
+        cells = []
+        for n in names:
+            v = rep["samplers"][n].get("bank_subnets", {}).get(src)
+            if not v:
+                cells.append("-")
+                continue
+            m, sd = _stats(v)
+            cells.append(f"{100 * m:.1f} ± {100 * sd:.1f}")
+        lines.append(f"| {src} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def conflict_accuracy_markdown(rep: dict[str, Any]) -> str:
+    c = rep.get("conflict_vs_accuracy") or {}
+    rows = []
+    for key, label in (("as_trained", "own weights"), ("shared_weights", "shared weights")):
+        for metric, mlabel in (("random", "random draws"), ("picked", "picked subnets")):
+            v = c.get(f"{key}/{metric}") or {}
+            if v.get("spearman") is not None:
+                rows.append(f"| same-step cosine ({label}) | top-1 of {mlabel} | {v['spearman']:+.2f} | {v['n']} |")
+    if not rows:
+        return ""
+    return "\n".join(["| conflict measure | accuracy | Spearman rho | runs |", "|---|---|---|---|", *rows])
 
 
 def conflict_markdown(rep: dict[str, Any]) -> str:
@@ -232,10 +315,30 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
                   f"{rep['subnets_per_level']} fixed seeded draws, the same subnets for every sampler, BN "
                   "recalibrated, no retraining), mean ± std over seeds.", "",
                   "\n".join(f"- `{n}`: {SAMPLER_NOTE.get(n, '')}" for n in _ordered(rep["samplers"])), "",
-                  ablation_markdown(rep), "", "### Which part of the gain comes from what", "",
-                  decomposition_markdown(rep), "", "### Gradient conflict (cosine of shared-weight gradients; "
+                  ablation_markdown(rep), "", "### Which part of the gain comes from what (random draws)", "",
+                  decomposition_markdown(rep), ""]
+        picked = picked_markdown(rep)
+        if picked:
+            parts += ["### What search would pick", "",
+                      f"Per level, the same {rep.get('pick_candidates')} fixed seeded candidates for every sampler, "
+                      "ranked on the `search` split (BN recalibrated); the table gives the `val` top-1 of each "
+                      "supernet's best candidate, mean ± std over seeds.", "", picked, "",
+                      "Paired gains on this metric:", "", decomposition_markdown(rep, "picked"), ""]
+        banks = bank_subnets_markdown(rep)
+        if banks:
+            parts += ["### The banks' own best subnets", "",
+                      f"The {rep.get('bank_top')} best entries per level of each banked sampler's final banks, "
+                      "`val` top-1 on every sampler's supernet of the same seed, mean ± std over seeds.", "",
+                      banks, ""]
+        parts += ["### Gradient conflict (cosine of shared-weight gradients; "
                   f"{rep['conflict_steps']} steps per sampler and seed)", "", conflict_markdown(rep), ""]
-        from evit.train.ablate import plot_ablation  # the ablation's own plot, of the merged seeds
+        corr = conflict_accuracy_markdown(rep)
+        if corr:
+            parts += ["Does less conflict (a higher cosine) predict accuracy? Spearman over every (sampler, seed) "
+                      "run:", "", corr, ""]
+        from evit.train.ablate import (
+            plot_ablation,  # the ablation's own plot, of the merged seeds
+        )
 
         plot_ablation(rep, figs / png)
         parts += [f"![ablation {rep['epochs']} epochs]({figs.name}/{png})", ""]

@@ -34,7 +34,7 @@ TINY: dict[str, Any] = {
     "data": {"max_per_class": 30},
     "space": {"levels": [3, 6], "tolerance": 0.5},
     "train": {"epochs": 1, "batch_size": 16, "steps_per_epoch": 3, "checkpoint_every": 2, "bn_calib_batches": 1,
-              "bank_capacity": 4, "rescore_per_epoch": 1, "rescore_entries": 2, "log_every": 2, "warmup_epochs": 0,
+              "bank_capacity": 4, "bank_capacity_big": 4, "log_every": 2, "warmup_epochs": 0,
               "device": "cpu"},
     "devices": [tiny_device("cpu-1t")],
     "baselines": {"models": ["mobilenetv3_small_050"]},

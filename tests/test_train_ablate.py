@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import prepare_small_digits, tiny_overrides
 
 from evit.config import load_params
 from evit.io import read_json
-from train_helpers import prepare_small_digits, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_run_ablation_tiny(tiny_params, tmp_path: Path, monkeypatch: pytest.Monk
     data = prepare_small_digits(tmp_path / "prepared")
     overrides = tiny_overrides(data, steps_per_epoch=2)
     overrides["ablate"] = {"samplers": ["uniform", "complexity", "elastic"], "seeds": [0], "epochs": 1,
-                           "subnets_per_level": 1, "conflict_steps": 2}
+                           "subnets_per_level": 1, "conflict_steps": 2, "pick_candidates": 3, "bank_top": 2}
     params = load_params(tiny_params(overrides))
     out = run_ablation(params)
     report = read_json(tmp_path / "results/ablation.json")
@@ -39,6 +39,22 @@ def test_run_ablation_tiny(tiny_params, tmp_path: Path, monkeypatch: pytest.Monk
                 v = res["conflict"][key][kind]["mean"]
                 assert v is not None and -1.0 <= v <= 1.0
     assert out["top1"].keys() == report["samplers"].keys()
+    # what search would pick: the same candidates for every sampler, the best on `search`, reported on `val`
+    from evit.resolve import space_from_params
+    from evit.train.ablate import pick_candidates
+
+    cands = pick_candidates(space_from_params(params.space, 10), 3)
+    for s, res in report["samplers"].items():
+        picked = res["picked"]
+        assert len(picked["mean_per_seed"]) == 1 and set(picked["levels"]) == {"0", "1"}
+        for lv, info in picked["levels"].items():
+            assert info["arch"][0] in {a.key for a in cands[int(lv)]}
+            assert 0.0 <= info["val_top1"][0] <= 1.0 and 0.0 <= info["search_top1"][0] <= 1.0
+        # the elastic banks' best entries, evaluated on every supernet
+        assert list(res["bank_subnets"]) == ["elastic"] and 0.0 <= res["bank_subnets"]["elastic"][0] <= 1.0
+    assert set(report["conflict_vs_accuracy"]) == {f"{k}/{m}" for k in ("as_trained", "shared_weights")
+                                                   for m in ("random", "picked")}
+    assert all(v["n"] == 3 for v in report["conflict_vs_accuracy"].values())
     # every run's checkpoints live apart from the main training's
     for s in ("uniform", "complexity", "elastic"):
         assert (tmp_path / f"models/ablate/{s}-seed0/supernet.pt").is_file()

@@ -115,6 +115,10 @@ class SpaceParams(Section):
 
 # --- training --------------------------------------------------------------------------------
 
+SamplerName = Literal["elastic", "elastic-compressed", "complexity", "uniform", "flat"]
+"""`evit.train.samplers.SAMPLERS` (checked equal by a test: config sits below train)."""
+
+
 class TeacherParams(Section):
     model: str
     """Any timm model name (e.g. swsl_resnext101_32x4d, the paper's)."""
@@ -123,7 +127,37 @@ class TeacherParams(Section):
     temperature: Annotated[float, Field(gt=0)] = 1.0
 
 
+class CompressedBanksParams(Section):
+    """`elastic-compressed`: the exploit ramp compressed into the run, small banks, advantage scores."""
+
+    bank_capacity: PosInt = 30
+    exploit_p_every: Annotated[float, Field(gt=0, le=1)] = 1 / 6
+    """Fraction of training after which exploit_p grows by exploit_p_step."""
+    rescore_per_epoch: NonNegInt = 2
+    """Times per epoch the stalest bank entries of the current level are re-measured."""
+    rescore_entries: NonNegInt = 3
+    """Entries re-measured each time (forward passes only, on the step's un-mixed batch)."""
+
+
+MOVED_TRAIN_KEYS = {"exploit_p_every": "elastic_compressed.exploit_p_every",
+                    "rescore_per_epoch": "elastic_compressed.rescore_per_epoch",
+                    "rescore_entries": "elastic_compressed.rescore_entries"}
+"""Keys of the earlier elastic sampler; it is `elastic-compressed` now."""
+
+
 class TrainParams(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [k for k in MOVED_TRAIN_KEYS if k in data]
+            if moved:
+                raise ValueError(
+                    "; ".join(f"train.{k} is now train.{MOVED_TRAIN_KEYS[k]}" for k in moved)
+                    + " (the compressed exploit ramp is the `elastic-compressed` sampler; `elastic` follows the "
+                    "reference: exploit_p_every_epochs, bank re-scoring at each epoch start and quarter)")
+        return data
+
     @model_validator(mode="before")
     @classmethod
     def _single_teacher(cls, data: Any) -> Any:
@@ -137,7 +171,7 @@ class TrainParams(Section):
                 data["teachers"] = [] if one is None else [one]
         return data
 
-    sampler: Literal["elastic", "complexity", "uniform", "flat"] = "elastic"
+    sampler: SamplerName = "elastic"
     out_dir: str = "models"
     epochs: PosInt = 8
     batch_size: PosInt = 32
@@ -162,18 +196,22 @@ class TrainParams(Section):
     """Teachers of the level subnets, their softmax(logits / temperature) averaged (the paper:
     swsl_resnext101_32x4d + _32x8d at 0.2). Empty: hard labels. Checked before training: a
     teacher that cannot be loaded, or predicts another number of classes, is an error."""
-    # performance-aware sampling
-    bank_capacity: PosInt = 30
+    # performance-aware sampling (evit/train/elastic.py); `elastic` follows the reference code
+    shared_min_levels: list[NonNegInt] = [0, 2, 4]
+    """Levels whose min subnet the level-walk samplers distil, each serving the levels up to
+    the next one (the reference's 3 shared min subnets); [] = every level its own min."""
+    bank_capacity: PosInt = 150
+    bank_capacity_big: PosInt = 50
+    bank_big_from_m: Annotated[float, Field(gt=0)] | None = None
+    """Levels from this many MFLOPs on get bank_capacity_big; null = 5x the lowest level (the
+    reference's 500 over 100 MFLOPs)."""
     exploit_p_start: Annotated[float, Field(ge=0, le=1)] = 0.2
     exploit_p_step: Annotated[float, Field(ge=0, le=1)] = 0.15
-    exploit_p_every: Annotated[float, Field(gt=0, le=1)] = 1 / 6
-    """Fraction of training after which exploit_p grows by exploit_p_step."""
+    exploit_p_every_epochs: PosInt = 100
+    """`elastic`: exploit_p grows by exploit_p_step every this many absolute epochs (the reference)."""
     explore_candidates: PosInt = 5
-    rescore_per_epoch: NonNegInt = 2
-    """Times per epoch the stalest bank entries of the current level are re-measured (0: only
-    when re-trained); see evit/train/samplers.py."""
-    rescore_entries: NonNegInt = 3
-    """Entries re-measured each time (forward passes only, on the step's batch)."""
+    elastic_compressed: CompressedBanksParams = CompressedBanksParams()
+    """The bank rules of `elastic-compressed` (evit's earlier short-run variant)."""
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Stochastic depth of the deepest block (0 as NASViT/ElasticViT train their supernets)."""
     log_every: PosInt = 10
@@ -199,13 +237,18 @@ class TrainParams(Section):
 
 
 class AblateParams(Section):
-    samplers: list[Literal["elastic", "complexity", "uniform", "flat"]] = ["uniform", "flat", "complexity", "elastic"]
+    samplers: list[SamplerName] = ["uniform", "flat", "complexity", "elastic", "elastic-compressed"]
     seeds: list[int] = [0, 1]
     epochs: PosInt = 3
     subnets_per_level: PosInt = 3
     """Fixed seeded draws per FLOPs level evaluated for every sampler (plus the level's min subnet)."""
     conflict_steps: Annotated[int, Field(ge=2)] = 6
     """Steps over which gradient cosines (same step, adjacent steps) are measured per sampler."""
+    pick_candidates: NonNegInt = 16
+    """"What search would pick": per level, this many fixed seeded draws (the same for every
+    sampler) ranked on the search split; the best one's val top-1 is reported. 0 = off."""
+    bank_top: NonNegInt = 3
+    """Best entries per level of each banked sampler's banks, evaluated on every sampler's supernet."""
     out_dir: str = "results"
 
 

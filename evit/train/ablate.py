@@ -8,9 +8,15 @@ the effect of the sampling.
 For every seed in `ablate.seeds` and sampler in `ablate.samplers`, a supernet is trained
 with the `train` recipe for `ablate.epochs` epochs (checkpoints under
 `<train.out_dir>/ablate/<sampler>-seed<seed>/`; a killed ablation resumes, a finished run
-with the same params is reused). Every supernet is then evaluated on the SAME subnets:
-per FLOPs level its min subnet plus `ablate.subnets_per_level` fixed seeded draws, BN
-recalibrated, no retraining, on the `val` split.
+with the same params is reused). Every supernet is then evaluated on the SAME subnets, BN recalibrated, no retraining:
+- random draws: per FLOPs level its min subnet plus `ablate.subnets_per_level` fixed
+  seeded draws, top-1 on `val`;
+- what search would pick: per level, `ablate.pick_candidates` fixed seeded draws (the same
+  candidates for every sampler) ranked on the `search` split; the best one's top-1 on
+  `val` is reported. This is the claim of performance-aware sampling: the banks steer
+  training towards the subnets a search then picks, maybe at the cost of the rest;
+- the banks' best: the `ablate.bank_top` best entries per level of each banked sampler's
+  final banks, top-1 on `val` on every sampler's supernet of the same seed.
 
 Gradient conflict (see `evit.train.conflict`): for each sampler, the cosine similarity of
 shared-weight gradients of subnets drawn in the same step and in adjacent steps, measured
@@ -18,8 +24,12 @@ for `ablate.conflict_steps` steps (a) on the sampler's own trained supernet ("as
 (b) on one common supernet per seed, the `uniform` one when it is in the list
 ("shared_weights"), which isolates the effect of *which* subnets a sampler pairs.
 
-Outputs: results/ablation.json (sampler -> level -> top-1 mean, std, per-seed values,
-plus conflict numbers) and results/ablation.png (top-1 vs FLOPs per sampler).
+Whether lower conflict predicts accuracy: the Spearman correlation, over every (sampler,
+seed) run, between the same-step cosine and each accuracy metric.
+
+Outputs: results/ablation.json (sampler -> level -> top-1 mean, std, per-seed values, the
+picked subnets, the bank subnets, conflict numbers and their correlation with accuracy)
+and results/ablation.png (top-1 vs FLOPs per sampler).
 """
 
 from __future__ import annotations
@@ -42,11 +52,13 @@ from evit.space import SearchSpace
 from evit.tracking import stage_run
 from evit.train import checkpoint as ckpt_mod
 from evit.train.conflict import measure_conflict
-from evit.train.samplers import make_sampler, settings_from_params
+from evit.train.sampler_factory import make_sampler
+from evit.train.samplers import BANKED
 
 log = logging.getLogger(__name__)
 
 EVAL_SPLIT = "val"
+PICK_SPLIT = "search"
 EVAL_SEED = 0
 
 
@@ -63,6 +75,24 @@ def ablation_archs(space: SearchSpace, per_level: int, seed: int = 0) -> dict[in
             archs[f"draw{i}"] = ls.sample(lv, rng)
         out[lv] = archs
     return out
+
+
+def pick_candidates(space: SearchSpace, n: int) -> dict[int, list[Arch]]:
+    """level -> `n` fixed seeded draws, the candidates of "what search would pick" (all samplers)."""
+    from evit.level_sampler import LevelSampler
+
+    ls = LevelSampler(space)
+    out: dict[int, list[Arch]] = {}
+    for lv in range(len(space.levels)):
+        rng = random.Random(f"evit-ablate-pick:{lv}")
+        out[lv] = list(dict.fromkeys(ls.sample(lv, rng) for _ in range(n)))
+    return out
+
+
+def bank_best(banks: dict[str, list[dict[str, Any]]], top: int) -> dict[int, list[Arch]]:
+    """level -> the `top` best entries of a final checkpoint's banks (`banks_to_json` rows)."""
+    return {int(lv): [Arch.from_dict(r["arch_json"]) for r in sorted(rows, key=lambda r: -r["score"])[:top]]
+            for lv, rows in banks.items() if rows}
 
 
 def run_params(params: Params, sampler: str, seed: int) -> tuple[Params, Path]:
@@ -89,6 +119,19 @@ def conflict_batches(data: Any, space: SearchSpace, batch_size: int, steps: int)
     idx = torch.randperm(len(x), generator=g)
     n = min(batch_size, len(x) // max(1, steps)) or 1
     return [(x[idx[i * n:(i + 1) * n]], y[idx[i * n:(i + 1) * n]]) for i in range(steps)]
+
+
+def pick_best(candidates: list[Arch], top1: Any) -> dict[str, Any]:
+    """The candidate with the best `search` top-1 (first on ties), and its `val` top-1."""
+    scores = [top1(c, PICK_SPLIT) for c in candidates]
+    best = scores.index(max(scores))
+    return {"arch": candidates[best].key, "search_top1": scores[best], "val_top1": top1(candidates[best])}
+
+
+def _steps_per_epoch(meta: dict[str, Any]) -> int:
+    """Steps per epoch of a finished run (the exploit schedule of a re-created sampler needs it)."""
+    epochs = int((meta.get("train") or {}).get("epochs") or 1)
+    return max(1, int(meta.get("step") or 0) // epochs)
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -128,6 +171,7 @@ def run_ablation(params: Params) -> dict[str, Any]:
     data = PreparedData(paths.prepared_dir(params))
     space = space_from_params(params.space, data.num_classes)
     archs = ablation_archs(space, a.subnets_per_level)
+    candidates = pick_candidates(space, a.pick_candidates) if a.pick_candidates else {}
     arch_flops = {lv: {n: flops.flops_m(ar, space) for n, ar in d.items()} for lv, d in archs.items()}
     per_run: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in a.samplers}
     shared_sampler = "uniform" if "uniform" in a.samplers else a.samplers[0]
@@ -136,6 +180,7 @@ def run_ablation(params: Params) -> dict[str, Any]:
         for seed in a.seeds:
             supernets: dict[str, Any] = {}
             states: dict[str, dict[str, Any]] = {}
+            bank_archs: dict[str, dict[int, list[Arch]]] = {}
             for sampler in a.samplers:
                 p, out_dir = run_params(params, sampler, seed)
                 final = out_dir / paths.checkpoint_path(p).name
@@ -149,21 +194,40 @@ def run_ablation(params: Params) -> dict[str, Any]:
                         info = {k: res.summary.get(k) for k in ("train_seconds", "images_per_s", "top1_mean")}
                 supernet, meta = ckpt_mod.load_supernet(final, space=space)
                 supernets[sampler], states[sampler] = supernet, meta["sampler"]
+                if sampler in BANKED:
+                    bank_archs[sampler] = bank_best(meta.get("banks") or {}, a.bank_top)
+
+                def top1(arch: Arch, split: str = EVAL_SPLIT, net: Any = supernet, tp: Any = p.train) -> float:
+                    return evaluate_subnet(net, arch, data, split, tp.bn_calib_batches, tp.batch_size, EVAL_SEED)
+
                 levels: dict[int, Any] = {}
                 for lv, named in archs.items():
-                    accs = {n: evaluate_subnet(supernet, ar, data, EVAL_SPLIT, p.train.bn_calib_batches,
-                                               p.train.batch_size, EVAL_SEED) for n, ar in named.items()}
+                    accs = {n: top1(ar) for n, ar in named.items()}
                     levels[lv] = {"mean": statistics.fmean(accs.values()), "subnets": accs}
-                per_run[sampler][seed] = {"levels": levels, "train": info, "weights": meta.get("weights"),
-                                          "steps": meta.get("step")}
-                log.info("ablation %s seed %d: val top-1 per level %s", sampler, seed,
-                         {lv: round(v["mean"], 4) for lv, v in levels.items()})
+                picks = {lv: pick_best(cands, top1) for lv, cands in candidates.items()}
+                per_run[sampler][seed] = {"levels": levels, "picks": picks, "train": info,
+                                          "weights": meta.get("weights"), "steps": meta.get("step"),
+                                          "steps_per_epoch": _steps_per_epoch(meta)}
+                log.info("ablation %s seed %d: val top-1 per level %s; of the picked subnets %s", sampler, seed,
+                         {lv: round(v["mean"], 4) for lv, v in levels.items()},
+                         {lv: round(v["val_top1"], 4) for lv, v in picks.items()})
+            for source, by_level in bank_archs.items():
+                for sampler in a.samplers:
+                    net, tp = supernets[sampler], params.train
+                    accs = {lv: [evaluate_subnet(net, ar, data, EVAL_SPLIT, tp.bn_calib_batches, tp.batch_size,
+                                                 EVAL_SEED) for ar in ars] for lv, ars in by_level.items()}
+                    per_run[sampler][seed].setdefault("bank_subnets", {})[source] = {
+                        "mean": statistics.fmean(v for vs in accs.values() for v in vs), "levels": accs}
+                log.info("ablation seed %d: %s banks' best %d per level, val top-1 per supernet %s", seed, source,
+                         a.bank_top, {s_: round(per_run[s_][seed]["bank_subnets"][source]["mean"], 4)
+                                      for s_ in a.samplers})
             batches = conflict_batches(data, space, params.train.batch_size, a.conflict_steps)
             for sampler in a.samplers:
                 for key, weights_of in (("as_trained", sampler), ("shared_weights", shared_sampler)):
                     start = int(per_run[sampler][seed]["steps"] or 0)
-                    smp = make_sampler(sampler, space, seed, max(1, start) + a.conflict_steps,
-                                       settings_from_params(params.train))
+                    smp = make_sampler(sampler, space, seed, train=params.train,
+                                       steps_per_epoch=per_run[sampler][seed]["steps_per_epoch"],
+                                       total_steps=max(1, start) + a.conflict_steps)
                     smp.load_state_dict(states[sampler])
                     with isolated_rng():
                         c = measure_conflict(supernets[weights_of], smp, batches, start_step=start)
@@ -178,6 +242,8 @@ def run_ablation(params: Params) -> dict[str, Any]:
         metrics = {}
         for s, r in report["samplers"].items():
             metrics[f"{s}_top1_mean"] = r["top1_mean"]
+            if r.get("picked"):
+                metrics[f"{s}_picked_top1_mean"] = statistics.fmean(r["picked"]["mean_per_seed"])
             for key in ("as_trained", "shared_weights"):
                 for kind in ("same_step", "adjacent_step"):
                     v = r["conflict"][key][kind]["mean"]
@@ -218,13 +284,52 @@ def _report(params: Params, per_run: dict[str, dict[int, dict[str, Any]]], archs
         samplers[s] = {"levels": levels, "top1_mean": statistics.fmean(overall), "top1_mean_per_seed": overall,
                        "conflict": conflict, "train": {str(sd): runs[sd]["train"] for sd in seeds},
                        "weights": {str(sd): runs[sd]["weights"] for sd in seeds}}
+        if all(runs[sd].get("picks") for sd in seeds):
+            samplers[s]["picked"] = {
+                "mean_per_seed": [statistics.fmean(v["val_top1"] for v in runs[sd]["picks"].values()) for sd in seeds],
+                "levels": {str(lv): {"val_top1": [runs[sd]["picks"][lv]["val_top1"] for sd in seeds],
+                                     "search_top1": [runs[sd]["picks"][lv]["search_top1"] for sd in seeds],
+                                     "arch": [runs[sd]["picks"][lv]["arch"] for sd in seeds]}
+                           for lv in runs[seeds[0]]["picks"]}}
+        sources = set.intersection(*(set(runs[sd].get("bank_subnets", {})) for sd in seeds)) if seeds else set()
+        samplers[s]["bank_subnets"] = {src: [runs[sd]["bank_subnets"][src]["mean"] for sd in seeds]
+                                       for src in sorted(sources)}
     return {
         "split": EVAL_SPLIT,
         "epochs": a.epochs,
         "seeds": list(a.seeds),
         "subnets_per_level": a.subnets_per_level,
         "conflict_steps": a.conflict_steps,
+        "pick_candidates": a.pick_candidates,
+        "bank_top": a.bank_top,
         "archs": {str(lv): {n: {"arch": ar.key, "flops_m": round(arch_flops[lv][n], 4)} for n, ar in d.items()}
                   for lv, d in archs.items()},
         "samplers": samplers,
+        "conflict_vs_accuracy": conflict_vs_accuracy(samplers),
     }
+
+
+def conflict_vs_accuracy(samplers: dict[str, Any]) -> dict[str, Any]:
+    """Does lower conflict predict accuracy? Spearman over every (sampler, seed) run.
+
+    Same-step cosine (own weights, and shared weights) against the random-draw top-1 and
+    the picked subnets' top-1 of the same run. Higher cosine = less conflict, so the
+    paper's claim predicts a positive correlation.
+    """
+    from scipy.stats import spearmanr
+
+    out: dict[str, Any] = {}
+    for key in ("as_trained", "shared_weights"):
+        for metric in ("random", "picked"):
+            xs: list[float] = []
+            ys: list[float] = []
+            for r in samplers.values():
+                cos = r["conflict"][key]["same_step"]["per_seed"]
+                acc = r["top1_mean_per_seed"] if metric == "random" else (r.get("picked") or {}).get("mean_per_seed")
+                if acc and len(acc) == len(cos):
+                    xs += cos
+                    ys += acc
+            rho = float(spearmanr(xs, ys).statistic) if len(xs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1 \
+                else None
+            out[f"{key}/{metric}"] = {"spearman": rho, "n": len(xs)}
+    return out

@@ -1,7 +1,7 @@
 """The memory banks of performance-aware sampling: per FLOPs level, the best subnets seen.
 
-`MemoryBank` holds (arch, score) entries of one level (`evit.train.samplers.ElasticSampler`
-fills and draws from them; its docstring explains the scores); `banks_to_json` and
+`MemoryBank` holds (arch, score) entries of one level (the samplers of `evit.train.elastic`
+fill and draw from them; that module's docstring explains the scores); `banks_to_json` and
 `load_banks` read them back from a sampler state or a checkpoint, as search seeds its
 populations from them.
 """
@@ -27,7 +27,8 @@ class BankEntry:
     score: float
     """-CE (hard labels) when last measured."""
     advantage: float
-    """score minus the same step's score of the level's reference (min) subnet; ranks the bank."""
+    """What ranks the bank: the score itself (`elastic`), or the score minus the same step's
+    score of the level's min subnet (`elastic-compressed`)."""
     step: int
     """Training step of the last measurement."""
 
@@ -108,7 +109,8 @@ def banks_to_json(sampler_state: dict[str, Any], space: SearchSpace) -> dict[str
 def load_banks(path: str | Path) -> dict[int, list[tuple[Arch, float]]]:
     """Memory banks of a training checkpoint: level -> [(arch, score)], best first.
 
-    Score = -CE moved to the end of training (see `evit.train.samplers`). Raises
+    Score = -CE at its last measurement (`elastic`) or moved to the end of training
+    (`elastic-compressed`; see `evit.train.elastic`). Raises
     CheckpointError when the file is unreadable, KeyError when the run kept no banks (the
     uniform and complexity samplers).
     """

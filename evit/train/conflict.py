@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evit.arch import Arch
 from evit.evaluate import isolated_rng
 from evit.train.samplers import Draw, SubnetSampler
 from evit.train.step import resize
@@ -61,6 +62,12 @@ def draw_gradients(model: nn.Module, draws: Sequence[Draw], x: Tensor, y: Tensor
     return grads, ces
 
 
+@torch.no_grad()
+def hard_ces(model: nn.Module, archs: Sequence[Arch], x: Tensor, y: Tensor) -> list[float]:
+    """Hard-label CE of `archs` on one batch (no gradients): the bank scores a sampler asks for."""
+    return [float(F.cross_entropy(model(resize(x, a.resolution), a).float(), y)) for a in archs]
+
+
 def _summary(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"mean": None, "std": None, "n": 0}
@@ -73,7 +80,8 @@ def measure_conflict(supernet: nn.Module, sampler: SubnetSampler, batches: Seque
     """Same-step and adjacent-step gradient cosines of `sampler`'s draws on `batches` (one per step).
 
     `sampler` is advanced (pass a copy to keep the original). Elastic samplers observe
-    the draws' CE as in training, so their banks evolve as they would.
+    the draws' CE and the scores they ask for as in training, so their banks evolve as
+    they would.
     """
     device = next(supernet.parameters()).device
     model = copy.deepcopy(supernet).train()
@@ -85,7 +93,8 @@ def measure_conflict(supernet: nn.Module, sampler: SubnetSampler, batches: Seque
             x, y = x.to(device), y.to(device)
             draws = sampler.step(start_step + i)
             grads, ces = draw_gradients(model, draws, x, y)
-            sampler.observe(start_step + i, list(zip(draws, ces)))
+            wanted = sampler.to_score(start_step + i)
+            sampler.observe(start_step + i, list(zip(draws, ces)), dict(zip(wanted, hard_ces(model, wanted, x, y))))
             for ga, gb in itertools.combinations(grads, 2):
                 c = masked_cosine(ga, gb)
                 if c is not None:

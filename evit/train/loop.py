@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -43,10 +42,17 @@ from evit.resolve import space_from_params
 from evit.space import SearchSpace
 from evit.train import checkpoint as ckpt_mod
 from evit.train.banks import banks_to_json
-from evit.train.distributed import DistInfo, all_gather_floats, all_reduce_mean, barrier, init_distributed
+from evit.train.distributed import (
+    DistInfo,
+    all_gather_floats,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+)
 from evit.train.logbook import STEP_LOG, MlflowBatcher, StepLog
-from evit.train.samplers import SubnetSampler, make_sampler, settings_from_params
-from evit.train.step import StepConfig, StepRunner, Throughput, make_mixup, score_archs
+from evit.train.sampler_factory import make_sampler
+from evit.train.samplers import SubnetSampler
+from evit.train.step import StepConfig, StepRunner, Throughput, make_mixup, observe_step
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +132,6 @@ def _state_digest(module: nn.Module) -> float:
     return float(int(h.hexdigest()[:12], 16))
 
 
-def _rescore_positions(steps_per_epoch: int, times: int) -> set[int]:
-    """Batch indices inside an epoch after which the stalest bank entries are re-measured."""
-    if times <= 0:
-        return set()
-    return {max(0, math.ceil(steps_per_epoch * (j + 1) / times) - 1) for j in range(times)}
-
-
 class Trainer:
     """Builds every component of a run from `params`; `fit()` trains, checkpoints, evaluates."""
 
@@ -206,8 +205,8 @@ class Trainer:
         amp = _AMP[t.amp_dtype] if on_gpu else None
         self.scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
 
-        self.sampler: SubnetSampler = make_sampler(t.sampler, self.space, t.seed, self.total_steps,
-                                                   settings_from_params(t))
+        self.sampler: SubnetSampler = make_sampler(t.sampler, self.space, t.seed, train=t,
+                                                   steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         if teacher is not None:
             teacher = teacher.to(self.device)
             if self.channels_last:
@@ -223,6 +222,7 @@ class Trainer:
         self.runner = StepRunner(self.model, self.space, cfg, self.device, teacher=teacher,
                                  mixup=make_mixup(t.mixup_alpha, t.label_smoothing, self.space.num_classes),
                                  scaler=self.scaler)
+        self.sampler.scores_from_training = self.runner.mixup is None and t.drop_path == 0
         self.report_archs = fixed_eval_archs(self.space, t.seed, draws=t.eval_subnets == "min+draw")
         self.eval_archs = {k: a for k, a in self.report_archs.items() if not k.endswith("/draw")}
         self.mlflow_run_id = mlflow_run_id
@@ -335,7 +335,6 @@ class Trainer:
             from evit.progress import Progress
 
             bar = Progress(self.total_steps, f"train ({self.t.sampler})", unit="step", initial=self.step, logger=log)
-        rescore_at = _rescore_positions(self.steps_per_epoch, self.t.rescore_per_epoch)
         images_per_step = self.t.batch_size * self.dist.world_size
         self.module.train()
         meter = Throughput(self.device)
@@ -359,15 +358,9 @@ class Trainer:
                     for d in draws:
                         self.draw_digest.update(d.arch.key.encode())
                     results = self.runner.run(x, y, draws)
-                    ces = all_reduce_mean([r.hard_ce for r in results], self.dist)
-                    self.sampler.observe(self.step, [(r.draw, ce) for r, ce in zip(results, ces)])
+                    ces = observe_step(self.sampler, self.module, self.runner, x, y, self.step, results,
+                                       lambda v: all_reduce_mean(v, self.dist))
                     level = draws[0].level
-                    if b in rescore_at:
-                        stale = self.sampler.stale_entries(level, self.t.rescore_entries)
-                        if stale:
-                            fresh = all_reduce_mean(score_archs(self.module, self.runner, x, y, stale), self.dist)
-                            for arch, ce in zip(stale, fresh):
-                                self.sampler.rescore(self.step, level, arch, ce)  # type: ignore[arg-type]
                     self._optimizer_step()
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.step += 1

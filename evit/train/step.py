@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 from evit import flops
 from evit.arch import Arch
 from evit.space import SearchSpace
-from evit.train.losses import AdaptiveAlphaDivergence, Teacher, label_smoothed_ce, soft_ce
-from evit.train.samplers import Draw
+from evit.train.losses import (
+    AdaptiveAlphaDivergence,
+    Teacher,
+    label_smoothed_ce,
+    soft_ce,
+)
+from evit.train.samplers import Draw, SubnetSampler
 
 
 class HardMixup(Mixup):
@@ -171,7 +176,7 @@ def _hard_ce_tensor(logits: Tensor, hard: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def frozen_buffers(module: nn.Module):  # noqa: ANN201 - a context manager
+def frozen_buffers(module: nn.Module):
     """Restore every buffer (BN running stats and counters) of `module` on exit."""
     saved = [(b, b.detach().clone()) for b in module.buffers()]
     try:
@@ -206,6 +211,23 @@ def score_archs(module: nn.Module, runner: StepRunner, x: Tensor, y: Tensor, arc
     finally:
         module.train(was_training)
     return out
+
+
+def observe_step(sampler: SubnetSampler, module: nn.Module, runner: StepRunner, x: Tensor, y: Tensor,
+                 step_idx: int, results: Sequence[DrawResult],
+                 reduce: Callable[[list[float]], list[float]] = list) -> list[float]:
+    """Hand a trained step to the sampler: its draws' CE plus the scores it asks for.
+
+    `x`, `y` are the step's batch before mixup; `reduce` averages over ranks (the
+    all-reduce under DDP; every rank asks for the same archs, the banks being equal).
+    Call before the optimiser step, so scores see the weights the draws trained.
+    Returns the per-draw CE after `reduce`.
+    """
+    ces = reduce([r.hard_ce for r in results])
+    wanted = sampler.to_score(step_idx)
+    fresh = dict(zip(wanted, reduce(score_archs(module, runner, x, y, wanted)), strict=True)) if wanted else {}
+    sampler.observe(step_idx, [(r.draw, ce) for r, ce in zip(results, ces, strict=True)], fresh)
+    return ces
 
 
 class Throughput:
