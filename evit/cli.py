@@ -4,11 +4,16 @@ Every command takes `--params` and validates the whole file before doing anythin
 typo fails in milliseconds, not after an hour of training. Errors the user can fix
 (`ConfigError`, `ArchError`, `DataError`, ...) are printed as one clear message with exit
 code 2, never as a stack trace.
+
+Every argument that names a file or folder says what it expects with a `PathArg` in its
+annotation; the files are read through `evit.io`'s one reader, and tests/test_cli_sweep.py
+feeds each such argument every kind of damaged file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import json
 import logging
@@ -28,11 +33,28 @@ app = typer.Typer(help="ElasticViT pipeline: prepare, train, lut, search, export
 arch_app = typer.Typer(help="Inspect architectures and search spaces.", no_args_is_help=True)
 app.add_typer(arch_app, name="arch")
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (default: params.yaml or $EVIT_PARAMS)")]
+
+
+class PathArg(enum.Enum):
+    """What an argument that names a file or folder expects. Every such argument carries one in
+    its annotation (`Annotated[Path, typer.Option(...), PathArg.PARAMS]`); tests/test_cli_sweep.py
+    finds them there and feeds each the bad inputs of its kind, so a new one is swept too."""
+
+    PARAMS = "a params YAML file"
+    OVERRIDE = "KEY=VALUE or an override YAML file"
+    ARCH = "a released model name or an arch JSON file"
+    REFERENCE_CONFIG = "the reference's space config (YAML, or JSON holding it under 'yaml')"
+    CHECKPOINT = "a checkpoint file to read (.pth, .safetensors)"
+    OUTPUT_FILE = "a file to write"
+    OUTPUT_DIR = "a folder to write into"
+
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file (default: params.yaml or $EVIT_PARAMS)"),
+                      PathArg.PARAMS]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE|FILE.yaml",
     help="override params (repeatable): KEY=VALUE (e.g. train.epochs=2, devices.cpu-4t.repeats=5) or a YAML "
-         "file merged on top; also read from $EVIT_OVERRIDES (one item per line)")]
+         "file merged on top; also read from $EVIT_OVERRIDES (one item per line)"), PathArg.OVERRIDE]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -85,7 +107,7 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _params(path: Path, overrides: list[str] | None = None, *, to_children: bool = False) -> Any:
+def _params(path: Path | None, overrides: list[str] | None = None, *, to_children: bool = False) -> Any:
     """Validated params with the `--set` overrides on top (after $EVIT_OVERRIDES).
 
     `to_children`: also put the overrides into $EVIT_OVERRIDES, for commands whose work runs
@@ -94,11 +116,12 @@ def _params(path: Path, overrides: list[str] | None = None, *, to_children: bool
     from evit.config import OVERRIDES_ENV, override_items
     from evit.stages import load
 
-    items = [str(Path(o).resolve()) if "=" not in o and Path(o).is_file() else o for o in overrides or []]
-    if to_children and items:
-        os.environ[OVERRIDES_ENV] = "\n".join(override_items(items))
-        return load(path)
-    return load(path, items)
+    items = list(overrides or [])
+    p = load(path, items)  # before the environment changes: a bad item leaves it as it was
+    if to_children and items:  # files as absolute paths: the children may run elsewhere
+        os.environ[OVERRIDES_ENV] = "\n".join(override_items(
+            [os.path.abspath(o) if os.path.lexists(o) else o for o in items]))
+    return p
 
 
 def _record_hand_run(kind: str, params_path: Path, device: str | None = None, *,
@@ -176,8 +199,8 @@ def arch_list() -> None:
 @arch_app.command("info")
 @_friendly
 def arch_info(
-    arch: Annotated[str | None, typer.Argument(help="a released model name (`evit arch list`) or an arch JSON file")]
-    = None,
+    arch: Annotated[str | None, typer.Argument(help="a released model name (`evit arch list`) or an arch JSON file"),
+                    PathArg.ARCH] = None,
     space: Annotated[str | None, typer.Option(
         help="search space preset: cpu or imagenet (default: --params's, imagenet for a released name, else cpu)")]
     = None,
@@ -187,7 +210,7 @@ def arch_info(
     num_classes: Annotated[int | None, typer.Option(help="classifier width (default: the preset's)")] = None,
     supernet: Annotated[bool, typer.Option("--supernet", help="report the supernet's parameter count")] = False,
     params: Annotated[Path | None, typer.Option("--params", "-p", help="take space and convention from this "
-                                                                         "params file")] = None,
+                                                                         "params file"), PathArg.PARAMS] = None,
     overrides: SetOpt = None,
 ) -> None:
     """Print FLOPs (MMACs, both conventions) and params of an architecture, or of the whole supernet."""
@@ -195,7 +218,8 @@ def arch_info(
     from evit.released import released, resolve_arch
     from evit.space import get_space
 
-    p = _params(params, overrides) if params is not None else None
+    # --set alone applies to the default params file (params.yaml or $EVIT_PARAMS); it was ignored
+    p = _params(params, overrides) if params is not None or overrides else None
     named = released(arch) if arch else None
     preset = space or (p.space.preset if p else None) or ("imagenet" if named else "cpu")
     conv = convention or (p.space.flops_convention if p else None) or "true"
@@ -311,7 +335,8 @@ def export(
                                 "(a new MLflow server, a wiped database)")] = False,
     arch: Annotated[list[str] | None, typer.Option(
         "--arch", help="export this architecture instead of the search result (repeatable): a released "
-                       "model name (`evit arch list`) or an arch JSON file; added beside the searched ones")] = None,
+                       "model name (`evit arch list`) or an arch JSON file; added beside the searched ones"),
+        PathArg.ARCH] = None,
     overrides: SetOpt = None,
     no_wait: NoWaitOpt = False,
 ) -> None:
@@ -320,9 +345,12 @@ def export(
         _device_stage("export", device, params, overrides, no_wait)
         return
     from evit import stages
+    from evit.released import resolve_arch
 
     p = _params(params, overrides)
     p.device(device)
+    for spec in arch or []:  # a bad name or file fails before the workspace is taken
+        resolve_arch(spec)
     with _writer(f"evit export -d {device}", no_wait):
         out = ({"device": device, "registered_again": stages.restore_registrations(p, device)} if register_only
                else stages.export(p, device, archs=arch))
@@ -334,7 +362,8 @@ def export(
 def fetch(
     ref: Annotated[str, typer.Argument(help="registered model, e.g. evit-cpu-1t@champion or evit-cpu-1t/3")],
     fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript | pytorch | tflite | pte")] = "onnx",
-    out: Annotated[Path, typer.Option("--out", help="directory to write the model files to")] = Path("fetched"),
+    out: Annotated[Path, typer.Option("--out", help="directory to write the model files to"),
+                   PathArg.OUTPUT_DIR] = Path("fetched"),
     params: ParamsOpt = Path("params.yaml"),
     card: Annotated[bool, typer.Option("--card", help="print the full card and file list as JSON")] = False,
     overrides: SetOpt = None,
@@ -352,10 +381,12 @@ def fetch(
 @app.command("import-reference")
 @_friendly
 def import_reference(
-    weights: Annotated[Path, typer.Argument(help="the reference's checkpoint: .pth as released, or .safetensors")],
+    weights: Annotated[Path, typer.Argument(help="the reference's checkpoint: .pth as released, or .safetensors"),
+                       PathArg.CHECKPOINT],
     config: Annotated[Path, typer.Option("--config", help="the reference's space YAML it was trained with "
-                                         "(e.g. final_3min_space.yaml)")],
-    out: Annotated[Path, typer.Option("--out", help="evit checkpoint to write (models/supernet.pt for the pipeline)")],
+                                         "(e.g. final_3min_space.yaml)"), PathArg.REFERENCE_CONFIG],
+    out: Annotated[Path, typer.Option("--out", help="evit checkpoint to write (models/supernet.pt for the pipeline)"),
+                   PathArg.OUTPUT_FILE],
     prefer: Annotated[str, typer.Option("--prefer", help="auto (EMA when present, like the reference) | ema | raw")]
     = "auto",
 ) -> None:
@@ -384,13 +415,15 @@ def pipeline(
     """Run the pipeline as a Prefect flow (ephemeral, no server needed); unchanged stages are cache hits.
 
     SIGTERM / Ctrl-C stop every running stage after its current step (exit 143 / 130)."""
-    from evit import cancel
+    from evit import cancel, tracking
     from flows.pipeline import check_selection, run_pipeline
     from flows.report import subnets_table
 
-    cancel.install()
     # validate before Prefect (or any server) starts, and pass the overrides on to its tasks
-    check_selection(_params(params, overrides, to_children=True), stage, device, force)
+    p = _params(params, overrides, to_children=True)
+    check_selection(p, stage, device, force)
+    tracking.check_server(p)
+    cancel.install()
     summary = run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None,
                            wait=not no_wait)
     _echo_json(summary)  # stdout: the machine-readable summary; the table below is for people (stderr)

@@ -11,11 +11,16 @@ figure the paper reports; `evit.flops` reproduces it to within 0.001 M under the
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from evit.arch import Arch, ArchError
+from evit.io import read_user_json
+
+ARCH_EXPECTED = ('an arch JSON object {"resolution": ..., "stem": {...}, "stages": [...]} as `evit arch info` '
+                 "prints it")
 
 RELEASED_SPACE = "imagenet"
 """The search space every released model belongs to."""
@@ -71,8 +76,10 @@ def resolve_arch(spec: str) -> tuple[str, Arch]:
     if model is not None:
         return model.name, model.arch
     path = Path(spec)
-    if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise ArchError(f"arch file {spec!r} not found")
-        return path.stem, Arch.from_json(path.read_text())
+    if path.suffix == ".json" or os.path.lexists(path):
+        data = read_user_json(path, "arch file", expect=ARCH_EXPECTED, error=ArchError)
+        try:
+            return path.stem, Arch.from_dict(data)
+        except ArchError as exc:
+            raise ArchError(f"arch file {spec!r}: {exc}") from None
     raise ArchError(f"{spec!r} is neither a released model ({', '.join(RELEASED)}) nor an arch JSON file")

@@ -15,13 +15,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from evit import paths
 from evit.config import ConfigError, Params, SpaceParams
 from evit.errors import CheckpointError, DataError, UserError
+from evit.io import read_user_json
 from evit.released import arch_label, resolve_arch
 from evit.space import NON_STRUCTURAL, SearchSpace, get_space
 from evit.space.reference import load_reference_space
@@ -49,11 +49,8 @@ def num_classes_for(params: Params) -> int | None:
     manifest = paths.manifest_path(params)
     if not manifest.is_file():
         return None
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"prepared data manifest {str(manifest)!r} is unreadable ({exc}); re-run `evit prepare`") \
-            from None
+    data = read_user_json(manifest, "prepared data manifest", error=DataError,
+                          expect="the JSON object `evit prepare` writes; re-run `evit prepare`")
     value = data.get("num_classes", data.get("classes"))
     if isinstance(value, list):
         value = len(value)

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from evit.config import Params
+from evit.errors import UserError
+from evit.retry import short, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,38 @@ def tracking_uri(params: Params) -> str:
 
 def registry_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_REGISTRY_URI") or params.tracking.registry_uri or tracking_uri(params)
+
+
+def check_server(params: Params, *, timeout_s: float = 10.0) -> None:
+    """Fail in one line, before a pipeline starts anything that logs, when the tracking or
+    registry URI is an http(s) server that does not answer, or answers as something other
+    than an MLflow server (no `/health`). Other URIs (sqlite, file stores) need no server.
+
+    Retried `tracking.retries` times (transient failures only), like every registry call."""
+    import urllib.error
+    import urllib.request
+
+    for uri in dict.fromkeys((tracking_uri(params), registry_uri(params))):
+        if not uri.startswith(("http://", "https://")):
+            continue
+        url = uri.rstrip("/") + "/health"
+
+        def probe(url: str = url) -> None:
+            urllib.request.urlopen(url, timeout=timeout_s).close()
+
+        retries = params.tracking.retries
+        try:
+            with_retries(probe, retries=retries, what=f"reaching the MLflow server at {uri}", logger=log)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):  # a server that guards even /health: the client's credentials will tell
+                continue
+            raise UserError(f"the MLflow server at {uri} answered HTTP {exc.code} on /health: is it an MLflow "
+                            "server? (MLFLOW_TRACKING_URI / tracking.uri, tracking.registry_uri in params.yaml)") \
+                from None
+        except (OSError, ValueError) as exc:
+            raise UserError(f"the MLflow server at {uri} did not answer after {retries + 1} attempt(s) "
+                            f"(tracking.retries = {retries}; {short(exc)}); check that it is running "
+                            "(MLFLOW_TRACKING_URI / tracking.uri in params.yaml)") from None
 
 
 def configure(params: Params) -> None:

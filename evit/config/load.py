@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from evit.config.base import ConfigError
 from evit.config.schema import Params
+from evit.io import read_user_yaml, yaml_problem
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -60,6 +61,8 @@ def _format_errors(exc: ValidationError, source: str) -> str:
             continue
         value = "" if err["type"] == "missing" else f" = {inp!r}"
         lines.append(f"  - {loc}{value}: {msg}")
+    if len(lines) == 2:  # one problem: one line
+        return f"{source}: {lines[1].removeprefix('  - ')}"
     return "\n".join(lines)
 
 
@@ -80,12 +83,8 @@ KEY=VALUE). The CLI's `--set` appends to it, so `dvc`, torchrun and Prefect task
 started from that command load the same settings."""
 
 
-def _read_yaml(path: Path) -> Any:
-    """The YAML document in `path` (a params or override file); ConfigError naming the file if it is not YAML."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+PARAMS_EXPECTED = "a YAML mapping of sections (data:, train:, ...) like the project's params.yaml"
+OVERRIDE_EXPECTED = "a YAML mapping of params sections to merge on top (e.g. train: {epochs: 2})"
 
 
 def _merge(base: Any, over: Any, where: str) -> Any:
@@ -108,11 +107,11 @@ def _merge(base: Any, over: Any, where: str) -> Any:
 def _item_to_mapping(item: str) -> tuple[Any, str]:
     """One override item -> (nested mapping, description): `a.b=VALUE` (VALUE parsed as YAML) or a YAML file."""
     key, eq, value = item.partition("=")
-    if eq and key.strip() and not Path(item).is_file():
+    if eq and key.strip() and not os.path.lexists(item):
         try:
             parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(exc)})") from None
         parts = [p for p in key.strip().split(".")]
         if not all(parts):
             raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, e.g. train.epochs=2")
@@ -121,14 +120,9 @@ def _item_to_mapping(item: str) -> tuple[Any, str]:
             out = {part: out}
         return out, f"--set {key.strip()}"
     path = Path(item)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ConfigError(f"override {item!r} is neither KEY=VALUE (e.g. train.epochs=2) nor an existing YAML file")
-    data = _read_yaml(path)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: an override file is a mapping of sections, got {type(data).__name__}")
-    return data, str(path)
+    return read_user_yaml(path, "override file", expect=OVERRIDE_EXPECTED, error=ConfigError), str(path)
 
 
 def override_items(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -160,16 +154,12 @@ def load_params(path: str | os.PathLike[str] | None = None, overrides: list[str]
     one-off `--set train.epochs=2` is checked like the file itself.
     """
     path = params_path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ConfigError(f"params file {str(path)!r} not found (pass --params PATH or run from the project root)")
-    data = _read_yaml(path)
+    data = read_user_yaml(path, "params file", expect=PARAMS_EXPECTED, error=ConfigError)
     items = override_items(tuple(overrides))
     source = str(path)
     if items:
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
         data, described = apply_overrides(data, items)
         source = " + ".join([source, *described])
     return parse_params(data, source)

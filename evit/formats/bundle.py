@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from evit.arch import Arch
-from evit.io import read_json, write_text_atomic
+from evit.arch import Arch, ArchError
+from evit.io import read_user_json, write_text_atomic
 from evit.space import SearchSpace
 
 ONNX = "model.onnx"
@@ -85,7 +85,8 @@ def weights_digest(state: dict[str, Any]) -> str:
 
 
 def read_card(folder: Path) -> dict[str, Any]:
-    card: dict[str, Any] = read_json(Path(folder) / CARD)
+    """The model card of a bundle folder (one written here, or downloaded: read as a user's file)."""
+    card: dict[str, Any] = read_user_json(Path(folder) / CARD, "model card", expect="a model card JSON object")
     return card
 
 
@@ -96,7 +97,7 @@ def load_static_files(arch_json: str | Path, weights: str | Path, space: dict[st
 
     from evit.nn.static import load_static
 
-    arch = Arch.from_json(Path(arch_json).read_text())
+    arch = Arch.from_dict(read_user_json(arch_json, "arch file", error=ArchError))
     return load_static(arch, SearchSpace.from_dict(space), load_file(str(weights))).eval()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from evit.config import Params
-from evit.errors import RegistryError
+from evit.errors import RegistryError, UserError
 from evit.retry import is_transient, short, with_retries
 from evit.tracking import configure, registry_uri, tracking_uri
 
@@ -53,9 +53,16 @@ def retrying(what: str, fn: Callable[[], T], retries: int, uri: str, *, base_del
     """Call `fn`, retrying transient failures `retries` times; RegistryError once they are spent."""
     try:
         return with_retries(fn, retries=retries, what=what, base_delay=base_delay, on_failure=on_failure, logger=log)
+    except UserError:
+        raise
     except Exception as exc:
         if not is_transient(exc):
-            raise
+            if error_code(exc) is None:
+                raise
+            # an answer that is not MLflow's (a web server's 404 page, a proxy's login form) or a refusal
+            raise RegistryError(
+                f"{what}: the MLflow registry at {uri} refused the request: {short(exc)}. Check that {uri} is an "
+                "MLflow server (MLFLOW_TRACKING_URI / tracking.uri in params.yaml).") from exc
         raise RegistryError(
             f"{what}: the MLflow registry at {uri} did not answer after {retries + 1} attempt(s) "
             f"(tracking.retries = {retries}); last error: {short(exc)}. Check that the server is running "

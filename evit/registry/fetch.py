@@ -22,7 +22,7 @@ from evit.card import classes_text
 from evit.config import Params
 from evit.errors import RegistryError
 from evit.formats import bundle
-from evit.io import sha256_file, write_text_atomic
+from evit.io import check_output_dir, sha256_file, write_text_atomic
 from evit.registry.connection import http_policy, mlflow_client, retrying
 from evit.registry.tags import FILE_TAG_PREFIX, PT2_TAG
 from evit.retry import is_transient, short
@@ -145,6 +145,7 @@ def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str])
 
     if fmt not in FORMATS:
         raise RegistryError(f"--format {fmt!r} is not supported; accepted: {', '.join(FORMATS)}")
+    check_output_dir(out, "--out folder", error=RegistryError)  # before any download
     model_ref = parse_ref(ref)
     uri = registry_uri(params)
     retries = params.tracking.retries

@@ -21,9 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from evit.errors import UserError
+from evit.io import read_user_yaml
 from evit.space.core import SearchSpace, StageSpace
 
 STEM_WIDTHS = (16, 24)
@@ -36,21 +35,20 @@ class ReferenceConfigError(UserError, ValueError):
     """A reference space config that is unreadable or outside what the reference code builds."""
 
 
+REFERENCE_EXPECTED = ("the reference's space config (a YAML mapping with a 'search_space' section, e.g. "
+                      "final_3min_space.yaml), or a JSON file holding it under 'yaml'")
+
+
 def read_reference_config(path: str | Path) -> dict[str, Any]:
     """The reference config dict from a YAML file or a JSON file holding it under `yaml`."""
     p = Path(path)
-    if not p.is_file():
-        raise ReferenceConfigError(f"reference space config {str(p)!r} not found")
-    try:
-        data = yaml.safe_load(p.read_text())  # JSON is YAML too
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ReferenceConfigError(f"{p}: not readable as YAML/JSON ({str(exc).splitlines()[0]})") from None
-    if isinstance(data, dict) and "search_space" not in data and isinstance(data.get("yaml"), dict):
+    data = read_user_yaml(p, "reference space config", expect=REFERENCE_EXPECTED,
+                          error=ReferenceConfigError)  # JSON is YAML too
+    if "search_space" not in data and isinstance(data.get("yaml"), dict):
         data = data["yaml"]
-    if not isinstance(data, dict) or not isinstance(data.get("search_space"), dict):
-        raise ReferenceConfigError(f"{p}: expected the reference's space config (a mapping with a "
-                                   "'search_space' section, e.g. final_3min_space.yaml), or a JSON file "
-                                   "holding it under 'yaml'")
+    if not isinstance(data.get("search_space"), dict):
+        raise ReferenceConfigError(f"reference space config {str(p)!r} has no 'search_space' mapping; expected "
+                                   f"{REFERENCE_EXPECTED}")
     return data
 
 
@@ -144,4 +142,12 @@ def load_reference_space(path: str | Path | None, *, num_classes: int | None = N
     if path is None:
         raise ReferenceConfigError("space.preset is 'reference' but space.reference_config is not set; "
                                    "give the reference's space YAML (e.g. final_3min_space.yaml)")
-    return reference_space(read_reference_config(path), num_classes=num_classes)
+    config = read_reference_config(path)
+    where = f"reference space config {str(path)!r}"
+    try:
+        return reference_space(config, num_classes=num_classes)
+    except ReferenceConfigError as exc:
+        raise ReferenceConfigError(f"{where}: {str(exc).removeprefix('reference config: ')}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a list where a number belongs, ...
+        raise ReferenceConfigError(f"{where}: a value of the wrong type ({type(exc).__name__}: {exc}); expected "
+                                   f"{REFERENCE_EXPECTED}") from None

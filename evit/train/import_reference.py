@@ -26,7 +26,13 @@ import torch
 from torch import Tensor
 
 from evit.errors import UserError
-from evit.io import sha256_file
+from evit.io import (
+    MAX_CHECKPOINT_BYTES,
+    check_input_file,
+    check_output_file,
+    sha256_file,
+)
+from evit.retry import short
 from evit.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -59,8 +65,7 @@ def _numpy_globals() -> list[Any]:
 
 def read_weights_file(path: Path) -> Any:
     """The object stored in `path` (.safetensors or a torch file), loaded without arbitrary unpickling."""
-    if not path.is_file():
-        raise ReferenceImportError(f"reference weights {str(path)!r} not found")
+    check_input_file(path, "reference weights", max_bytes=MAX_CHECKPOINT_BYTES, error=ReferenceImportError)
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
         from safetensors import SafetensorError
@@ -69,10 +74,16 @@ def read_weights_file(path: Path) -> Any:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ReferenceImportError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise ReferenceImportError(f"{path}: not a readable safetensors file ({short(exc)})") from None
     if suffix not in TORCH_SUFFIXES:
         raise ReferenceImportError(f"{path}: unknown weights format {suffix!r}; accepted: "
                                    f"{', '.join((*TORCH_SUFFIXES, SAFETENSORS_SUFFIX))}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        got = "is empty" if not head else "is neither the zip archive torch.save writes nor a legacy pickle"
+        raise ReferenceImportError(f"{path} {got}: not a PyTorch checkpoint; expected the released .pth, or "
+                                   ".safetensors")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -88,7 +99,7 @@ def read_weights_file(path: Path) -> Any:
                 "unpickles arbitrary objects. Save just the weights where that code is installed, e.g. "
                 "torch.save(ckpt['model_ema'], 'weights.pth'), or convert them to .safetensors") from None
         raise ReferenceImportError(f"{path} is not a readable PyTorch checkpoint "
-                                   f"({type(exc).__name__}: {str(exc)[:200]})") from None
+                                   f"({type(exc).__name__}: {short(exc)[:200]})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -155,8 +166,13 @@ def import_reference(weights: str | Path, config: str | Path, out: str | Path, *
 
     weights, out = Path(weights), Path(out)
     space: SearchSpace = load_reference_space(config)  # config errors before reading a large file
+    check_input_file(weights, "reference weights", max_bytes=MAX_CHECKPOINT_BYTES, error=ReferenceImportError)
+    check_output_file(out, "--out checkpoint", error=ReferenceImportError)
     raw = read_weights_file(weights)
-    state, which = select_state_dict(raw, prefer)
+    try:
+        state, which = select_state_dict(raw, prefer)
+    except ReferenceImportError as exc:
+        raise ReferenceImportError(f"{weights}: {exc}") from None
     state = strip_prefix(state)
     net = ReferenceSupernet(space)
     expected = net.state_dict()
