@@ -223,7 +223,7 @@ def make_input(root: Path, kind: PathArg, bad: str) -> Path:
         return path
     if bad == "missing":
         return path
-    if bad in ("directory",):
+    if bad == "directory":
         path.mkdir()
     elif bad == "a_file":
         path.write_text("not a folder\n")
@@ -232,7 +232,7 @@ def make_input(root: Path, kind: PathArg, bad: str) -> Path:
         path = folder / "plain-file" / f"out{SUFFIX[kind]}"
     elif bad == "unwritable":
         path = folder / "read-only" / (f"out{SUFFIX[kind]}" if kind is PathArg.OUTPUT_FILE else "out")
-        path.parent.mkdir()
+        path.parent.mkdir(exist_ok=True)
         path.parent.chmod(0o555)
     elif bad == "unreadable":
         path.write_bytes(_text_content(PathArg.ARCH, "truncated") if kind is PathArg.ARCH else b"data: {}\n")
@@ -359,7 +359,8 @@ def _problem(case: Case, result: Any, bad_path: Path) -> str | None:
     return None
 
 
-def test_every_file_argument_rejects_every_bad_input(sweep_env: tuple[Path, Path]) -> None:
+def test_every_file_argument_rejects_every_bad_input(sweep_env: tuple[Path, Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     workspace, inputs = sweep_env
     root_user = os.geteuid() == 0
     cases = all_cases()
@@ -382,9 +383,10 @@ def test_every_file_argument_rejects_every_bad_input(sweep_env: tuple[Path, Path
     elapsed = time.perf_counter() - t0
     commands_swept = len({c.argv_prefix for c in cases})
     args_swept = len({(c.argv_prefix, c.param) for c in cases})
-    print(f"\nCLI sweep: {len(cases)} cases ({commands_swept} commands, {args_swept} file arguments, "
-          f"{len({c.bad for c in cases})} kinds of bad input); ran {ran} in {elapsed:.1f}s, "
-          f"skipped {len(skipped)} (permissions, running as root)")
+    with capsys.disabled():  # shown in `make test`'s output, not only with -s
+        print(f"\nCLI sweep: {len(cases)} cases ({commands_swept} commands, {args_swept} file arguments, "
+              f"{len({c.bad for c in cases})} kinds of bad input); ran {ran} in {elapsed:.1f}s, "
+              f"skipped {len(skipped)} (permissions, running as root)")
     assert ran > 0
     assert not failures, f"{len(failures)} of {ran} cases failed:\n" + "\n".join(failures)
 
