@@ -1,7 +1,9 @@
 """Conflict-aware supernet training (the paper's contribution) and its evidence.
 
-- `samplers`   which subnets a step trains: uniform (sandwich), flat (control), complexity, elastic
-- `banks`      the elastic sampler's memory banks; `load_banks` reads them back from a checkpoint
+- `samplers`   which subnets a step trains: the interface, uniform (sandwich), flat (control), complexity
+- `elastic`    performance-aware sampling: `elastic` (the reference code's bank rules), `elastic-compressed`
+- `sampler_factory` the sampler `train.sampler` names, from the `train` params
+- `banks`      the elastic samplers' memory banks; `load_banks` reads them back from a checkpoint
 - `losses`     label-smoothed / soft / teacher CE, AlphaNet's adaptive alpha-divergence
 - `step`       one step: forward + backward of every draw into one set of gradients
 - `loop`       `Trainer` / `fit`: optimiser, schedule, EMA, DDP, checkpoints, evaluation
@@ -9,7 +11,7 @@
 - `checkpoint` atomic save, safe load, `load_supernet`, RNG capture
 - `import_reference` `evit import-reference`: the paper's released supernet -> an evit checkpoint
 - `conflict`   gradient cosine between subnets of one step and of adjacent steps
-- `ablate`     `run_ablation(params)`: uniform vs flat vs complexity vs elastic, several seeds
+- `ablate`     `run_ablation(params)`: the samplers on random draws and on what search would pick, several seeds
 - `distributed` torchrun helpers; `logbook` step records, batched MLflow, plots
 Evaluation (BN recalibration, top-1) is shared with search, export and the baselines:
 `evit.evaluate`.

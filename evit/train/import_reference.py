@@ -130,7 +130,7 @@ def select_state_dict(obj: Any, prefer: Literal["auto", "ema", "raw"] = "auto") 
 
 
 def strip_prefix(state: dict[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    return {(k.removeprefix(prefix)): v for k, v in state.items()}
 
 
 def _listing(keys: list[str]) -> str:
