@@ -236,7 +236,11 @@ def arch_info(
     if arch is None:
         raise UserError("give a released model name (`evit arch list`), an ARCH.json file, or --supernet")
     name, a = resolve_arch(arch)
-    a = sp.validate(a)
+    a = sp.validate_computable(a)
+    rule = sp.width_rule(a)
+    if rule is not None:  # the weights compute it; sampling and search never draw it
+        typer.echo(f"warning: {rule} (the supernet computes it, but sampling, mutation and search do not draw "
+                   "such subnets)", err=True)
     cost = flops.count(a, sp)
     both = flops.flops_by_convention(a, sp)
     out = {"arch": a.to_dict(), "key": a.key, "space": sp.name, "flops_convention": sp.flops_convention,

@@ -99,7 +99,7 @@ def check_fixed_archs(params: Params, source: str = "params") -> None:
     for spec in params.search.fixed_archs:
         try:
             name, arch = resolve_arch(spec)
-            space.validate(arch)
+            space.validate_computable(arch)
         except UserError as exc:
             raise ConfigError(f"{source}: search.fixed_archs entry {spec!r}: {exc}") from None
         label = arch_label(name)

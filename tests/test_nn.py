@@ -234,3 +234,34 @@ def test_blocks_stand_alone_for_latency_tables(tmp_path: Path) -> None:
             sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             (got,) = sess.run(None, {"image": x.numpy()})
             assert np.abs(got - y.numpy()).max() < 1e-4
+
+
+def narrowing(space: SearchSpace, seed: int = 0) -> Arch:
+    """A subnet of `space` whose width decreases at some stage (sampling never draws one)."""
+    rng = random.Random(seed)
+    while True:
+        a = space.sample_uniform(rng)
+        for i in range(1, len(a.stages)):
+            lower = [w for w in space.stages[i].widths if w < a.stages[i - 1].width]
+            if lower:
+                stages = list(a.stages)
+                stages[i] = replace(stages[i], width=min(lower))
+                return replace(a, stages=tuple(stages))
+
+
+def test_the_supernet_computes_subnets_whose_widths_decrease() -> None:
+    """The width rule is for what sampling draws; the weights compute any choices of the space."""
+    sp = CPU.with_classes(5)
+    arch = narrowing(sp)
+    assert sp.width_rule(arch) is not None and not sp.is_valid(arch)
+    assert sp.validate_computable(arch) is arch
+    with pytest.raises(ArchError, match="must not decrease"):
+        sp.validate(arch)
+    net = Supernet(sp).eval()
+    x = torch.randn(2, 3, arch.resolution, arch.resolution)
+    with torch.no_grad():
+        y = net(x, arch)
+        assert torch.allclose(extract(net, arch).eval()(x), y, atol=1e-5)
+    too_wide = replace(arch, stem=replace(arch.stem, width=max(sp.stem_widths) + 8))
+    with pytest.raises(ArchError, match="outside"):  # a choice the weights do not have still fails
+        net(x, too_wide)

@@ -217,7 +217,7 @@ def _export_entry(params: Params, device: str, entry: dict[str, Any], supernet: 
     if not entry.get("feasible"):
         log.warning("skipping budget %s of %s: %s", entry["label"], device, entry.get("reason"))
         return []
-    arch = supernet.space.validate(Arch.from_dict(entry["arch"]))
+    arch = supernet.space.validate_computable(Arch.from_dict(entry["arch"]))
     static = calibrated_static(supernet, arch, data, bn_batches=sp.bn_calib_batches,
                                batch_size=sp.eval_batch_size, seed=sp.seed)
     val = split_top1(static, data, "val", arch.resolution, sp.eval_batch_size)
@@ -286,7 +286,7 @@ def _export_fixed(params: Params, device: str, archs: list[str], register: bool 
         resolve_arch(spec)
     inputs = load_inputs(params, device)
     for spec in archs:
-        inputs.space.validate(resolve_arch(spec)[1])
+        inputs.space.validate_computable(resolve_arch(spec)[1])
     result = run_device_search(params, inputs, paths.search_dir(params, device), fixed_archs=archs, search=False)
     exported = export_result(params, device, result, inputs.supernet.eval(), inputs.data,
                              supernet_sha256=inputs.sources["checkpoint_sha256"],

@@ -267,7 +267,7 @@ class StaticSubnet(nn.Sequential):
     """One subnet as a plain `nn.Sequential` of its blocks, in `arch_blocks` order."""
 
     def __init__(self, arch: Arch, space: SearchSpace) -> None:
-        space.validate(arch)
+        space.validate_computable(arch)
         blocks = arch_blocks(arch, space)
         super().__init__(*(build_block(b, space.head_dropout) for b in blocks))
         self.arch = arch

@@ -36,11 +36,12 @@ class SupernetBase(nn.Module):
         raise NotImplementedError
 
     def active(self, arch: Arch) -> list[tuple[Any, Block]]:
-        """(position, its `Block`) pairs of `arch` in forward order; validates `arch`. Cached (bounded)."""
+        """(position, its `Block`) pairs of `arch` in forward order; checks the weights can compute `arch`
+        (any choices of the space, widths may decrease: the width rule is for what is drawn). Cached (bounded)."""
         hit = self._active.get(arch)
         if hit is not None:
             return hit
-        self.space.validate(arch)
+        self.space.validate_computable(arch)
         pairs = list(zip(self.positions(arch), arch_blocks(arch, self.space), strict=True))
         if len(self._active) >= ACTIVE_CACHE:
             self._active.clear()

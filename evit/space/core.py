@@ -128,8 +128,13 @@ class SearchSpace:
         return min(range(len(self.levels)), key=dist)
 
     # --- validation -----------------------------------------------------------------------
-    def validate(self, arch: Arch) -> Arch:
-        """Return `arch` if it lies in this space, else raise ArchError naming the field."""
+    def validate_computable(self, arch: Arch) -> Arch:
+        """Return `arch` if the supernet's weights can compute it, else raise ArchError naming the field.
+
+        Every choice must be one of this space's; widths may decrease from one stage to the
+        next (the weights compute that: each block slices its own stage's weights). What
+        sampling, mutation and crossover draw must also satisfy `width_rule` (`validate`).
+        """
         def check(where: str, value: int, allowed: Sequence[int]) -> None:
             if value not in allowed:
                 raise ArchError(
@@ -145,20 +150,32 @@ class SearchSpace:
                 f"arch.stages has {len(arch.stages)} stages; the '{self.name}' space has "
                 f"{len(self.stages)} ({', '.join(s.kind for s in self.stages)})"
             )
-        prev_width = arch.stem.width
         for i, (stage, ss) in enumerate(zip(arch.stages, self.stages)):
             where = f"arch.stages[{i}]"
             if stage.kind != ss.kind:
                 raise ArchError(f"{where} is a {stage.kind} stage; the '{self.name}' space has a {ss.kind} stage there")
             for name, allowed in ss.choices().items():
                 check(f"{where}.{name}", getattr(stage, name), allowed)
+        return arch
+
+    @staticmethod
+    def width_rule(arch: Arch) -> str | None:
+        """Why `arch` breaks the sampling rule "widths never decrease from the stem on", or None."""
+        prev_width = arch.stem.width
+        for i, stage in enumerate(arch.stages):
             if stage.width < prev_width:
                 before = "the stem's" if i == 0 else "the previous stage's"
-                raise ArchError(
-                    f"{where}.width = {stage.width} is smaller than {before} width "
-                    f"{prev_width}; widths must not decrease from the stem on"
-                )
+                return (f"arch.stages[{i}].width = {stage.width} is smaller than {before} width {prev_width}; "
+                        "widths must not decrease from the stem on")
             prev_width = stage.width
+        return None
+
+    def validate(self, arch: Arch) -> Arch:
+        """Return `arch` if it lies in this space (what sampling and search draw), else raise ArchError."""
+        self.validate_computable(arch)
+        problem = self.width_rule(arch)
+        if problem is not None:
+            raise ArchError(problem)
         return arch
 
     def is_valid(self, arch: Arch) -> bool:
