@@ -260,6 +260,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="device name from
 def train(
     params: ParamsOpt = Path("params.yaml"),
     fresh: Annotated[bool, typer.Option("--fresh", help="ignore models/last.pt and start over")] = False,
+    init: Annotated[Path | None, typer.Option(
+        "--init", help="start from this trained supernet (evit's supernet.pt copied out of models/, or "
+        "`evit import-reference`'s output): fine-tuning; same as --set train.init=PATH"),
+        PathArg.CHECKPOINT] = None,
     overrides: SetOpt = None,
     no_wait: NoWaitOpt = False,
 ) -> None:
@@ -268,6 +272,11 @@ def train(
     SIGTERM / Ctrl-C stop it after the current step with a checkpoint of that step (exit 143 / 130)."""
     from evit import stages
 
+    if init is not None:  # the file first: a bad one is named before params, data or locks
+        from evit.train.warm_start import check_init_file
+
+        check_init_file(init)
+        overrides = [*(overrides or []), f"train.init={init}"]
     p = _params(params, overrides)
     with _writer("evit train", no_wait):
         out = stages.train(p, resume=not fresh)

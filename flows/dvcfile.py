@@ -66,17 +66,22 @@ def _device_path(path: Path, device: str) -> str:
     return text.replace(device, "${key}")
 
 
-def _source_dep(params: Params, root: Path) -> str | None:
-    """The data source as a DVC dependency when it is a local directory (S3 and digits are not)."""
-    source = params.data.source
-    if source == "digits" or source.startswith("s3://"):
-        return None
-    src = Path(source).expanduser()
+def _dep_path(path: str, root: Path) -> str:
+    """A local path as DVC writes a dependency: relative to the project root when inside it."""
+    src = Path(path).expanduser()
     full = src if src.is_absolute() else root / src
     try:
         return _posix(full.resolve().relative_to(root.resolve()))
     except ValueError:
         return _posix(full.resolve())
+
+
+def _source_dep(params: Params, root: Path) -> str | None:
+    """The data source as a DVC dependency when it is a local directory (S3 and digits are not)."""
+    source = params.data.source
+    if source == "digits" or source.startswith("s3://"):
+        return None
+    return _dep_path(source, root)
 
 
 def _declared(params_file: str, root: Path) -> tuple[set[str], list[list[str]]]:
@@ -156,6 +161,8 @@ def render(params: Params, params_file: str = DEFAULT_PARAMS_FILE, root: Path | 
         return f"    foreach:  # device name -> its index in `devices:` of {params_file}\n{foreach}"
 
     prepare_deps = f"    deps:\n      - {source}\n" if source else ""
+    init_dep = f"      - {_dep_path(params.train.init, root)}  # train.init: the supernet it starts from\n" \
+        if params.train.init else ""
     baselines_stage, baselines_dep = "", ""
     if params.baselines.models:  # evit/baselines: standalone models the search result compares against
         base_result = _posix(paths.baselines_result_path(params))
@@ -193,7 +200,7 @@ stages:
     cmd: evit train{p_arg}
     deps:
       - {prepared}
-{params_section(keys("space", "train"), "      ")}    outs:
+{init_dep}{params_section(keys("space", "train"), "      ")}    outs:
       - {models}:
           persist: true  # models/last.pt: a killed or extended run resumes
     metrics:

@@ -196,6 +196,12 @@ class TrainParams(Section):
     """Teachers of the level subnets, their softmax(logits / temperature) averaged (the paper:
     swsl_resnext101_32x4d + _32x8d at 0.2). Empty: hard labels. Checked before training: a
     teacher that cannot be loaded, or predicts another number of classes, is an error."""
+    init: str | None = None
+    """A trained supernet checkpoint to start from (fine-tuning, evit/train/warm_start.py): evit's
+    models/supernet.pt copied elsewhere, or `evit import-reference`'s output. Every weight loads;
+    the classifier is re-initialised when the class count differs. null = from scratch."""
+    freeze_stem_epochs: NonNegInt = 0
+    """Epochs during which the stem (first conv + stem blocks) is not updated (fine-tuning)."""
     # performance-aware sampling (evit/train/elastic.py); `elastic` follows the reference code
     shared_min_levels: list[NonNegInt] = [0, 2, 4]
     """Levels whose min subnet the level-walk samplers distil, each serving the levels up to

@@ -281,6 +281,9 @@ class _HeadView:
 class ReferenceSupernet(SupernetBase):
     """All subnets of a reference-variant space on the reference's own parameter layout."""
 
+    CLASSIFIER = "classifer"
+    STEM = ("first_conv", "first_conv_bn", "conv_stem")
+
     def __init__(self, space: SearchSpace) -> None:
         check_reference_space(space)
         super().__init__(space)

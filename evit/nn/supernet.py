@@ -60,6 +60,9 @@ class Supernet(SupernetBase):
     identity-residual MBConvs and on both branches of transformer layers, in train mode.
     """
 
+    CLASSIFIER = "head.classifier"
+    STEM = ("first_conv", "stem")
+
     def __init__(self, space: SearchSpace, drop_path: float = 0.0) -> None:
         super().__init__(space)
         sides = max_token_sides(space)

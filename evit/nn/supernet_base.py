@@ -31,6 +31,17 @@ class SupernetBase(nn.Module):
         self.num_classes = space.num_classes
         self._active: dict[Arch, list[tuple[Any, Block]]] = {}
 
+    CLASSIFIER: str = ""
+    """The classifier's module name (its weight and bias are re-initialised for new classes)."""
+    STEM: tuple[str, ...] = ()
+    """Module names of the stem: the first conv and the stem blocks (frozen first when fine-tuning)."""
+
+    def classifier_keys(self) -> tuple[str, str]:
+        return f"{self.CLASSIFIER}.weight", f"{self.CLASSIFIER}.bias"
+
+    def stem_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"{m}." for m in self.STEM)
+
     def positions(self, arch: Arch) -> list[Any]:
         """The modules `arch` runs, in forward order (one per block of `arch_blocks`)."""
         raise NotImplementedError

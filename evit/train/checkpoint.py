@@ -23,6 +23,7 @@ corrupt raises `CheckpointError` naming the file and what to do.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from pathlib import Path
@@ -37,7 +38,7 @@ from evit.errors import CheckpointError
 class CorruptCheckpointError(CheckpointError):
     """The file is missing, truncated or not a torch checkpoint at all (unlike a checkpoint of
     other params or another space, which is readable but must not be resumed)."""
-from evit.io import atomic_path, sha256_json
+from evit.io import MAX_CHECKPOINT_BYTES, atomic_path, check_input_file, sha256_file, sha256_json
 from evit.resolve import restore_space
 from evit.space import NON_STRUCTURAL, SearchSpace
 
@@ -46,9 +47,9 @@ log = logging.getLogger(__name__)
 FORMAT = "evit-supernet-checkpoint/1"
 
 HASH_EXCLUDED = frozenset({"out_dir", "checkpoint_every", "eval_every_epochs", "workers", "device", "threads",
-                           "log_every"})
+                           "log_every", "init"})
 """Train knobs that do not change what is trained (workers: augmentation is seeded per sample;
-threads may change float rounding, not the recipe)."""
+threads may change float rounding, not the recipe; init: its path, its content is hashed)."""
 
 
 def recipe(train_section: dict[str, Any]) -> dict[str, Any]:
@@ -57,9 +58,25 @@ def recipe(train_section: dict[str, Any]) -> dict[str, Any]:
 
 
 def params_hash(params: Any, data_hash: str) -> str:
-    """Hash of everything that shapes the trained weights: train (less bookkeeping), space, data."""
-    return sha256_json({"train": recipe(params.section("train")), "space": params.section("space"),
-                        "data": data_hash})
+    """Hash of everything that shapes the trained weights: train (less bookkeeping), space, data,
+    and the content of the supernet training starts from (`train.init`), not its path."""
+    payload: dict[str, Any] = {"train": recipe(params.section("train")), "space": params.section("space"),
+                               "data": data_hash}
+    if params.train.init:
+        payload["init_sha256"] = init_sha256(params.train.init)
+    return sha256_json(payload)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
+
+
+def init_sha256(path: str | Path) -> str:
+    """Content hash of an init checkpoint (cached per path, mtime and size: params hashes ask often)."""
+    p = check_input_file(path, "train.init", max_bytes=MAX_CHECKPOINT_BYTES, error=CheckpointError)
+    st = p.stat()
+    return _digest(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
 # --- RNG states ----------------------------------------------------------------------------------

@@ -166,6 +166,17 @@ class Trainer:
 
         _seed_everything(t.seed)
         self.module = build_supernet(self.space, drop_path=t.drop_path).to(self.device)
+        self.init_info: dict[str, Any] = {}
+        if t.init:  # fine-tuning: every weight from the trained supernet (the classifier if classes match)
+            from evit.train.warm_start import apply_init, read_init
+
+            self.init_info = {**apply_init(self.module, read_init(t.init, self.space), t.init),
+                              "init_sha256": ckpt_mod.init_sha256(t.init)}
+        self.stem_params: list[nn.Parameter] = []
+        if t.freeze_stem_epochs:
+            from evit.train.warm_start import stem_parameters
+
+            self.stem_params = stem_parameters(self.module)
         self.channels_last = bool(t.channels_last and on_gpu)
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -361,6 +372,9 @@ class Trainer:
                     ces = observe_step(self.sampler, self.module, self.runner, x, y, self.step, results,
                                        lambda v: all_reduce_mean(v, self.dist))
                     level = draws[0].level
+                    if epoch < self.t.freeze_stem_epochs:  # no update, no weight decay: AdamW skips them
+                        for p in self.stem_params:
+                            p.grad = None
                     self._optimizer_step()
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.step += 1

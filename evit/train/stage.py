@@ -107,7 +107,13 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
 
     Under torchrun every rank calls this; only rank 0 talks to MLflow and writes files.
     """
-    refuse_training_over_import(paths.checkpoint_path(params), resume)
+    init = params.train.init
+    if init:  # a bad init file fails here, before any work
+        from evit.train.warm_start import check_init_target, read_init
+
+        check_init_target(init, paths.train_dir(params))
+        read_init(init, space_for(params))
+    refuse_training_over_import(paths.checkpoint_path(params), resume and not init)
     if params.train.sampler not in ("uniform", "flat"):  # fail on unreachable custom levels before any work
         LevelSampler(space_for(params)).check_levels()
     info = init_distributed(params.train.device)
@@ -118,7 +124,7 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
         if run is not None:
             run.log_params({"train.steps_per_epoch_effective": trainer.steps_per_epoch,
                             "train.total_steps": trainer.total_steps, "world_size": info.world_size,
-                            "data.content_hash": trainer.data_hash})
+                            "data.content_hash": trainer.data_hash, **trainer.init_info})
             if resume and ckpt_mod.rolling_exists(trainer.last_path):
                 run.set_tags({"evit.resumed": "true"})
         result = trainer.fit()
