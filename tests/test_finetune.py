@@ -21,7 +21,13 @@ from evit.errors import CheckpointError
 from evit.nn.supernet import Supernet
 from evit.space import get_space
 from evit.train import checkpoint as ckpt_mod
-from evit.train.warm_start import apply_init, check_init_file, check_init_target, read_init, stem_parameters
+from evit.train.warm_start import (
+    apply_init,
+    check_init_file,
+    check_init_target,
+    read_init,
+    stem_parameters,
+)
 from flows import dvcfile
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,7 +38,13 @@ from evit.errors import CheckpointError
 class CorruptCheckpointError(CheckpointError):
     """The file is missing, truncated or not a torch checkpoint at all (unlike a checkpoint of
     other params or another space, which is readable but must not be resumed)."""
-from evit.io import MAX_CHECKPOINT_BYTES, atomic_path, check_input_file, sha256_file, sha256_json
+from evit.io import (
+    MAX_CHECKPOINT_BYTES,
+    atomic_path,
+    check_input_file,
+    sha256_file,
+    sha256_json,
+)
 from evit.resolve import restore_space
 from evit.space import NON_STRUCTURAL, SearchSpace
 
