@@ -29,6 +29,7 @@ from evit.train.warm_start import (
     stem_parameters,
 )
 from flows import dvcfile
+from tests.flow_helpers import flow_env, prefect_home, shared_mlflow_db  # noqa: F401 - fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "reference-supernet"
@@ -171,3 +172,39 @@ def test_finetune_the_imported_reference_supernet_then_lut_search_export(
     assert exported["exported"] and len(exported["registered"]) == len(exported["exported"])
     got = fetch.fetch_model(params, "evit-cpu-1t@champion", "onnx", tmp_path / "fetched")
     assert got["card"]["space"]["variant"] == "reference" and got["card"]["space"]["num_classes"] == 3
+
+
+@pytest.mark.slow
+def test_finetune_an_evit_checkpoint_through_the_flow_and_its_cache(
+        tiny_params: Any, image_folder: Any, flow_env: Path, tmp_path: Path) -> None:
+    """An evit supernet (digits, 10 classes) -> `train.init` of a 3-class project's flow: it runs end
+    to end, re-runs nothing when nothing changed, and retrains exactly when the init content changes
+    (the Prefect cache is DVC's view of the stage, so `dvc status` and the flow agree)."""
+    from evit import stages
+    from evit.config import load_params
+    from flows import dvcrepo
+    from flows.pipeline import run_pipeline
+    from tests.flow_helpers import tiny
+
+    pre = tiny_params(tiny(train={**tiny()["train"], "out_dir": "pretrain"}), name="pretrain.yaml")
+    stages.prepare(load_params(pre))
+    stages.train(load_params(pre))
+    Path("pretrained").mkdir()
+    shutil.copy("pretrain/supernet.pt", "pretrained/digits.pt")
+
+    images = image_folder(tmp_path / "images", **THREE_CLASSES)
+    cfg = tiny(data={"source": str(images), "out_dir": "data/flowers"},
+               train={**tiny()["train"], "init": "pretrained/digits.pt", "freeze_stem_epochs": 1},
+               export={"formats": ["onnx"], "model_name": "evit-ft-{device}"}, baselines={"models": []})
+    path = tiny_params(cfg)
+    all_stages = ["prepare", "train", "lut", "search", "export"]
+    first = run_pipeline(str(path), stages=all_stages)
+    assert first["ran"] == sorted(["prepare", "train", "lut@cpu-1t", "search@cpu-1t", "export@cpu-1t"]), first
+    assert ckpt_mod.load_supernet(Path("models/supernet.pt"))[1]["space"]["num_classes"] == 3
+    assert run_pipeline(str(path), stages=all_stages)["ran"] == []
+
+    torch.manual_seed(7)  # another supernet of the same space at the same path
+    _final(Path("pretrained/digits.pt"), Supernet(ckpt_mod.load_supernet(Path("pretrained/digits.pt"))[0].space))
+    state = dvcrepo.stage_state(Path.cwd(), "train", restore=False)
+    assert not state.up_to_date and "dependencies" in state.reason
+    assert run_pipeline(str(path), stages=["prepare", "train"])["ran"] == ["train"]
