@@ -189,14 +189,16 @@ def bank_subnets_markdown(rep: dict[str, Any]) -> str:
 def conflict_accuracy_markdown(rep: dict[str, Any]) -> str:
     c = rep.get("conflict_vs_accuracy") or {}
     rows = []
-    for key, label in (("as_trained", "own weights"), ("shared_weights", "shared weights")):
-        for metric, mlabel in (("random", "random draws"), ("picked", "picked subnets")):
-            v = c.get(f"{key}/{metric}") or {}
-            if v.get("spearman") is not None:
-                rows.append(f"| same-step cosine ({label}) | top-1 of {mlabel} | {v['spearman']:+.2f} | {v['n']} |")
+    for suffix, runs in (("", "all"), ("/no_uniform", "all but uniform")):
+        for key, label in (("as_trained", "own weights"), ("shared_weights", "shared weights")):
+            for metric, mlabel in (("random", "random draws"), ("picked", "picked subnets")):
+                v = c.get(f"{key}/{metric}{suffix}") or {}
+                if v.get("spearman") is not None:
+                    rows.append(f"| same-step cosine ({label}) | top-1 of {mlabel} | {runs} | {v['spearman']:+.2f} "
+                                f"| {v['n']} |")
     if not rows:
         return ""
-    return "\n".join(["| conflict measure | accuracy | Spearman rho | runs |", "|---|---|---|---|", *rows])
+    return "\n".join(["| conflict measure | accuracy | runs | Spearman rho | n |", "|---|---|---|---|---|", *rows])
 
 
 def conflict_markdown(rep: dict[str, Any]) -> str:

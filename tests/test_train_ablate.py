@@ -52,9 +52,10 @@ def test_run_ablation_tiny(tiny_params, tmp_path: Path, monkeypatch: pytest.Monk
             assert 0.0 <= info["val_top1"][0] <= 1.0 and 0.0 <= info["search_top1"][0] <= 1.0
         # the elastic banks' best entries, evaluated on every supernet
         assert list(res["bank_subnets"]) == ["elastic"] and 0.0 <= res["bank_subnets"]["elastic"][0] <= 1.0
-    assert set(report["conflict_vs_accuracy"]) == {f"{k}/{m}" for k in ("as_trained", "shared_weights")
-                                                   for m in ("random", "picked")}
-    assert all(v["n"] == 3 for v in report["conflict_vs_accuracy"].values())
+    assert set(report["conflict_vs_accuracy"]) == {f"{k}/{m}{x}" for k in ("as_trained", "shared_weights")
+                                                   for m in ("random", "picked") for x in ("", "/no_uniform")}
+    assert report["conflict_vs_accuracy"]["as_trained/random"]["n"] == 3
+    assert report["conflict_vs_accuracy"]["as_trained/random/no_uniform"]["n"] == 2
     # every run's checkpoints live apart from the main training's
     for s in ("uniform", "complexity", "elastic"):
         assert (tmp_path / f"models/ablate/{s}-seed0/supernet.pt").is_file()

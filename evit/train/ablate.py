@@ -314,22 +314,26 @@ def conflict_vs_accuracy(samplers: dict[str, Any]) -> dict[str, Any]:
 
     Same-step cosine (own weights, and shared weights) against the random-draw top-1 and
     the picked subnets' top-1 of the same run. Higher cosine = less conflict, so the
-    paper's claim predicts a positive correlation.
+    paper's claim predicts a positive correlation. Computed over all runs, and without
+    `uniform`, whose losses differ from the others' (so its runs alone can make the
+    correlation).
     """
     from scipy.stats import spearmanr
 
     out: dict[str, Any] = {}
-    for key in ("as_trained", "shared_weights"):
-        for metric in ("random", "picked"):
-            xs: list[float] = []
-            ys: list[float] = []
-            for r in samplers.values():
-                cos = r["conflict"][key]["same_step"]["per_seed"]
-                acc = r["top1_mean_per_seed"] if metric == "random" else (r.get("picked") or {}).get("mean_per_seed")
-                if acc and len(acc) == len(cos):
-                    xs += cos
-                    ys += acc
-            rho = float(spearmanr(xs, ys).statistic) if len(xs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1 \
-                else None
-            out[f"{key}/{metric}"] = {"spearman": rho, "n": len(xs)}
+    for runs, suffix in ((samplers, ""), ({k: v for k, v in samplers.items() if k != "uniform"}, "/no_uniform")):
+        for key in ("as_trained", "shared_weights"):
+            for metric in ("random", "picked"):
+                xs: list[float] = []
+                ys: list[float] = []
+                for r in runs.values():
+                    cos = r["conflict"][key]["same_step"]["per_seed"]
+                    acc = r["top1_mean_per_seed"] if metric == "random" \
+                        else (r.get("picked") or {}).get("mean_per_seed")
+                    if acc and len(acc) == len(cos):
+                        xs += cos
+                        ys += acc
+                ok = len(xs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1
+                out[f"{key}/{metric}{suffix}"] = {"spearman": float(spearmanr(xs, ys).statistic) if ok else None,
+                                                  "n": len(xs)}
     return out
