@@ -82,7 +82,7 @@ def main() -> int:
     if bad:
         raise SystemExit(f"error: --compare-seeds {bad}: each must be an ablation seed other than train.seed "
                          f"({p['train']['seed']}); the comparison reuses that seed's elastic supernet")
-    if p["train"]["epochs"] != p["ablate"]["epochs"] or p["train"]["sampler"] != "elastic":
+    if p["train"]["epochs"] != p["ablate"]["epochs"] or p["train"]["sampler"] not in p["ablate"]["samplers"]:
         print("note: train and ablation budgets differ; the pipeline's supernet is trained separately")
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     from evit.workspace import workspace_lock
@@ -156,7 +156,8 @@ def _compare_seed(p: dict, work: Path, seed: int) -> tuple[int, list[subprocess.
     q["train"]["seed"] = q["search"]["seed"] = seed
     q["data"]["out_dir"] = str(work / p["data"]["out_dir"])
     (wd / "params.yaml").write_text(yaml.safe_dump(q, sort_keys=False))
-    shutil.copy2(work / "models" / "ablate" / f"elastic-seed{seed}" / "supernet.pt", wd / "models" / "supernet.pt")
+    shutil.copy2(work / "models" / "ablate" / f"{p['train']['sampler']}-seed{seed}" / "supernet.pt",
+                 wd / "models" / "supernet.pt")
     for lut in (work / "luts").glob("*.json"):
         if not lut.name.endswith(".partial.json"):
             shutil.copy2(lut, wd / "luts" / lut.name)

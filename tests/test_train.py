@@ -40,7 +40,7 @@ def test_train_stage_outputs_mlflow_and_downstream_loaders(tiny_params, small_di
 
     params = load_params(tiny_params(tiny_overrides(small_digits)))
     out = train_supernet(params, resume=True)
-    assert out["steps"] == 6 and out["sampler"] == "elastic" and out["weights"] in ("ema", "raw")
+    assert out["steps"] == 6 and out["sampler"] == "elastic-compressed" and out["weights"] in ("ema", "raw")
     assert set(out["top1"]) == {"level0/min", "level0/draw", "level1/min", "level1/draw"}
     assert all(0.0 <= v <= 1.0 for v in out["top1"].values())
     for f in ("models/supernet.pt", "models/last.pt", "models/banks.json", "models/train-steps.jsonl",
@@ -74,7 +74,7 @@ def test_train_stage_outputs_mlflow_and_downstream_loaders(tiny_params, small_di
     client = MlflowClient()
     exp = client.get_experiment_by_name(params.tracking.experiment)
     run = client.search_runs([exp.experiment_id], filter_string="tags.`evit.stage` = 'train'")[0]
-    assert run.data.params["train.sampler"] == "elastic"
+    assert run.data.params["train.sampler"] == "elastic-compressed"
     assert len(client.get_metric_history(run.info.run_id, "loss/level0")) == 6
     assert client.get_metric_history(run.info.run_id, "top1/mean")
     assert "top1_mean" in run.data.metrics

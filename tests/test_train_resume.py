@@ -66,8 +66,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, fmt: s
     # filling, re-scoring and mixup all active: everything that draws random numbers. The shards
     # run decodes in 2 DataLoader workers (resume is exact at the sample level for both formats).
     overrides = tiny_overrides(data, epochs=2, steps_per_epoch=4, checkpoint_every=3, mixup_alpha=0.2,
-                               exploit_p_start=0.5, bank_capacity=2, bank_capacity_big=2, eval_every_epochs=2,
-                               workers=2 if fmt == "shards" else 0)
+                               exploit_p_start=0.5, bank_capacity=2, bank_capacity_big=2,
+                               elastic_compressed={"bank_capacity": 2, "rescore_per_epoch": 1, "rescore_entries": 2},
+                               eval_every_epochs=2, workers=2 if fmt == "shards" else 0,
+                               # both bank variants: the reference's scores its explored draws and re-scores
+                               # whole banks with extra no-grad forwards (under mixup), which must not drift
+                               sampler="elastic" if fmt == "shards" else "elastic-compressed")
     ref_root = _project(tmp_path / "uninterrupted", overrides)
     kill_root = _project(tmp_path / "killed", overrides)
 

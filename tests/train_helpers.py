@@ -20,7 +20,8 @@ def prepare_small_digits(out: Path, fmt: str = "npy") -> Path:
 def tiny_overrides(prepared: Path, **train: Any) -> dict[str, Any]:
     """Two FLOPs levels, batch 16, 3 steps per epoch, 2 epochs, checkpoints every 2 steps."""
     t = {"epochs": 2, "batch_size": 16, "steps_per_epoch": 3, "checkpoint_every": 2, "bn_calib_batches": 1,
-         "bank_capacity": 4, "bank_capacity_big": 4, "log_every": 2, "warmup_epochs": 1,
+         "bank_capacity": 4, "bank_capacity_big": 4,
+         "elastic_compressed": {"bank_capacity": 4, "rescore_per_epoch": 1, "rescore_entries": 2}, "log_every": 2, "warmup_epochs": 1,
          "device": "cpu"}
     t.update(train)
     return {"data": {"out_dir": str(prepared)}, "space": {"levels": [3, 6], "tolerance": 0.5}, "train": t}
