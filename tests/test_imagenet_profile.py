@@ -51,7 +51,7 @@ def test_imagenet_profile_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.Mo
     base = ["-p", params, "--set", str(REPO / "params.smoke.yaml"), "--set", f"data.source={data}"]
     teachers = f"train.teachers=[{{model: test_resnet, weights: {tmp_path / 'teacher.pth'}, temperature: 0.2}}]"
     profile = yaml.safe_load(Path(params).read_text())
-    assert profile["space"]["flops_convention"] == "reference" and profile["train"]["sampler"] == "elastic"
+    assert profile["space"]["flops_convention"] == "reference" and profile["train"]["sampler"] == "elastic-compressed"
 
     prepared = _run(["prepare", *base])
     assert prepared["num_classes"] == 3
