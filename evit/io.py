@@ -22,7 +22,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +258,23 @@ def yaml_problem(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _read_document(path: str | os.PathLike[str], what: str, *, language: str, parse: Callable[[str], Any],
+                   syntax_error: type[Exception], problem: Callable[[Any], str], expect: str, top: type | None,
+                   max_bytes: int, error: type[UserError]) -> Any:
+    """A user's text file parsed by `parse`: empty, malformed, too deep or of the wrong top-level
+    type, each `error` on one line naming the file and what was expected."""
+    text = read_user_text(path, what, expect=expect, max_bytes=max_bytes, error=error)
+    if not text.strip():
+        raise error(f"{what} {str(path)!r} is empty; expected {expect}")
+    try:
+        data = parse(text)
+    except syntax_error as exc:
+        raise error(f"{what} {str(path)!r} is not valid {language} ({problem(exc)}); expected {expect}") from None
+    except RecursionError:
+        raise error(f"{what} {str(path)!r} is nested too deeply to be {expect}") from None
+    return _check_top(data, path, what, expect, top, error)
+
+
 def read_user_yaml(path: str | os.PathLike[str], what: str, *, expect: str = "a YAML mapping",
                    top: type | None = dict, max_bytes: int = MAX_TEXT_BYTES,
                    error: type[UserError] = UserError) -> Any:
@@ -267,33 +284,17 @@ def read_user_yaml(path: str | os.PathLike[str], what: str, *, expect: str = "a 
     nothing is a failed download or a wrong path, not a request for the defaults."""
     import yaml
 
-    text = read_user_text(path, what, expect=expect, max_bytes=max_bytes, error=error)
-    if not text.strip():
-        raise error(f"{what} {str(path)!r} is empty; expected {expect}")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise error(f"{what} {str(path)!r} is not valid YAML ({yaml_problem(exc)}); expected {expect}") from None
-    except RecursionError:
-        raise error(f"{what} {str(path)!r} is nested too deeply to be {expect}") from None
-    return _check_top(data, path, what, expect, top, error)
+    return _read_document(path, what, language="YAML", parse=yaml.safe_load, syntax_error=yaml.YAMLError,
+                          problem=yaml_problem, expect=expect, top=top, max_bytes=max_bytes, error=error)
 
 
 def read_user_json(path: str | os.PathLike[str], what: str, *, expect: str = "a JSON object",
                    top: type | None = dict, max_bytes: int = MAX_TEXT_BYTES,
                    error: type[UserError] = UserError) -> Any:
     """The JSON document in a user's file, of type `top` (None: any)."""
-    text = read_user_text(path, what, expect=expect, max_bytes=max_bytes, error=error)
-    if not text.strip():
-        raise error(f"{what} {str(path)!r} is empty; expected {expect}")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise error(f"{what} {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, column "
-                    f"{exc.colno}); expected {expect}") from None
-    except RecursionError:
-        raise error(f"{what} {str(path)!r} is nested too deeply to be {expect}") from None
-    return _check_top(data, path, what, expect, top, error)
+    return _read_document(path, what, language="JSON", parse=json.loads, syntax_error=json.JSONDecodeError,
+                          problem=lambda exc: f"{exc.msg} at line {exc.lineno}, column {exc.colno}",
+                          expect=expect, top=top, max_bytes=max_bytes, error=error)
 
 
 def _check_parent(p: Path, what: str, error: type[UserError]) -> None:

@@ -121,11 +121,18 @@ def conflict_batches(data: Any, space: SearchSpace, batch_size: int, steps: int)
     return [(x[idx[i * n:(i + 1) * n]], y[idx[i * n:(i + 1) * n]]) for i in range(steps)]
 
 
-def pick_best(candidates: list[Arch], top1: Any) -> dict[str, Any]:
+def top1(supernet: Any, arch: Arch, data: Any, params: Params, split: str = EVAL_SPLIT) -> float:
+    """Top-1 of `arch` on `split`, BN recalibrated with the train recipe's batches, as every ablation number."""
+    t = params.train
+    return evaluate_subnet(supernet, arch, data, split, t.bn_calib_batches, t.batch_size, EVAL_SEED)
+
+
+def pick_best(supernet: Any, candidates: list[Arch], data: Any, params: Params) -> dict[str, Any]:
     """The candidate with the best `search` top-1 (first on ties), and its `val` top-1."""
-    scores = [top1(c, PICK_SPLIT) for c in candidates]
+    scores = [top1(supernet, c, data, params, PICK_SPLIT) for c in candidates]
     best = scores.index(max(scores))
-    return {"arch": candidates[best].key, "search_top1": scores[best], "val_top1": top1(candidates[best])}
+    return {"arch": candidates[best].key, "search_top1": scores[best],
+            "val_top1": top1(supernet, candidates[best], data, params)}
 
 
 def _steps_per_epoch(meta: dict[str, Any]) -> int:
@@ -197,14 +204,11 @@ def run_ablation(params: Params) -> dict[str, Any]:
                 if sampler in BANKED:
                     bank_archs[sampler] = bank_best(meta.get("banks") or {}, a.bank_top)
 
-                def top1(arch: Arch, split: str = EVAL_SPLIT, net: Any = supernet, tp: Any = p.train) -> float:
-                    return evaluate_subnet(net, arch, data, split, tp.bn_calib_batches, tp.batch_size, EVAL_SEED)
-
                 levels: dict[int, Any] = {}
                 for lv, named in archs.items():
-                    accs = {n: top1(ar) for n, ar in named.items()}
+                    accs = {n: top1(supernet, ar, data, params) for n, ar in named.items()}
                     levels[lv] = {"mean": statistics.fmean(accs.values()), "subnets": accs}
-                picks = {lv: pick_best(cands, top1) for lv, cands in candidates.items()}
+                picks = {lv: pick_best(supernet, cands, data, params) for lv, cands in candidates.items()}
                 per_run[sampler][seed] = {"levels": levels, "picks": picks, "train": info,
                                           "weights": meta.get("weights"), "steps": meta.get("step"),
                                           "steps_per_epoch": _steps_per_epoch(meta)}
@@ -213,9 +217,8 @@ def run_ablation(params: Params) -> dict[str, Any]:
                          {lv: round(v["val_top1"], 4) for lv, v in picks.items()})
             for source, by_level in bank_archs.items():
                 for sampler in a.samplers:
-                    net, tp = supernets[sampler], params.train
-                    accs = {lv: [evaluate_subnet(net, ar, data, EVAL_SPLIT, tp.bn_calib_batches, tp.batch_size,
-                                                 EVAL_SEED) for ar in ars] for lv, ars in by_level.items()}
+                    accs = {lv: [top1(supernets[sampler], ar, data, params) for ar in ars]
+                            for lv, ars in by_level.items()}
                     per_run[sampler][seed].setdefault("bank_subnets", {})[source] = {
                         "mean": statistics.fmean(v for vs in accs.values() for v in vs), "levels": accs}
                 log.info("ablation seed %d: %s banks' best %d per level, val top-1 per supernet %s", seed, source,

@@ -133,11 +133,16 @@ def _state_digest(module: nn.Module) -> float:
 
 
 class Trainer:
-    """Builds every component of a run from `params`; `fit()` trains, checkpoints, evaluates."""
+    """Builds every component of a run from `params`; `fit()` trains, checkpoints, evaluates.
+
+    `init_state`: the weights of `train.init` when the caller has read (and checked) them
+    already, so a large init checkpoint is loaded once; None reads them here.
+    """
 
     def __init__(self, params: Params, *, out_dir: Path | None = None, resume: bool = True,
                  data: Any | None = None, mlflow_run_id: str | None = None, progress: bool = True,
-                 on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> None:
+                 on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+                 init_state: dict[str, torch.Tensor] | None = None) -> None:
         from evit.data.loader import PreparedData
         from evit.nn.factory import build_supernet
 
@@ -170,8 +175,8 @@ class Trainer:
         if t.init:  # fine-tuning: every weight from the trained supernet (the classifier if classes match)
             from evit.train.warm_start import apply_init, read_init
 
-            self.init_info = {**apply_init(self.module, read_init(t.init, self.space), t.init),
-                              "init_sha256": ckpt_mod.init_sha256(t.init)}
+            state = init_state if init_state is not None else read_init(t.init, self.space)
+            self.init_info = {**apply_init(self.module, state, t.init), "init_sha256": ckpt_mod.init_sha256(t.init)}
         self.stem_params: list[nn.Parameter] = []
         if t.freeze_stem_epochs:
             from evit.train.warm_start import stem_parameters

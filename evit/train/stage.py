@@ -108,11 +108,12 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
     Under torchrun every rank calls this; only rank 0 talks to MLflow and writes files.
     """
     init = params.train.init
-    if init:  # a bad init file fails here, before any work
+    init_state = None
+    if init:  # a bad init file fails here, before any work; the trainer takes the weights read here
         from evit.train.warm_start import check_init_target, read_init
 
         check_init_target(init, paths.train_dir(params))
-        read_init(init, space_for(params))
+        init_state = read_init(init, space_for(params))
     refuse_training_over_import(paths.checkpoint_path(params), resume and not init)
     if params.train.sampler not in ("uniform", "flat"):  # fail on unreachable custom levels before any work
         LevelSampler(space_for(params)).check_levels()
@@ -120,7 +121,8 @@ def train_supernet(params: Params, resume: bool = True) -> dict[str, Any]:
     ctx: Any = stage_run(params, "train", log_sections=("train", "space")) if info.is_main \
         else contextlib.nullcontext(None)
     with ctx as run:
-        trainer = Trainer(params, resume=resume, mlflow_run_id=run.run_id if run is not None else None)
+        trainer = Trainer(params, resume=resume, mlflow_run_id=run.run_id if run is not None else None,
+                          init_state=init_state)
         if run is not None:
             run.log_params({"train.steps_per_epoch_effective": trainer.steps_per_epoch,
                             "train.total_steps": trainer.total_steps, "world_size": info.world_size,

@@ -77,12 +77,12 @@ def apply_init(module: SupernetBase, state: dict[str, Tensor], path: str | Path)
     """
     own = module.state_dict()
     head = set(module.classifier_keys())
-    missing = sorted(k for k in own if k not in state)
+    missing = sorted(k for k in own if k not in state and k not in head)
     unexpected = sorted(k for k in state if k not in own)
     misshaped = sorted(k for k in own if k in state and k not in head and tuple(state[k].shape) != tuple(own[k].shape))
     problems = []
-    if [k for k in missing if k not in head]:
-        problems.append(f"missing {_listing([k for k in missing if k not in head])}")
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
     if unexpected:
         problems.append(f"unexpected {_listing(unexpected)}")
     if misshaped:
