@@ -131,10 +131,12 @@ def test_pipeline_end_to_end(tiny_params: Any, moto_server: str, s3_client: Any,
     # --- Prefect: the markdown artifact ---------------------------------------------------------------
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
-    with get_client(sync_client=True) as pclient:
-        artifacts = pclient.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
-    table = artifacts[-1].data
+    with get_client(sync_client=True) as pclient:  # newest first: earlier tests' flows share the Prefect home
+        artifacts = pclient.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[ARTIFACT_KEY])),
+                                           sort=ArtifactSort.CREATED_DESC)
+    table = artifacts[0].data
     assert all(f"| {d} |" in table for d in DEVICES) and model.format(device="ort-1t") in table
 
     # --- second run, new process: all cache hits -------------------------------------------------------
