@@ -1,0 +1,243 @@
+"""Scratch vs fine-tuned on flowers32: what starting from a trained supernet buys (docs/results.md).
+
+    .venv/bin/python bench/fashion_mnist.py fm/usr/share/datasets/fashion-mnist /tmp/fashion-mnist
+    .venv/bin/python bench/finetune.py --pretrain-data /tmp/fashion-mnist
+
+The pretrained supernet must come from a larger dataset that is *different* from the target
+and available offline: Fashion-MNIST from Debian's `dataset-fashion-mnist` (see
+bench/fashion_mnist.py), 10 classes of grayscale clothes against flowers32's 5 classes of
+colour flowers. Steps, each the `evit` CLI in its own folder under `--workdir` (ignored by
+git), each skipped when its marker says it finished:
+1. `pretrain/`: `evit prepare` + `evit train` on the pretraining data (photos profile,
+   `--pretrain-epochs`);
+2. `flowers/`: `evit prepare` of the target + `evit lut` for `--device` (one table, copied to
+   every run: the same device, the same candidates' costs);
+3. per seed, at equal epochs (`--epochs`), `evit train` + `evit search` (one budget) in
+   `<variant>-seed<N>/`:
+   - `scratch`: the photos profile as is;
+   - `init`: the same recipe, `train.init` = the pretrained supernet (new 5-class head);
+   - `init-recipe`: params.finetune.yaml's knobs on top (10x lower peak learning rate,
+     stem frozen for the first 2 epochs);
+4. every supernet is evaluated on the same subnets as the sampler ablation (per FLOPs level
+   its min subnet + 3 fixed draws, BN recalibrated, top-1 on `val`); with the searched
+   subnet's `val` top-1 this makes the table, written to `<workdir>/finetune.json` and
+   spliced into `--out` between `<!-- finetune:start -->` and `<!-- finetune:end -->`.
+`--jobs` processes run at once (default 2, one per core; each trains on 1 thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("scratch", "init", "init-recipe")
+RECIPE = {"lr": 0.0002, "freeze_stem_epochs": 2}  # params.finetune.yaml's, beside the photos recipe
+START, END = "<!-- finetune:start -->", "<!-- finetune:end -->"
+
+
+@dataclass
+class Job:
+    name: str
+    folder: Path
+    commands: list[list[str]]
+    after: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "done").is_file()
+
+    def start(self) -> None:
+        script = " && ".join(shlex.join([sys.executable, "-m", "evit.cli", *c, "--params", "params.yaml"])
+                             for c in self.commands) + " && touch done"
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        fh = open(self.folder / "run.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(["bash", "-c", script], cwd=self.folder, env=env, stdout=fh, stderr=fh)
+
+
+def _params(base: dict, folder: Path, **sections: dict) -> None:
+    q = yaml.safe_load(yaml.safe_dump(base))
+    for section, values in sections.items():
+        q[section].update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(q, sort_keys=False))
+
+
+def plan(args: argparse.Namespace, work: Path) -> list[Job]:
+    base = yaml.safe_load((REPO / "params.photos.yaml").read_text())
+    dev = next(d for d in base["devices"] if d["name"] == args.device)
+    base["devices"] = [{**dev, "budgets_ms": [args.budget_ms]}]
+    base["baselines"]["models"] = []
+    base["train"]["epochs"] = args.epochs
+    jobs = []
+    pre, flowers = work / "pretrain", work / "flowers"
+    _params(base, pre, data={"source": str(args.pretrain_data.resolve()), "out_dir": "data/prepared"},
+            train={"epochs": args.pretrain_epochs, "seed": 0})
+    jobs.append(Job("pretrain", pre, [["prepare"], ["train"]]))
+    _params(base, flowers, data={"source": str(args.data.resolve()), "out_dir": "data/prepared"})
+    jobs.append(Job("flowers", flowers, [["prepare"], ["lut", "--device", args.device]]))
+    init = str(pre / "models" / "supernet.pt")
+    for seed in args.seeds:
+        for variant in VARIANTS:
+            folder = work / f"{variant}-seed{seed}"
+            train: dict = {"seed": seed}
+            if variant != "scratch":
+                train["init"] = init
+            if variant == "init-recipe":
+                train.update(RECIPE)
+            _params(base, folder, data={"source": str(args.data.resolve()), "out_dir": str(flowers / "data/prepared")},
+                    train=train, search={"seed": seed})
+            after = ["flowers"] if variant == "scratch" else ["flowers", "pretrain"]
+            jobs.append(Job(f"{variant}-seed{seed}", folder, [["train"], ["search", "--device", args.device]], after))
+    return jobs
+
+
+def run_jobs(jobs: list[Job], n: int, flowers: Path) -> None:
+    by_name = {j.name: j for j in jobs}
+    pending = [j for j in jobs if not j.done]
+    running: list[Job] = []
+    while pending or running:
+        for j in list(running):
+            if j.proc is not None and j.proc.poll() is not None:
+                running.remove(j)
+                if j.proc.returncode != 0:
+                    raise SystemExit(f"error: {j.name} failed (exit {j.proc.returncode}); see {j.folder}/run.log")
+                print(f"{time.strftime('%H:%M:%S')} {j.name} done", flush=True)
+        for j in list(pending):
+            if len(running) >= n:
+                break
+            if all(by_name[a].done for a in j.after):
+                if j.name != "flowers" and j.name != "pretrain":  # every run times the same table
+                    (j.folder / "luts").mkdir(exist_ok=True)
+                    for lut in (flowers / "luts").glob("*.json"):
+                        if not lut.name.endswith(".partial.json"):
+                            shutil.copy2(lut, j.folder / "luts" / lut.name)
+                pending.remove(j)
+                j.start()
+                running.append(j)
+                print(f"{time.strftime('%H:%M:%S')} {j.name} started", flush=True)
+        time.sleep(2)
+
+
+def evaluate(args: argparse.Namespace, work: Path) -> dict:
+    """Per run: mean val top-1 over levels (the ablation's subnets) + the searched subnet's val top-1."""
+    from evit import stages
+    from evit.data.loader import PreparedData
+    from evit.resolve import space_from_params
+    from evit.train import checkpoint as ckpt_mod
+    from evit.train.ablate import ablation_archs, top1
+
+    params = stages.load(work / "flowers" / "params.yaml")
+    data = PreparedData(work / "flowers" / "data" / "prepared")
+    space = space_from_params(params.space, data.num_classes)
+    archs = ablation_archs(space, 3)
+    rows: dict[str, dict[int, dict]] = {v: {} for v in VARIANTS}
+    for variant in VARIANTS:
+        for seed in args.seeds:
+            folder = work / f"{variant}-seed{seed}"
+            cached = folder / "eval.json"
+            if cached.is_file():
+                rows[variant][seed] = json.loads(cached.read_text())
+                continue
+            supernet, meta = ckpt_mod.load_supernet(folder / "models" / "supernet.pt", space=space)
+            levels = {lv: statistics.fmean(top1(supernet, a, data, params) for a in named.values())
+                      for lv, named in archs.items()}
+            result = json.loads((folder / "results" / f"search-{args.device}" / "result.json").read_text())
+            chosen = next(b for b in result["budgets"] if b.get("feasible"))
+            metrics = json.loads((folder / "metrics" / "train.json").read_text())
+            row = {"levels": levels, "top1_mean": statistics.fmean(levels.values()),
+                   "searched": {"budget": chosen["label"], "val_top1": chosen["val_top1"], "key": chosen["key"],
+                                "measured_latency_ms": chosen["measured_latency_ms"], "flops_m": chosen["flops_m"]},
+                   "train_seconds": metrics.get("train_seconds"), "weights": meta.get("weights")}
+            cached.write_text(json.dumps(row, indent=1))
+            rows[variant][seed] = row
+    pre = json.loads((work / "pretrain" / "metrics" / "train.json").read_text())
+    return {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "seeds": args.seeds,
+            "device": args.device, "budget_ms": args.budget_ms, "pretrain_top1_mean": pre.get("top1_mean"),
+            "pretrain_seconds": pre.get("train_seconds"), "pretrain_data": str(args.pretrain_data), "runs": rows}
+
+
+def _ms(values: list[float]) -> str:
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.pstdev(values):.1f}"
+
+
+def table(report: dict) -> str:
+    seeds = report["seeds"]
+    runs = report["runs"]
+    names = {"scratch": "from scratch", "init": "fine-tuned (`train.init`, same recipe)",
+             "init-recipe": "fine-tuned + fine-tuning recipe (lr/10, stem frozen 2 epochs)"}
+    lines = [f"| start | mean top-1 over levels | searched subnet ({report['device']}, "
+             f"{report['budget_ms']:g} ms) | gain vs scratch (levels / searched) | train time |",
+             "|---|---|---|---|---|"]
+    for v in VARIANTS:
+        lv = [runs[v][s]["top1_mean"] for s in seeds]
+        sr = [runs[v][s]["searched"]["val_top1"] for s in seeds]
+        secs = statistics.fmean(runs[v][s]["train_seconds"] or 0 for s in seeds)
+        if v == "scratch":
+            gain = ""
+        else:
+            gain = (_ms([runs[v][s]["top1_mean"] - runs["scratch"][s]["top1_mean"] for s in seeds]) + " / " +
+                    _ms([runs[v][s]["searched"]["val_top1"] - runs["scratch"][s]["searched"]["val_top1"]
+                         for s in seeds]))
+        lines.append(f"| {names[v]} | {_ms(lv)} | {_ms(sr)} | {gain} | {secs:.0f} s |")
+    return "\n".join(lines)
+
+
+def splice(out: Path, text: str) -> None:
+    page = out.read_text()
+    block = f"{START}\n{text}\n{END}"
+    if START in page and END in page:
+        page = page[:page.index(START)] + block + page[page.index(END) + len(END):]
+    else:
+        page = page.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pretrain-data", type=Path, required=True, help="ImageFolder to pretrain on (bench/fashion_mnist.py)")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "flowers32")
+    ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "finetune")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs on the target, every variant")
+    ap.add_argument("--pretrain-epochs", type=int, default=3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--device", default="cpu-1t")
+    ap.add_argument("--budget-ms", type=float, default=4.0)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="page to splice the table into (e.g. docs/results.md)")
+    args = ap.parse_args()
+    for d in (args.data, args.pretrain_data):
+        if not (d / "train").is_dir():
+            print(f"skipped: {d} has no train/ folder")
+            return 0
+    work = args.workdir.resolve()
+    t0 = time.perf_counter()
+    jobs = plan(args, work)
+    run_jobs(jobs, args.jobs, work / "flowers")
+    report = evaluate(args, work)
+    report["minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    (work / "finetune.json").write_text(json.dumps(report, indent=1))
+    text = table(report)
+    print(text)
+    if args.out is not None:
+        splice(args.out, text)
+        print(f"{args.out}: table spliced")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
