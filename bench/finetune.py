@@ -178,8 +178,8 @@ def table(report: dict) -> str:
     runs = report["runs"]
     names = {"scratch": "from scratch", "init": "fine-tuned (`train.init`, same recipe)",
              "init-recipe": "fine-tuned + fine-tuning recipe (lr/10, stem frozen 2 epochs)"}
-    lines = [f"| start | mean top-1 over levels | searched subnet ({report['device']}, "
-             f"{report['budget_ms']:g} ms) | gain vs scratch (levels / searched) | train time |",
+    lines = [(f"| start | mean top-1 over levels | searched subnet ({report['device']}, "
+              f"{report['budget_ms']:g} ms) | gain vs scratch (levels / searched) | train time |"),
              "|---|---|---|---|---|"]
     for v in VARIANTS:
         lv = [runs[v][s]["top1_mean"] for s in seeds]
@@ -193,6 +193,30 @@ def table(report: dict) -> str:
                          for s in seeds]))
         lines.append(f"| {names[v]} | {_ms(lv)} | {_ms(sr)} | {gain} | {secs:.0f} s |")
     return "\n".join(lines)
+
+
+def section(report: dict) -> str:
+    """The page's section: what was run, the table, and the paired gains' signs per seed."""
+    seeds, runs = report["seeds"], report["runs"]
+    signs = []
+    for v in VARIANTS[1:]:
+        for metric, get in (("levels", lambda r: r["top1_mean"]), ("searched", lambda r: r["searched"]["val_top1"])):
+            gains = [get(runs[v][s]) - get(runs["scratch"][s]) for s in seeds]
+            signs.append(f"`{v}` {metric}: {sum(g > 0 for g in gains)} of {len(gains)} seeds above scratch")
+    pre = report.get("pretrain_top1_mean")
+    return "\n".join([
+        f"## Starting from a trained supernet: scratch vs fine-tuned ({report['epochs']} epochs, seeds {seeds})", "",
+        f"Made by `bench/finetune.py` (work folder `runs/finetune`, {report['minutes']} min on 2 cores). The "
+        f"pretrained supernet: the photos profile trained {report['pretrain_epochs']} epochs on Fashion-MNIST "
+        "(Debian's `dataset-fashion-mnist`, 1,500 train images per class of 10 grayscale clothing classes; "
+        "`bench/fashion_mnist.py`), a larger dataset unlike flowers32"
+        + (f" (its own search top-1, mean over the level min subnets: {100 * pre:.1f}%)" if pre else "") + ". "
+        f"Each variant then trains {report['epochs']} epochs on flowers32 with the same seeds; `init` variants get a "
+        "new 5-class head. Columns: `val` top-1 mean ± std over seeds; per FLOPs level the ablation's subnets "
+        "(min + 3 fixed draws, BN recalibrated), averaged over levels; the subnet `evit search` picks for "
+        f"{report['device']} under {report['budget_ms']:g} ms (photos profile's search, its LUT shared by every run); "
+        "gains paired by seed, in points.", "",
+        table(report), "", "; ".join(signs) + ".", ""])
 
 
 def splice(out: Path, text: str) -> None:
@@ -231,7 +255,7 @@ def main() -> int:
     report = evaluate(args, work)
     report["minutes"] = round((time.perf_counter() - t0) / 60, 1)
     (work / "finetune.json").write_text(json.dumps(report, indent=1))
-    text = table(report)
+    text = section(report)
     print(text)
     if args.out is not None:
         splice(args.out, text)

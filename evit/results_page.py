@@ -17,6 +17,7 @@ and seeds they were produced with.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -379,9 +380,19 @@ def render(workdir: Path, out: Path, note: str = "", compare_workdir: Path | Non
                       "timed again, so which baseline fits a budget may change from seed to seed.", "",
                       seed_comparison_markdown(seed_comparison(runs)), "", "Baselines over seeds:", "",
                       baselines_over_seeds_markdown({k: v[0] for k, v in runs.items()}), ""]
-    text = "\n".join(parts).rstrip() + "\n"
+    kept = spliced_blocks(out.read_text()) if out.is_file() else []
+    text = "\n\n".join(["\n".join(parts).rstrip(), *kept]) + "\n"
     write_text_atomic(out, text)
     return text
+
+
+_BLOCK = re.compile(r"<!-- ([\w-]+):start -->\n.*?\n<!-- \1:end -->", re.DOTALL)
+
+
+def spliced_blocks(page: str) -> list[str]:
+    """Sections other benchmarks spliced into the page (`<!-- name:start -->` ... `<!-- name:end -->`,
+    e.g. bench/finetune.py's): a regenerated page keeps them, since this generator cannot remake them."""
+    return [m.group(0) for m in _BLOCK.finditer(page)]
 
 
 def main(argv: list[str] | None = None) -> None:

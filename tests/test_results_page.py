@@ -76,3 +76,11 @@ def test_comparison_over_seeds_groups_budgets_and_reports_the_spread() -> None:
     assert "| d | 2ms | 0, 1 | 62.0 ± 2.0 | small, small | 42.0 ± 2.0 | +20.0 ± 0.0 | +20.0, +20.0 | 0 |" in table
     assert "| small | 42.0 ± 2.0 | 40.0, 44.0 |" in baselines_over_seeds_markdown({0: run(0.6, 0.40, 0.7)[0],
                                                                                  1: run(0.6, 0.44, 0.7)[0]})
+
+
+def test_regenerating_the_page_keeps_sections_other_benchmarks_spliced_in() -> None:
+    from evit.results_page import spliced_blocks
+
+    block = "<!-- finetune:start -->\n## Fine-tuning\n\n| a |\n<!-- finetune:end -->"
+    page = f"# Results\n\nold generated text\n\n{block}\n\n<!-- other:start -->\nunclosed\n"
+    assert spliced_blocks(page) == [block]
