@@ -316,6 +316,10 @@ def _device_stage(stage: str, device: str, params_path: Path, overrides: list[st
 
     p = _params(params_path, overrides)
     p.device(device)
+    if stage == "export":  # it registers: a missing login fails now, not after the export
+        from evit import tracking
+
+        tracking.check_server(p)
     with _writer(f"evit {stage} -d {device}", no_wait):
         out = getattr(stages, stage)(p, device)
         _record_hand_run(stage, params_path, device, overrides=overrides)
@@ -357,11 +361,12 @@ def export(
     if not register_only and not arch:
         _device_stage("export", device, params, overrides, no_wait)
         return
-    from evit import stages
+    from evit import stages, tracking
     from evit.released import resolve_arch
 
     p = _params(params, overrides)
     p.device(device)
+    tracking.check_server(p)
     for spec in arch or []:  # a bad name or file fails before the workspace is taken
         resolve_arch(spec)
     with _writer(f"evit export -d {device}", no_wait):
@@ -382,13 +387,33 @@ def fetch(
     overrides: SetOpt = None,
 ) -> None:
     """Download a registered model, verify its files against the recorded hashes, print a summary."""
+    from evit import tracking
     from evit.registry import fetch_model, fetch_report
 
-    summary = fetch_model(_params(params, overrides), ref, fmt, out)
+    p = _params(params, overrides)
+    tracking.check_server(p)
+    summary = fetch_model(p, ref, fmt, out)
     if card:
         _echo_json(summary)
     else:
         typer.echo(fetch_report(summary))
+
+
+@app.command("grant-roles")
+@_friendly
+def grant_roles(
+    params: ParamsOpt = Path("params.yaml"),
+    pipeline_user: Annotated[str, typer.Option("--pipeline", help="the account that runs the pipeline (EDIT)")]
+    = "pipeline",
+    reader_user: Annotated[str, typer.Option("--reader", help="the account that fetches models (READ)")] = "reader",
+    overrides: SetOpt = None,
+) -> None:
+    """Team mode: create the `pipeline` and `reader` MLflow accounts and grant them the experiment and
+    the models of params (run as the MLflow admin; new passwords from EVIT_PIPELINE_PASSWORD /
+    EVIT_READER_PASSWORD). Idempotent: run it again after adding a device."""
+    from evit.registry.access import grant_roles as grant
+
+    _echo_json(grant(_params(params, overrides), pipeline=pipeline_user, reader=reader_user))
 
 
 @app.command("import-reference")
@@ -429,6 +454,7 @@ def pipeline(
 
     SIGTERM / Ctrl-C stop every running stage after its current step (exit 143 / 130)."""
     from evit import cancel, tracking
+    from flows.access import check_prefect_api
     from flows.pipeline import check_selection, run_pipeline
     from flows.report import subnets_table
 
@@ -436,6 +462,7 @@ def pipeline(
     p = _params(params, overrides, to_children=True)
     check_selection(p, stage, device, force)
     tracking.check_server(p)
+    check_prefect_api()
     cancel.install()
     summary = run_pipeline(str(params), stages=stage or None, devices=device or None, force=force or None,
                            wait=not no_wait)
@@ -448,9 +475,11 @@ def pipeline(
 @_friendly
 def serve(params: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
     """Serve the scheduled deployments (nightly re-search, weekly retraining) on this machine."""
+    from flows.access import check_prefect_api
     from flows.deploy import serve_deployments
 
     _params(params, overrides, to_children=True)
+    check_prefect_api()
     serve_deployments(str(params))
 
 

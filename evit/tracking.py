@@ -60,10 +60,71 @@ def registry_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_REGISTRY_URI") or params.tracking.registry_uri or tracking_uri(params)
 
 
+# The client's own variables (MLflow's names), read here for the probe and the messages only:
+# the MLflow client reads the same ones, so what is checked is what is used.
+USER_ENV, PASSWORD_ENV, TOKEN_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
+CA_ENV, INSECURE_ENV = "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS"
+ACCESS_HELP = "an MLflow admin grants it with `evit grant-roles` (docs/operations.md#team-mode)"
+
+
+def access_message(status: int | str, uri: str, what: str = "") -> str | None:
+    """The one line for an MLflow refusal of this client (401/403, or MLflow's codes for them);
+    None for any other error. It names the variable to set, never a value of one."""
+    doing = f" ({what})" if what else ""
+    if status in (401, "UNAUTHENTICATED"):
+        missing = [k for k in (USER_ENV, PASSWORD_ENV) if not os.environ.get(k)]
+        if missing and not os.environ.get(TOKEN_ENV):
+            return (f"the MLflow server at {uri} requires a login{doing}: set {' and '.join(missing)} "
+                    f"(the account's name and password; HTTP 401)")
+        user = os.environ.get(USER_ENV) or "(token)"
+        return (f"the MLflow server at {uri} did not accept the login of {user!r}{doing}: check "
+                f"{PASSWORD_ENV if os.environ.get(USER_ENV) else TOKEN_ENV} (HTTP 401)")
+    if status in (403, "PERMISSION_DENIED"):
+        user = os.environ.get(USER_ENV) or "this client"
+        return f"the MLflow server at {uri} denied {user!r} permission{doing} (HTTP 403); {ACCESS_HELP}"
+    return None
+
+
+def _tls_context(uri: str) -> Any:
+    """The TLS context the MLflow client would use: its CA bundle variable, else the system's."""
+    import ssl
+
+    if not uri.startswith("https://"):
+        return None
+    if os.environ.get(INSECURE_ENV, "").lower() in ("1", "true"):
+        return ssl._create_unverified_context()  # the user asked for it by name
+    return ssl.create_default_context(cafile=os.environ.get(CA_ENV) or None)
+
+
+def _tls_message(uri: str, exc: BaseException) -> str | None:
+    import ssl
+
+    reason = getattr(exc, "reason", exc)
+    if not isinstance(reason, ssl.SSLError):
+        return None
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return (f"the TLS certificate of the MLflow server at {uri} is not trusted ({reason.verify_message}): set "
+                f"{CA_ENV} to the CA bundle that signed it (team mode: the services' tls/ca.pem)")
+    return f"TLS with the MLflow server at {uri} failed ({short(exc)}); check {CA_ENV} and the URL's port"
+
+
+def _login_header() -> dict[str, str]:
+    import base64
+
+    user, password = os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    if os.environ.get(TOKEN_ENV):
+        return {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
+    return {}
+
+
 def check_server(params: Params, *, timeout_s: float = 10.0) -> None:
     """Fail in one line, before a pipeline starts anything that logs, when the tracking or
-    registry URI is an http(s) server that does not answer, or answers as something other
-    than an MLflow server (no `/health`). Other URIs (sqlite, file stores) need no server.
+    registry URI is an http(s) server that does not answer, answers as something other
+    than an MLflow server (no `/health`), does not take TLS with the configured CA bundle,
+    or refuses this client's login (team mode: the line names the variable to set). Other
+    URIs (sqlite, file stores) need no server.
 
     Retried `tracking.retries` times (transient failures only), like every registry call."""
     import urllib.error
@@ -72,24 +133,39 @@ def check_server(params: Params, *, timeout_s: float = 10.0) -> None:
     for uri in dict.fromkeys((tracking_uri(params), registry_uri(params))):
         if not uri.startswith(("http://", "https://")):
             continue
-        url = uri.rstrip("/") + "/health"
+        base = uri.rstrip("/")
+        context = _tls_context(uri)
 
-        def probe(url: str = url) -> None:
-            urllib.request.urlopen(url, timeout=timeout_s).close()
+        def probe(url: str, headers: dict[str, str] | None = None) -> None:
+            req = urllib.request.Request(url, headers=headers or {})
+            urllib.request.urlopen(req, timeout=timeout_s, context=context).close()
 
         retries = params.tracking.retries
         try:
-            with_retries(probe, retries=retries, what=f"reaching the MLflow server at {uri}", logger=log)
+            with_retries(lambda: probe(f"{base}/health"), retries=retries, what=f"reaching the MLflow server at {uri}",
+                         logger=log)
         except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):  # a server that guards even /health: the client's credentials will tell
-                continue
-            raise UserError(f"the MLflow server at {uri} answered HTTP {exc.code} on /health: is it an MLflow "
-                            "server? (MLFLOW_TRACKING_URI / tracking.uri, tracking.registry_uri in params.yaml)") \
-                from None
+            if exc.code in (401, 403):  # a server that guards even /health: the login probe below tells
+                pass
+            else:
+                raise UserError(f"the MLflow server at {uri} answered HTTP {exc.code} on /health: is it an MLflow "
+                                "server? (MLFLOW_TRACKING_URI / tracking.uri, tracking.registry_uri in params.yaml)") \
+                    from None
         except (OSError, ValueError) as exc:
+            tls = _tls_message(uri, exc)
+            if tls:
+                raise UserError(tls) from None
             raise UserError(f"the MLflow server at {uri} did not answer after {retries + 1} attempt(s) "
                             f"(tracking.retries = {retries}; {short(exc)}); check that it is running "
                             "(MLFLOW_TRACKING_URI / tracking.uri in params.yaml)") from None
+        try:  # any authenticated account may search (results are filtered): only a bad login fails here
+            probe(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", _login_header())
+        except urllib.error.HTTPError as exc:
+            message = access_message(exc.code, uri)
+            if message:
+                raise UserError(message) from None
+        except OSError:
+            pass  # it answered /health a moment ago; the client's own call will report what it meets
 
 
 def configure(params: Params) -> None:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from evit.config import Params
 from evit.errors import RegistryError, UserError
 from evit.retry import is_transient, short, with_retries
-from evit.tracking import configure, registry_uri, tracking_uri
+from evit.tracking import access_message, configure, registry_uri, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,12 @@ def retrying(what: str, fn: Callable[[], T], retries: int, uri: str, *, base_del
         raise
     except Exception as exc:
         if not is_transient(exc):
-            if error_code(exc) is None:
+            code = error_code(exc)
+            if code is None:
                 raise
+            denied = access_message(code, uri, what)
+            if denied:  # team mode: a missing login or grant is one line that names the variable or the fix
+                raise RegistryError(denied) from None
             # an answer that is not MLflow's (a web server's 404 page, a proxy's login form) or a refusal
             raise RegistryError(
                 f"{what}: the MLflow registry at {uri} refused the request: {short(exc)}. Check that {uri} is an "

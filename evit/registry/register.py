@@ -152,12 +152,14 @@ def _find_by_hash(client: Any, name: str, digest: str) -> Any | None:
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _ensure_registered_model(client: Any, name: str, device: str, undo: _Undo) -> None:
+def ensure_registered_model(client: Any, name: str, device: str) -> bool:
+    """Create the registered model of `device` unless it exists; True when this call created it.
+    (Also `evit grant-roles`: an admin creates the names first, so no other account claims them.)"""
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
-        return
+        return False
     except MlflowException as exc:
         if error_code(exc) not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
             raise
@@ -165,7 +167,12 @@ def _ensure_registered_model(client: Any, name: str, device: str, undo: _Undo) -
         name, tags={"evit.device": device},
         description=f"ElasticViT subnets for device {device}: one version per exported subnet; "
                     f"alias per budget and '{CHAMPION}' = most accurate across budgets.")
-    undo.created_model = True
+    return True
+
+
+def _ensure_registered_model(client: Any, name: str, device: str, undo: _Undo) -> None:
+    if ensure_registered_model(client, name, device):
+        undo.created_model = True
 
 
 def _signature_and_example(card: dict[str, Any]) -> tuple[Any, Any]:
