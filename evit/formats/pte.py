@@ -9,7 +9,10 @@ partitions with only constant dtype/layout copies outside.
 
 Several modules can share one file (`export_pte_methods`): each becomes a named method
 of one program, so a latency table lowers and loads hundreds of blocks at the cost of a
-few files. `load_program` / `run_pte` execute a program with the ExecuTorch runtime in
+few files. With `int8_calibration`, each module is first quantized by the one int8
+function (`evit.formats.quantize.quantize_int8`: PT2E, XNNPACK quantizer, per-channel
+static) and the report adds which ops run int8 and which stayed float.
+`load_program` / `run_pte` execute a program with the ExecuTorch runtime in
 this process (the same XNNPACK kernels a phone's `executor_runner` uses).
 """
 
@@ -19,7 +22,7 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +47,14 @@ class Delegation:
     partitions: int
     outside: dict[str, int]
     """Compute operators not delegated (name -> count); empty when XNNPACK took everything."""
+    quantization: dict[str, Any] | None = None
+    """int8 programs: `evit.formats.quantize.QuantReport.to_dict` (policy, int8 / float ops)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"partitions": self.partitions, "outside_ops": dict(self.outside)}
+        d: dict[str, Any] = {"partitions": self.partitions, "outside_ops": dict(self.outside)}
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
+        return d
 
 
 def _op_name(target: Any) -> str:
@@ -76,17 +84,28 @@ def _lower(programs: Mapping[str, Any]) -> Any:
 
 
 def export_pte_methods(modules: Mapping[str, tuple[nn.Module, torch.Tensor]],
-                       path: str | os.PathLike[str]) -> dict[str, Delegation]:
+                       path: str | os.PathLike[str], *,
+                       int8_calibration: Mapping[str, Sequence[torch.Tensor]] | None = None) -> dict[str, Delegation]:
     """Lower several eval-mode modules (name -> (module, example input)) into one .pte.
 
     Each becomes a method named after its key (`forward` for a single whole model).
-    Returns the delegation report per method.
+    `int8_calibration` (name -> calibration inputs, for every module): quantize each module
+    to int8 first (`quantize_int8`). Returns the delegation report per method.
     """
+    from evit.formats.quantize import quantization_report, quantize_int8
+
     path = Path(path)
+    quant: dict[str, dict[str, Any]] = {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eps = {}
         for name, (module, example) in modules.items():
+            if int8_calibration is not None:
+                calib = list(int8_calibration[name])
+                converted = quantize_int8(module, example, calib)  # traced in eval mode already
+                quant[name] = quantization_report(converted, sum(int(x.shape[0]) for x in calib)).to_dict()
+                eps[name] = torch.export.export(converted, (example,))
+                continue
             was = module.training
             module.eval()
             try:
@@ -94,7 +113,8 @@ def export_pte_methods(modules: Mapping[str, tuple[nn.Module, torch.Tensor]],
             finally:
                 module.train(was)
         edge = _lower(eps)
-        report = {name: delegation(edge.exported_program(name)) for name in modules}
+        report = {name: Delegation(**vars(delegation(edge.exported_program(name))) | {"quantization": quant.get(name)})
+                  for name in modules}
         program = edge.to_executorch()
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(program.buffer)
@@ -102,9 +122,12 @@ def export_pte_methods(modules: Mapping[str, tuple[nn.Module, torch.Tensor]],
     return report
 
 
-def export_pte(module: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> Delegation:
-    """Lower one module (eval mode) to an XNNPACK ExecuTorch program with method `forward`."""
-    return export_pte_methods({"forward": (module, example)}, path)["forward"]
+def export_pte(module: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *,
+               int8_calibration: Sequence[torch.Tensor] | None = None) -> Delegation:
+    """Lower one module (eval mode) to an XNNPACK ExecuTorch program with method `forward`
+    (int8 when `int8_calibration` inputs are given)."""
+    calib = None if int8_calibration is None else {"forward": int8_calibration}
+    return export_pte_methods({"forward": (module, example)}, path, int8_calibration=calib)["forward"]
 
 
 def set_threads(n: int) -> None:

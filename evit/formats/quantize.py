@@ -1,0 +1,220 @@
+"""int8 post-training quantization of a static subnet or block: one function, one policy.
+
+`quantize_int8` is the only place evit quantizes: the int8 `.pte` export and the int8
+ExecuTorch latency device both call it, so what is timed is what ships. It is PT2E static
+quantization with ExecuTorch's `XNNPACKQuantizer` (the quantizer the XNNPACK delegate's
+int8 kernels expect): symmetric per-channel int8 weights, per-tensor int8 activations
+whose ranges come from the calibration inputs, then `convert_pt2e` to the reference
+(dequantize -> op -> quantize) form that `to_edge_transform_and_lower` folds into XNNPACK
+int8 operators.
+
+The float policy (`INT8_POLICY`), the same for every block of every space:
+- int8: what the XNNPACK quantizer annotates outside the two float regions below: conv
+  (with its folded BatchNorm and activation), linear, the residual adds, pooling, cat, mul;
+- float: every op inside `LayerNorm4d` (a norm's mean / variance / rsqrt over a handful of
+  channels loses most of its range at 8 bits), and the attention scores inside
+  `Attention` itself (q.k, the 1/sqrt(d) scale, the relative bias add, softmax, A.v):
+  XNNPACK has no int8 softmax or batched matmul of two activations, and quantizing the
+  scale / bias that feed softmax alone would only add quantize / dequantize pairs (the
+  loss Q-HyViT, arXiv 2303.12557, measures for naive PTQ of hybrid ViTs). The qkv and
+  projection linears and the depthwise conv on V stay int8.
+`quantization_report` reads the converted graph back and says, per block, which compute
+ops run int8 and which stayed float (anything the quantizer refused lands there too), so
+the card lists the outcome, not only the intent.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+INT8_POLICY = ("int8: conv (+BN, activation), linear, residual add, pooling, cat, mul; "
+               "float: LayerNorm (LayerNorm4d) and the attention scores (q.k, scale, relative bias, softmax, A.v); "
+               "weights symmetric per-channel, activations per-tensor static (calibrated)")
+"""The policy in one line (on the card beside the per-block outcome)."""
+
+_FLOAT_MODULES = ("evit.nn.static.LayerNorm4d",)
+"""Module types whose every op stays float."""
+_FLOAT_OWN_OPS = ("evit.nn.static.Attention",)
+"""Module types whose own ops (not those of their child linears / convs) stay float."""
+_NOT_COMPUTE = ("reshape", "view", "transpose", "permute", "flatten", "slice", "select", "unsqueeze", "squeeze",
+                "expand", "clone", "dropout", "contiguous", "getitem", "alias", "detach", "_assert", "sym_size",
+                "quantize_per", "dequantize_per", "choose_qparams")
+"""Ops that move or relabel data (or are the quantization itself): not counted as compute."""
+
+
+def _module_types(node: torch.fx.Node) -> list[str]:
+    """Qualified type names of the modules `node` was traced inside, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}" for _path, t in stack.values()]
+
+
+def keeps_float(node: torch.fx.Node) -> bool:
+    """The policy for one graph node: True where it stays float (see the module docstring)."""
+    types = _module_types(node)
+    return any(t in _FLOAT_MODULES for t in types) or bool(types and types[-1] in _FLOAT_OWN_OPS)
+
+
+_ANNOTATION = "quantization_annotation"
+
+
+def _shares_with(node: torch.fx.Node, removed: set[torch.fx.Node]) -> bool:
+    """Whether `node`'s quantization annotation shares its scale with one of `removed`."""
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    ann = node.meta.get(_ANNOTATION)
+    if ann is None:
+        return False
+    specs = [ann.output_qspec, *ann.input_qspec_map.values()]
+    for spec in specs:
+        if isinstance(spec, SharedQuantizationSpec):
+            ref = spec.edge_or_node
+            if (ref in removed) if not isinstance(ref, tuple) else any(r in removed for r in ref):
+                return True
+    return False
+
+
+def _quantizer() -> Any:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    class PolicyQuantizer(XNNPACKQuantizer):
+        """The XNNPACK quantizer with the float policy applied after its own annotation too:
+        its `propagate_annotation` step hands the scale of a quantized op on to the
+        data-movement ops after it (reshape, mean, ...) without consulting the filter, which
+        would quantize a LayerNorm's first mean."""
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            removed = {n for n in model.graph.nodes if keeps_float(n) and n.meta.pop(_ANNOTATION, None)}
+            while removed:  # and the annotations that share a scale with a removed one
+                removed = {n for n in model.graph.nodes if _shares_with(n, removed) and n.meta.pop(_ANNOTATION)}
+            return model
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    return PolicyQuantizer().set_global(config).set_filter_function(lambda n: not keeps_float(n))
+
+
+def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor]) -> torch.fx.GraphModule:
+    """The eval-mode `module` quantized by PT2E (XNNPACK quantizer, policy above).
+
+    `example` fixes the traced input shape (batch 1 in evit's exports); `calibration` are
+    input batches whose activation ranges set the scales (the traced graph is specialised
+    to the example's batch, so each batch is fed in slices of that size).
+    Raises ValueError when no calibration input is given (the scales would be undefined).
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    batches = [b for b in calibration if b.shape[0] > 0]
+    if not batches:
+        raise ValueError("int8 quantization needs at least one calibration input")
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.export.export(module, (example,)).module()
+            prepared = prepare_pt2e(traced, _quantizer())
+            for batch in batches:
+                for x in batch.split(example.shape[0]):
+                    prepared(x)
+            return convert_pt2e(prepared)
+    finally:
+        module.train(was)
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """Which compute ops of a quantized graph run int8 and which stayed float, per block."""
+
+    int8: dict[str, int]
+    float: dict[str, int]
+    float_by_block: dict[str, dict[str, int]]
+    """Top-level block (the StaticSubnet index; '' for a lone block) -> float op counts."""
+    calibration_inputs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": INT8_POLICY, "calibration_inputs": self.calibration_inputs,
+                "int8_ops": dict(self.int8), "float_ops": dict(self.float),
+                "float_ops_by_block": {k: dict(v) for k, v in self.float_by_block.items()}}
+
+
+def _name(node: torch.fx.Node) -> str:
+    """The op's short name: `aten.conv2d.default` -> `conv2d` (a builtin: its whole text)."""
+    parts = str(node.target).split(".")
+    return parts[-2] if len(parts) >= 3 else parts[0]
+
+
+def _is_q(node: Any, kind: str) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and _name(node).startswith(kind)
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and any(k in _name(node) for k in _NOT_COMPUTE) and not (
+        _is_q(node, "quantize") or _is_q(node, "dequantize"))
+
+
+def _producers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes whose tensors `node` reads, looking through views."""
+    out = []
+    for a in node.all_input_nodes:
+        out.extend(_producers(a) if _is_view(a) else [a])
+    return out
+
+
+def _consumers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes that read `node`'s tensor, looking through views."""
+    out = []
+    for u in node.users:
+        out.extend(_consumers(u) if _is_view(u) else [u])
+    return out
+
+
+_FUSED_ACT = ("relu", "hardtanh")
+"""Activations the quantizer fuses into the conv / linear / add before them (one int8 op)."""
+
+
+def _reads_int8(node: torch.fx.Node) -> bool:
+    return any(_is_q(p, "dequantize") or (_name(node).startswith(_FUSED_ACT) and _reads_int8(p))
+               for p in _producers(node))
+
+
+def _writes_int8(node: torch.fx.Node) -> bool:
+    return any(_is_q(u, "quantize") or (_name(u).startswith(_FUSED_ACT) and _writes_int8(u))
+               for u in _consumers(node))
+
+
+def _block(node: torch.fx.Node) -> str:
+    """The top-level block a node belongs to (the first named module path's first part)."""
+    for path, _type in (node.meta.get("nn_module_stack") or {}).values():
+        if path:
+            return str(path).split(".")[0]
+    return ""
+
+
+def quantization_report(graph_module: torch.fx.GraphModule, calibration_inputs: int) -> QuantReport:
+    """Read a converted (`quantize_int8`) graph back: a compute op is int8 when it reads a
+    dequantized tensor and its result is quantized again (looking through views, and
+    through a fused relu); every other compute op runs float."""
+    int8: Counter[str] = Counter()
+    flt: Counter[str] = Counter()
+    by_block: dict[str, Counter[str]] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or any(k in _name(node) for k in _NOT_COMPUTE):
+            continue
+        name = _name(node).rstrip("_")
+        if _reads_int8(node) and _writes_int8(node):
+            int8[name] += 1
+        else:
+            flt[name] += 1
+            by_block.setdefault(_block(node), Counter())[name] += 1
+    return QuantReport(dict(int8), dict(flt), {k: dict(v) for k, v in sorted(by_block.items())},
+                       calibration_inputs)
