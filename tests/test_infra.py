@@ -41,9 +41,33 @@ def test_compose_has_the_team_services_wired_together() -> None:
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert "flows.deploy register --pool evit-process" in " ".join(services["register"]["command"])
-    for svc in services.values():  # published ports only on the host's loopback
+    for name, svc in services.items():  # published ports only on the host's loopback, but the TLS proxy's
         for port in svc.get("ports", []):
-            assert port.startswith("127.0.0.1:"), port
+            assert port.startswith("${PROXY_BIND:-0.0.0.0}:" if name == "proxy" else "127.0.0.1:"), port
+
+
+def test_compose_team_mode_authenticates_and_terminates_tls() -> None:
+    """#26: MLflow through the basic-auth launcher, Prefect with an auth string, clients with
+    their credentials, a TLS proxy in front, and the one-shot that creates the roles."""
+    services = _compose()["services"]
+    mlflow_cmd = " ".join(services["mlflow"]["command"])
+    assert "/team/mlflow-server.sh" in mlflow_cmd and "./team:/team:ro" in services["mlflow"]["volumes"]
+    assert services["mlflow"]["environment"]["MLFLOW_AUTH_DATABASE_URI"].endswith("/mlflow_auth")
+    assert "CREATE DATABASE mlflow_auth;" in (INFRA / "postgres" / "init.sql").read_text()
+    assert "/team/prefect-server.sh" in services["prefect-server"]["command"]
+    for name in ("worker", "register"):
+        env = services[name]["environment"]
+        assert env["MLFLOW_TRACKING_USERNAME"] == "pipeline" and "PREFECT_API_AUTH_STRING" in env
+    assert services["roles"]["command"][:2] == ["evit", "grant-roles"]
+    assert services["roles"]["environment"]["MLFLOW_TRACKING_USERNAME"] == "admin"
+    proxy = services["proxy"]
+    assert proxy["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    caddy = (INFRA / "team" / "Caddyfile").read_text()
+    assert caddy.count("reverse_proxy") == 2 and "/certs}/cert.pem" in caddy
+    assert 'mlflow[auth]==' in (INFRA / "mlflow.Dockerfile").read_text()
+    ini_keys = (INFRA / "team" / "mlflow-server.sh").read_text()
+    assert "default_permission = NO_PERMISSIONS" in ini_keys and "MLFLOW_BASIC_AUTH_FAIL_CLOSED=true" in ini_keys
+    assert "admin_password" not in ini_keys  # the password travels in the environment, not the file
 
 
 def test_compose_secrets_come_from_env_file_only() -> None:
@@ -104,7 +128,7 @@ def test_prefect_yaml_matches_the_python_deployments() -> None:
 
 def test_scripts_parse_and_torchrun_command(tmp_path: Path) -> None:
     for script in ("local/up.sh", "local/down.sh", "local/status.sh", "local/common.sh", "torchrun.sh",
-                   "dvc-remote.sh"):
+                   "dvc-remote.sh", "team/mlflow-server.sh", "team/prefect-server.sh", "team/secrets.sh"):
         subprocess.run(["bash", "-n", str(INFRA / script)], check=True)
     out = subprocess.run([str(INFRA / "torchrun.sh"), "-p", "params.imagenet.yaml"], capture_output=True, text=True,
                          check=True, env={**os.environ, "EVIT_DRY_RUN": "1", "EVIT_NNODES": "2", "EVIT_NODE_RANK": "1",

@@ -217,7 +217,7 @@ def project(team: Team, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("team-project")
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     (root / "params.yaml").write_text(yaml.safe_dump(deep_merge(base, tiny(
-        tracking={"experiment": "evit", "retries": 0})), sort_keys=False))
+        tracking={"experiment": "evit", "retries": 0}, baselines={"models": []})), sort_keys=False))
     return root
 
 
@@ -272,8 +272,9 @@ def test_reader_fetches_but_may_not_register_or_move_an_alias(team: Team, projec
     assert denied.returncode == 0, denied.stderr
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                                            "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
-    os.environ.update({"MLFLOW_TRACKING_USERNAME": "reader", "MLFLOW_TRACKING_PASSWORD": team.secrets["reader"],
+                                            "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                            "MLFLOW_TRACKING_URI")}
+    os.environ.update({"MLFLOW_TRACKING_URI": team.mlflow, "MLFLOW_TRACKING_USERNAME": "reader", "MLFLOW_TRACKING_PASSWORD": team.secrets["reader"],
                        "MLFLOW_TRACKING_SERVER_CERT_PATH": str(team.ca), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     try:
         client = MlflowClient(team.mlflow)

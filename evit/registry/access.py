@@ -82,6 +82,20 @@ def _user_exists(auth: Any, name: str) -> bool:
         raise
 
 
+def _grant(auth: Any, user: str, resource_type: str, resource_id: str, permission: str) -> None:
+    """Grant `permission`, replacing an earlier grant of the same resource (MLflow's grant is
+    create-only): running grant-roles again leaves exactly this permission."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        auth.grant_user_permission(user, resource_type, resource_id, permission)
+    except MlflowException as exc:
+        if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+            raise
+        auth.revoke_user_permission(user, resource_type, resource_id)
+        auth.grant_user_permission(user, resource_type, resource_id, permission)
+
+
 def grant_roles(params: Params, *, pipeline: str = "pipeline", reader: str = "reader") -> dict[str, Any]:
     """Create the accounts that are missing, the experiment and the configured model names, and
     grant both roles; idempotent. Runs as the admin given by MLFLOW_TRACKING_USERNAME/PASSWORD."""
@@ -122,11 +136,11 @@ def grant_roles(params: Params, *, pipeline: str = "pipeline", reader: str = "re
             retrying("listing the registered models", lambda: _existing_models(client, params), retries, uri)))
         for r in wanted:
             retrying(f"granting {r.name} {r.permission} on experiment {params.tracking.experiment}",
-                     lambda r=r: auth.grant_user_permission(r.name, "experiment", experiment_id, r.permission),
+                     lambda r=r: _grant(auth, r.name, "experiment", experiment_id, r.permission),
                      retries, uri)
             for name in names:
                 retrying(f"granting {r.name} {r.permission} on {name}",
-                         lambda r=r, n=name: auth.grant_user_permission(r.name, "registered_model", n, r.permission),
+                         lambda r=r, n=name: _grant(auth, r.name, "registered_model", n, r.permission),
                          retries, uri)
     return {"server": uri, "users_created": [r.name for r in missing], "experiment": params.tracking.experiment,
             "models_created": created, "models": names,

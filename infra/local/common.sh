@@ -19,6 +19,12 @@ PREFECT_PORT="${EVIT_PREFECT_PORT:-4200}"
 START_TIMEOUT="${EVIT_START_TIMEOUT:-180}"
 VENV="${EVIT_VENV:-$REPO/.venv}"
 SERVICES=(s3 mlflow prefect)   # start order; stopped in reverse
+# Team mode (up.sh --team): MLflow basic-auth + Prefect auth string (infra/team), and a Caddy
+# TLS proxy when `caddy` is installed. up.sh records the mode so status/down see the proxy.
+MLFLOW_TLS_PORT="${EVIT_MLFLOW_TLS_PORT:-5443}"
+PREFECT_TLS_PORT="${EVIT_PREFECT_TLS_PORT:-4443}"
+MODE="$(cat "$STATE/mode" 2>/dev/null || echo plain)"
+if [[ "$MODE" == team+proxy ]]; then SERVICES+=(proxy); fi
 
 if [[ -x "$VENV/bin/python" ]]; then
   PY="$VENV/bin/python"
@@ -38,6 +44,7 @@ health_url() {
         else echo "$(s3_url)/moto-api/"; fi ;;
     mlflow) echo "$(mlflow_url)/health" ;;
     prefect) echo "$(prefect_url)/health" ;;
+    proxy) echo "https://$HOST:$MLFLOW_TLS_PORT/health" ;;
   esac
 }
 
@@ -50,7 +57,7 @@ is_running() {
 
 # healthy URL [TIMEOUT]: 0 once URL answers HTTP 200 (within TIMEOUT seconds, default: one try).
 healthy() {
-  "$PY" - "$1" "${2:-0}" <<'PYEOF'
+  SSL_CERT_FILE="${EVIT_HEALTH_CA:-${SSL_CERT_FILE:-}}" "$PY" - "$1" "${2:-0}" <<'PYEOF'
 import sys, time, urllib.request
 url, timeout = sys.argv[1], float(sys.argv[2])
 deadline = time.monotonic() + timeout
