@@ -73,6 +73,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"| classes | {card['num_classes']} |",
         "",
         *_classes_section(card),
+        *_int8_section(card),
         "## Architecture",
         "",
         f"`{card['arch_key']}`",
@@ -98,6 +99,25 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _int8_section(card: dict[str, Any]) -> list[str]:
+    """The int8 file: its accuracy through the runtime beside the fp32 file's, the flag, what stayed float."""
+    q = card.get("pte_int8")
+    if not q:
+        return []
+    quant = q.get("quantization", {})
+    flag = (f"**FLAGGED: int8 loses {q['drop_points']:.2f} points (more than the {q['max_drop_points']:g} "
+            f"allowed by export.int8_max_drop_points)**" if q["flagged"] else
+            f"drop {q['drop_points']:.2f} points (within the {q['max_drop_points']:g} allowed)")
+    floats = "; ".join(f"block {b or '-'}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+                       for b, ops in quant.get("float_ops_by_block", {}).items())
+    return ["## int8 (model.int8.pte)", "",
+            f"- val top-1 through ExecuTorch: int8 {q['val_top1_runtime']:.4f}, fp32 .pte "
+            f"{q['fp32_val_top1_runtime']:.4f}; {flag}",
+            f"- calibration: {q['calibration']['images']} images of the {q['calibration']['split']} split",
+            f"- policy: {quant.get('policy', 'n/a')}",
+            f"- ops left float: {floats or 'none'}", ""]
 
 
 def _classes_section(card: dict[str, Any]) -> list[str]:

@@ -380,6 +380,7 @@ def export(
 def fetch(
     ref: Annotated[str, typer.Argument(help="registered model, e.g. evit-cpu-1t@champion or evit-cpu-1t/3")],
     fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript | pytorch | tflite | pte")] = "onnx",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | int8 (int8: pte only, when exported)")] = "fp32",
     out: Annotated[Path, typer.Option("--out", help="directory to write the model files to"),
                    PathArg.OUTPUT_DIR] = Path("fetched"),
     params: ParamsOpt = Path("params.yaml"),
@@ -392,7 +393,7 @@ def fetch(
 
     p = _params(params, overrides)
     tracking.check_server(p)
-    summary = fetch_model(p, ref, fmt, out)
+    summary = fetch_model(p, ref, fmt, out, precision)
     if card:
         _echo_json(summary)
     else:

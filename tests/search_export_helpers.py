@@ -62,14 +62,17 @@ def registry_params(tracking_uri: str, *, model_name: str | None = None, registr
 
 def make_export(root: Path, *, seed: int = 0, val_top1: float = 0.5, budget: Budget | None = None,
                 arch: Arch | None = None, device: str = "dev", formats: tuple[str, ...] = ("onnx",),
-                converter: Any = None) -> tuple[Path, Any]:
-    """Export one tiny static subnet with a complete card; returns (folder, static module)."""
+                converter: Any = None, int8: Any = None, static: Any = None) -> tuple[Path, Any]:
+    """Export one tiny static subnet with a complete card; returns (folder, static module).
+
+    `int8`: an `evit.export.int8.Int8Inputs` (adds model.int8.pte); `static`: export this
+    module (of `arch`) instead of the one extracted from the seeded supernet."""
     from evit.nn.static import extract
 
     budget = budget or Budget("latency", 1.5)
     net = tiny_supernet(seed)
     arch = arch or TINY.largest()
-    static = extract(net, arch)
+    static = extract(net, arch) if static is None else static
     entry = {"val_top1": val_top1, "search_top1": val_top1 - 0.01, "flops_m": 0.5, "params_m": 0.04,
              "predicted_latency_ms": 1.0, "measured_latency_ms": 1.1, "measurement": {"median_ms": 1.1}}
     card = build_card(
@@ -80,7 +83,7 @@ def make_export(root: Path, *, seed: int = 0, val_top1: float = 0.5, budget: Bud
         classes=[f"class-{i}" for i in range(TINY.num_classes)], opset=17,
     )
     folder = root / f"{budget.label}-s{seed}-v{val_top1}"
-    export_subnet(static, arch, folder, card=card, opset=17, formats=formats, converter=converter)
+    export_subnet(static, arch, folder, card=card, opset=17, formats=formats, converter=converter, int8=int8)
     return folder, static
 
 

@@ -1,69 +1,134 @@
-"""int8 ExecuTorch exports: the one quantize function, its float policy, and the runtime check.
+"""int8 ExecuTorch exports: the one quantize function, its float policy, the runtime's
+accuracy on the card, the drop flag, and fetch by precision.
 
 One tiny static subnet (the TINY space's smallest, weights moved off their init so the
-logits have a scale) is lowered once in fp32 and once in int8 (module fixture: a
-quantized lowering takes ~20 s here); the tests read those two files.
+logits have a scale) is exported once with `model.pte` and `model.int8.pte` (module
+fixture: a quantized lowering takes ~20 s here); the tests read that folder.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from search_export_helpers import TINY, tiny_supernet
+from fixtures_servers import MlflowServer, mlflow_server  # noqa: F401
+from search_export_helpers import TINY, make_export, registry_params, tiny_supernet
 from test_nn import randomise
 
 from evit.formats.inputs import seeded_input
+from evit.io import read_json, sha256_file
 
 INT8_TOLERANCE = 0.05
 """Largest max-abs difference of the int8 program's logits from the fp32 program's, relative
-to the fp32 logits' largest magnitude, on seeded inputs (the measured value is ~0.2%)."""
+to the fp32 logits' largest magnitude, on seeded inputs (measured: ~0.2%)."""
+
+
+class _Data:
+    """A prepared-data stand-in: seeded images, val labelled by the float subnet itself."""
+
+    def __init__(self, static: Any, r: int) -> None:
+        self.path, self.content_hash, self.classes = f"int8-test-{id(self)}", "h", [f"c{i}" for i in range(4)]
+        x = seeded_input((24, 3, r, r), 5)
+        with torch.no_grad():
+            self._splits = {"search": (seeded_input((40, 3, r, r), 6), torch.zeros(40, dtype=torch.long)),
+                            "val": (x, static(x).argmax(-1))}
+
+    def counts(self, split: str) -> dict[str, int]:
+        return {"all": len(self._splits[split][0])}
+
+    def tensors(self, split: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._splits[split]
 
 
 @pytest.fixture(scope="module")
-def lowered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from evit.formats.pte import export_pte
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from evit.export.int8 import Int8Inputs, calibration_images, runtime_top1
     from evit.nn.static import extract
 
     net = tiny_supernet(3)
     randomise(net, 3)
     arch = TINY.smallest()
     static = extract(net, arch).eval()
-    r = arch.resolution
-    root = tmp_path_factory.mktemp("int8")
-    example = seeded_input((1, 3, r, r))
-    fp32 = export_pte(static, example, root / "fp32.pte")
-    int8 = export_pte(static, example, root / "int8.pte", int8_calibration=[seeded_input((8, 3, r, r), 1)])
-    return {"root": root, "r": r, "fp32": fp32, "int8": int8, "static": static}
+    data = _Data(static, arch.resolution)
+    inputs = Int8Inputs(calibration=calibration_images(data, arch.resolution, 16, seed=0),
+                        top1=runtime_top1(static, data, arch.resolution, 8), max_drop_points=1.0)
+    folder, _ = make_export(tmp_path_factory.mktemp("int8"), seed=3, arch=arch, formats=("onnx", "pte"),
+                            int8=inputs, static=static)
+    return {"folder": folder, "r": arch.resolution, "card": read_json(folder / "card.json"), "static": static}
 
 
-def test_int8_pte_runs_in_executorch_and_matches_its_fp32_export(lowered: dict[str, Any]) -> None:
+def test_int8_pte_runs_in_executorch_and_matches_its_fp32_export(exported: dict[str, Any]) -> None:
     from evit.formats.pte import run_pte
 
-    root, r = lowered["root"], lowered["r"]
-    assert (root / "int8.pte").stat().st_size < (root / "fp32.pte").stat().st_size  # int8 weights
+    folder, r = exported["folder"], exported["r"]
+    assert (folder / "model.int8.pte").stat().st_size < (folder / "model.pte").stat().st_size  # int8 weights
     for seed in (10, 11, 12):
         x = seeded_input((1, 3, r, r), seed)
-        f, q = run_pte(root / "fp32.pte", x), run_pte(root / "int8.pte", x)
+        f, q = run_pte(folder / "model.pte", x), run_pte(folder / "model.int8.pte", x)
         assert torch.isfinite(q).all()
         assert (q - f).abs().max() <= INT8_TOLERANCE * f.abs().max()
         assert not torch.equal(q, f)  # really quantized
 
 
-def test_int8_lowering_report_lists_what_stayed_float(lowered: dict[str, Any]) -> None:
+def test_int8_card_has_runtime_accuracy_policy_and_what_stayed_float(exported: dict[str, Any]) -> None:
     from evit.formats.quantize import INT8_POLICY
 
-    rep = lowered["int8"].to_dict()
-    assert rep["partitions"] >= 1 and rep["outside_ops"] == {}  # XNNPACK takes the float ops too
-    assert "quantization" not in lowered["fp32"].to_dict()
-    quant = rep["quantization"]
-    assert quant["policy"] == INT8_POLICY and quant["calibration_inputs"] == 8
+    folder, card = exported["folder"], exported["card"]
+    assert card["files"]["model.int8.pte"] == sha256_file(folder / "model.int8.pte")
+    q = card["pte_int8"]
+    assert q["partitions"] >= 1 and q["outside_ops"] == {}  # XNNPACK takes the float ops too
+    assert "quantization" not in card["pte"]
+    # accuracy of the files through the runtime: the fp32 .pte reproduces the labels it made
+    assert card["pte"]["val_top1_runtime"] == q["fp32_val_top1_runtime"] == 1.0
+    assert q["drop_points"] == pytest.approx(100 * (1.0 - q["val_top1_runtime"]), abs=1e-3)
+    assert q["flagged"] == (q["drop_points"] > 1.0) and q["calibration"] == {"split": "search", "images": 16}
+    quant = q["quantization"]
+    assert quant["policy"] == INT8_POLICY and quant["calibration_inputs"] == 16
     assert quant["int8_ops"]["conv2d"] > 0 and quant["int8_ops"]["linear"] > 0
-    # the policy: LayerNorm and the attention scores float, in the transformer block only
+    # the policy: LayerNorm and the attention scores float, in the transformer blocks only
     assert {"softmax", "bmm", "rsqrt"} <= set(quant["float_ops"])
     attention_blocks = [b for b, ops in quant["float_ops_by_block"].items() if "softmax" in ops]
-    assert len(attention_blocks) == TINY.smallest().stages[-1].depth  # one per transformer layer
+    assert len(attention_blocks) == TINY.smallest().stages[-1].depth
+    md = (folder / "card.md").read_text()
+    assert "## int8 (model.int8.pte)" in md and "softmax" in md
+
+
+def test_an_int8_drop_over_the_threshold_is_flagged_on_the_card_and_logged(caplog: pytest.LogCaptureFixture,
+                                                                           exported: dict[str, Any]) -> None:
+    from evit.card import render_markdown
+    from evit.export.int8 import accuracy_verdict
+
+    with caplog.at_level(logging.WARNING, logger="evit.export.int8"):
+        ok = accuracy_verdict(0.80, 0.795, 1.0, "evit-dev 1_5ms")
+        assert not caplog.records
+        bad = accuracy_verdict(0.80, 0.77, 1.0, "evit-dev 1_5ms")
+    assert (ok["flagged"], ok["drop_points"]) == (False, 0.5)
+    assert (bad["flagged"], bad["drop_points"]) == (True, 3.0)
+    assert "evit-dev 1_5ms" in caplog.text and "3.00 points below" in caplog.text
+    card = exported["card"]
+    md = render_markdown({**card, "pte_int8": {**card["pte_int8"], **bad}})
+    assert "FLAGGED: int8 loses 3.00 points" in md
+
+
+def test_fetch_by_precision(exported: dict[str, Any], mlflow_server: MlflowServer,  # noqa: F811
+                            tmp_path: Path) -> None:
+    from evit import registry
+    from evit.errors import RegistryError
+
+    params = registry_params(mlflow_server.url)
+    with pytest.raises(RegistryError, match="--precision int8 exists for --format pte only"):
+        registry.fetch_model(params, "whatever@champion", "onnx", tmp_path / "x", precision="int8")
+    reg = registry.register_export(params, exported["folder"])
+    card = exported["card"]
+    got = registry.fetch_model(params, f"{reg['name']}@champion", "pte", tmp_path / "int8", precision="int8")
+    assert sorted(Path(p).name for p in got["files"].values()) == ["card.json", "card.md", "model.int8.pte"]
+    assert sha256_file(tmp_path / "int8" / "model.int8.pte") == card["files"]["model.int8.pte"]
+    assert got["precision"] == "int8" and got["card"]["pte_int8"]["val_top1_runtime"] == card["pte_int8"]["val_top1_runtime"]
+    fp32 = registry.fetch_model(params, f"{reg['name']}@champion", "pte", tmp_path / "fp32")
+    assert "model.pte" in {Path(p).name for p in fp32["files"].values()}
 
 
 def test_no_calibration_input_is_an_error() -> None:
@@ -79,8 +144,7 @@ def test_policy_marks_layernorm_and_attention_ops_float() -> None:
     from evit.formats.quantize import keeps_float
 
     def node(stack: dict[str, tuple[str, str]]) -> Any:
-        g = torch.fx.Graph()
-        n = g.placeholder("x")
+        n = torch.fx.Graph().placeholder("x")
         n.meta["nn_module_stack"] = stack
         return n
 
@@ -89,4 +153,3 @@ def test_policy_marks_layernorm_and_attention_ops_float() -> None:
     assert not keeps_float(node({"b": ("4.attn", "evit.nn.static.Attention"),
                                  "c": ("4.attn.qkv", "torch.nn.modules.linear.Linear")}))
     assert not keeps_float(node({}))
-

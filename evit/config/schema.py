@@ -315,6 +315,25 @@ class ExportParams(Section):
     """Model files per exported subnet, each checked against eager PyTorch: onnx (always
     written), tflite (LiteRT fp32, via the converter venv made on first use), pte
     (ExecuTorch, XNNPACK-delegated)."""
+    quantize: list[Literal["fp32", "int8"]] = ["fp32"]
+    """Precisions of the mobile files: fp32 always; int8 adds `model.int8.pte` (PT2E static
+    quantization, evit.formats.quantize) beside `model.pte`, with the val top-1 of both
+    files measured through the ExecuTorch runtime on the card. int8 needs pte in formats."""
+    int8_calibration_images: PosInt = 64
+    """Images of the search split (seeded subset) that set the int8 activation scales."""
+    int8_max_drop_points: Annotated[float, Field(ge=0)] = 1.0
+    """An int8 file whose runtime val top-1 is more than this many points (percent) below
+    the fp32 file's is flagged on the card and in the log (still exported)."""
+
+    @model_validator(mode="after")
+    def _int8_needs_pte(self) -> ExportParams:
+        if "fp32" not in self.quantize:
+            raise ValueError(f"quantize {self.quantize}: fp32 is always exported (the int8 file is checked "
+                             "against it); accepted: [fp32] or [fp32, int8]")
+        if "int8" in self.quantize and "pte" not in self.formats:
+            raise ValueError(f"quantize has int8 but formats {self.formats} has no pte: int8 exports are "
+                             "ExecuTorch programs; add pte to export.formats or drop int8")
+        return self
 
 
 # --- storage / tracking ----------------------------------------------------------------------

@@ -7,6 +7,8 @@ Per feasible budget in `<search_dir>/result.json`, under `<export_dir>/<budget-l
   model.safetensors) and `model.pte` (ExecuTorch, XNNPACK), as `export.formats` asks,
   each checked against PyTorch on a seeded input (max abs diff on the card; the export
   fails above the tolerance; the .pte's delegate partitions are on the card too);
+- `model.int8.pte` when `export.quantize` has int8 (evit.export.int8): the val top-1 of
+  the int8 and the fp32 .pte through the ExecuTorch runtime, and the drop, on the card;
 - `arch.json` + `model.safetensors`: the architecture and the static subnet's
   state_dict, enough to rebuild it with `evit.nn.static.load_static` (no pickles);
 - `card.json` + `card.md`: the model card (evit.card), with the sha256 of the
@@ -36,6 +38,7 @@ from evit.arch import Arch
 from evit.card import CARD_VERSION, data_facts, file_hashes, render_markdown
 from evit.config import Params
 from evit.export.checks import ExportError, check_onnx, check_pte, check_tflite
+from evit.export.int8 import Int8Inputs, calibration_images, export_int8_pte, runtime_top1
 from evit.formats import bundle
 from evit.formats.onnx import export_onnx
 from evit.formats.pte import export_pte
@@ -59,11 +62,13 @@ def export_subnet(
     opset: int,
     formats: Sequence[str] = ("onnx",),
     converter: Any = None,
+    int8: Int8Inputs | None = None,
 ) -> dict[str, Any]:
     """Write model.onnx, arch.json, model.safetensors, card.json, card.md into `folder` (atomic).
 
     Plus model.tflite / model.pte when `formats` names them (`converter`: a running
-    `evit.formats.tflite.LiteRTConverter` to reuse; else one is started for this call).
+    `evit.formats.tflite.LiteRTConverter` to reuse; else one is started for this call), and
+    model.int8.pte when `int8` is given (needs pte in `formats`).
     `card` is completed with the file hashes and the format checks; the final card is returned.
     """
     static = static.to("cpu").eval()
@@ -74,7 +79,13 @@ def export_subnet(
         state = bundle.static_state(static)
         bundle.write_weights(tmp, state, arch, __version__)
         mobile = _export_mobile(static, arch, tmp, card["space"], formats, converter)
-        names = bundle.MODEL_FILES + tuple(bundle.MOBILE_FILES[fmt] for fmt in mobile)
+        if int8 is not None:
+            if "pte" not in mobile:
+                raise ExportError("an int8 export needs the fp32 .pte beside it: add pte to export.formats")
+            fp32_fields, mobile["pte_int8"] = export_int8_pte(static, arch.resolution, tmp, int8,
+                                                               f"{card['name']} {card['budget']['label']}")
+            mobile["pte"].update(fp32_fields)
+        names = bundle.MODEL_FILES + bundle.mobile_files_in(tmp)
         full = {**card, "files": file_hashes(tmp, names), "weights_sha256": bundle.weights_digest(state),
                 "onnx": {**card.get("onnx", {}), "max_abs_diff_vs_torch": diff}, **mobile}
         write_json_atomic(tmp / bundle.CARD, full)
@@ -236,10 +247,20 @@ def _export_entry(params: Params, device: str, entry: dict[str, Any], supernet: 
                       opset=params.export.onnx_opset)
     folder = out_root / entry["label"]
     full = export_subnet(static, arch, folder, card=card, opset=params.export.onnx_opset, formats=formats,
-                         converter=converter)
+                         converter=converter, int8=_int8_inputs(params, static, arch, data))
     log.info("exported %s %s -> %s (val top-1 %.4f, %.3f ms measured)", device, entry["label"], folder,
              val, entry["measured_latency_ms"])
     return [{"label": entry["label"], "folder": str(folder), "card": full}]
+
+
+def _int8_inputs(params: Params, static: Any, arch: Arch, data: Any) -> Int8Inputs | None:
+    """What the int8 export of one subnet needs (None unless `export.quantize` has int8)."""
+    ep, sp = params.export, params.search
+    if "int8" not in ep.quantize:
+        return None
+    return Int8Inputs(calibration=calibration_images(data, arch.resolution, ep.int8_calibration_images, sp.seed),
+                      top1=runtime_top1(static, data, arch.resolution, sp.eval_batch_size),
+                      max_drop_points=ep.int8_max_drop_points)
 
 
 def export_device(params: Params, device: str, *, register: bool | None = None,
@@ -313,6 +334,15 @@ def _register_and_report(params: Params, device: str, exported: list[dict[str, A
             "exported": [e["folder"] for e in exported], "registered": registered, "metrics": metrics}
 
 
+def _int8_metrics(card: dict[str, Any]) -> dict[str, Any]:
+    """The runtime val top-1 of the fp32 and int8 .pte and the drop (points), when int8 was exported."""
+    q = card.get("pte_int8")
+    if q is None:
+        return {}
+    return {"pte_fp32_val_top1": q["fp32_val_top1_runtime"], "pte_int8_val_top1": q["val_top1_runtime"],
+            "pte_int8_drop_points": q["drop_points"]}
+
+
 def export_metrics(exported: list[dict[str, Any]], registered: list[dict[str, Any]]) -> dict[str, Any]:
     """metrics/export-<device>.json: the export checks and the registered version per budget
     (accuracy and latency are the search's, in metrics/search-<device>.json; the rest is on
@@ -322,7 +352,8 @@ def export_metrics(exported: list[dict[str, Any]], registered: list[dict[str, An
         "budgets": {e["label"]: {"onnx_max_abs_diff": e["card"]["onnx"]["max_abs_diff_vs_torch"],
                                  "onnx_bytes": (Path(e["folder"]) / "model.onnx").stat().st_size,
                                  **{f"{fmt}_max_abs_diff": e["card"][fmt]["max_abs_diff_vs_torch"]
-                                    for fmt in ("tflite", "pte") if fmt in e["card"]}}
+                                    for fmt in ("tflite", "pte") if fmt in e["card"]},
+                                 **_int8_metrics(e["card"])}
                     for e in exported},
         "registered": {r["label"]: {"version": r["version"]} for r in registered},
     }

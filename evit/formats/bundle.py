@@ -4,7 +4,7 @@ An exported subnet is a folder (`exports/<device>/<budget>/`) that stands on its
 - `arch.json` + `model.safetensors`: the architecture and the static subnet's state_dict,
   enough to rebuild the module with the space recorded on the card (no pickles);
 - `model.onnx`, and the mobile formats that `export.formats` asked for (`model.tflite`,
-  `model.pte`);
+  `model.pte`), plus `model.int8.pte` when `export.quantize` has int8;
 - `card.json` + `card.md`: the model card, with the sha256 of every model file.
 The export stage writes it, the registry uploads it file by file and fetch downloads it,
 the LiteRT converter (in its own environment) and `evit fetch --format torchscript`
@@ -29,6 +29,14 @@ CARD = "card.json"
 CARD_MD = "card.md"
 MOBILE_FILES = {"tflite": "model.tflite", "pte": "model.pte"}
 """Mobile formats (export.formats) -> their file, present when the export made them."""
+INT8_FILES = {"pte": "model.int8.pte"}
+"""Mobile formats with an int8 file (export.quantize: [fp32, int8]) -> that file, beside the fp32 one."""
+PRECISIONS = ("fp32", "int8")
+
+
+def mobile_file(fmt: str, precision: str = "fp32") -> str | None:
+    """The bundle's file of a mobile format at a precision; None when no such file exists."""
+    return (INT8_FILES if precision == "int8" else MOBILE_FILES).get(fmt)
 MODEL_FILES = (ONNX, ARCH, WEIGHTS)
 """The files a card vouches for in every bundle (the card itself is hashed by whoever stores it)."""
 CORE_FILES = (*MODEL_FILES, CARD, CARD_MD)
@@ -38,7 +46,13 @@ WEIGHTS_FORMAT = "evit-static-subnet"
 
 def files_in(folder: Path) -> tuple[str, ...]:
     """The files of the bundle in `folder`: the core ones plus the mobile formats present."""
-    return CORE_FILES + tuple(f for f in MOBILE_FILES.values() if (Path(folder) / f).is_file())
+    mobile = (*MOBILE_FILES.values(), *INT8_FILES.values())
+    return CORE_FILES + tuple(f for f in mobile if (Path(folder) / f).is_file())
+
+
+def mobile_files_in(folder: Path) -> tuple[str, ...]:
+    """The mobile files (fp32 and int8) present in `folder`."""
+    return files_in(folder)[len(CORE_FILES):]
 
 
 def write_arch(folder: Path, arch: Arch) -> Path:

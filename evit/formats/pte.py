@@ -149,6 +149,19 @@ def load_program(path: str | os.PathLike[str]) -> Any:
     return Runtime.get().load_program(str(path))
 
 
+class PteRunner:
+    """A program's `forward`, loaded once, run over batches one sample at a time (evit's
+    programs are traced at batch 1): how a whole split is scored through the runtime."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
+        set_threads(threads)
+        self._program = load_program(path)
+        self._method = self._program.load_method("forward")  # runs in the program's memory: keep both
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._method.execute([xi.contiguous()])[0].clone() for xi in x.split(1)])
+
+
 def run_pte(path: str | os.PathLike[str], x: torch.Tensor, threads: int = 1) -> torch.Tensor:
     """One inference of the program's `forward` on `x`."""
     set_threads(threads)

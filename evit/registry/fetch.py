@@ -1,7 +1,8 @@
 """Fetching a registered subnet: download, verify against the hashes recorded, write one format.
 
-`fetch_model` (`evit fetch NAME@ALIAS|NAME/VERSION --format onnx|torchscript|pytorch|tflite|pte`)
-downloads a version's files, checks every file against the sha256 tags recorded at
+`fetch_model` (`evit fetch NAME@ALIAS|NAME/VERSION --format onnx|torchscript|pytorch|tflite|pte
+[--precision fp32|int8]`) downloads a version's files (the int8 .pte is a file of the same
+version, registered and verified like the others), checks every file against the sha256 tags recorded at
 registration (a corrupt or tampered artifact store is an error, not a silent success),
 writes the requested format and returns the card.
 """
@@ -93,6 +94,30 @@ def verify_files(folder: Path, tags: dict[str, str], where: str) -> dict[str, st
     return expected
 
 
+def check_precision(fmt: str, precision: str) -> None:
+    """Refuse a format / precision pair no export makes, before any download."""
+    if precision not in bundle.PRECISIONS:
+        raise RegistryError(f"--precision {precision!r} is not supported; accepted: {', '.join(bundle.PRECISIONS)}")
+    if precision == "int8" and bundle.mobile_file(fmt, "int8") is None:
+        raise RegistryError(f"--precision int8 exists for --format {', '.join(bundle.INT8_FILES)} only "
+                            f"(got --format {fmt})")
+
+
+def _write_int8(fmt: str, src: Path, out: Path) -> dict[str, str]:
+    """The int8 file of `fmt` (plus the card) into `out`; returns name -> path."""
+    name = bundle.INT8_FILES[fmt]
+    if not (src / name).is_file():
+        raise RegistryError(f"this model version has no {name} (it was exported without int8 in export.quantize); "
+                            f"fetch --precision fp32, or export again with export.quantize: [fp32, int8]")
+    files = {}
+    for f in (bundle.CARD, bundle.CARD_MD, name):
+        tmp = out / f".{f}.tmp"
+        shutil.copyfile(src / f, tmp)
+        os.replace(tmp, out / f)
+        files[f] = str(out / f)
+    return files
+
+
 def _write_format(fmt: str, src: Path, model_dir: Path, out: Path) -> dict[str, str]:
     """Write the requested format into `out`; returns role -> path."""
     files: dict[str, str] = {}
@@ -139,12 +164,15 @@ def _write_format(fmt: str, src: Path, model_dir: Path, out: Path) -> dict[str, 
     return files
 
 
-def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Download `ref`, verify it against its recorded hashes, write `fmt` into `out`, return the card."""
+def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str],
+                precision: str = "fp32") -> dict[str, Any]:
+    """Download `ref`, verify it against its recorded hashes, write `fmt` (at `precision`) into
+    `out`, return the card."""
     import mlflow
 
     if fmt not in FORMATS:
         raise RegistryError(f"--format {fmt!r} is not supported; accepted: {', '.join(FORMATS)}")
+    check_precision(fmt, precision)
     check_output_dir(out, "--out folder", error=RegistryError)  # before any download
     model_ref = parse_ref(ref)
     uri = registry_uri(params)
@@ -170,13 +198,14 @@ def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str])
                 if got != mv.tags[PT2_TAG]:
                     raise RegistryError(f"{where}: data/model.pt2 has sha256 {got} but {mv.tags[PT2_TAG]} was "
                                         "recorded at registration; the stored artifact is corrupt or was modified")
-            files = _write_format(fmt, extra, model_dir, out)
+            files = (_write_int8(fmt, extra, out) if precision == "int8"
+                     else _write_format(fmt, extra, model_dir, out))
     aliases = sorted(getattr(mv, "aliases", []) or [])
     summary = {"model": mv.name, "version": str(mv.version), "aliases": aliases, "format": fmt,
-               "out": str(out), "files": files, "card": card}
+               "precision": precision, "out": str(out), "files": files, "card": card}
     write_text_atomic(out / "fetch.json", json.dumps({k: v for k, v in summary.items() if k != "card"},
                                                      indent=2, sort_keys=True) + "\n")
-    log.info("fetched %s (%s) into %s, files verified", where, fmt, out)
+    log.info("fetched %s (%s, %s) into %s, files verified", where, fmt, precision, out)
     return summary
 
 
