@@ -125,7 +125,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         yield Team(root, mlflow, prefect, ca, keys, procs)
     finally:
         for proc in procs:
-            stop_process_group(proc)
+            stop_process_group(proc, timeout=5)  # SIGKILL after 5 s: nothing to save here
 
 
 def _status(url: str, method: str = "GET", headers: dict[str, str] | None = None, ca: Path | None = None) -> int:
