@@ -49,22 +49,31 @@ START, END = "<!-- finetune:start -->", "<!-- finetune:end -->"
 
 @dataclass
 class Job:
+    """A folder's chain of `evit` commands; each finished command leaves a marker, so a re-run
+    (another `--search-*` setting, a killed bench) repeats only what is missing."""
+
     name: str
     folder: Path
-    commands: list[list[str]]
+    commands: dict[str, list[str]]
+    """marker name -> `evit` arguments; the marker name carries the settings it depends on."""
     after: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
+    def marker(self, step: str) -> Path:
+        return self.folder / f"done-{step}"
+
     @property
     def done(self) -> bool:
-        return (self.folder / "done").is_file()
+        return all(self.marker(step).is_file() for step in self.commands)
 
     def start(self) -> None:
-        script = " && ".join(shlex.join([sys.executable, "-m", "evit.cli", *c, "--params", "params.yaml"])
-                             for c in self.commands) + " && touch done"
+        steps = [f"{shlex.join([sys.executable, '-m', 'evit.cli', *args, '--params', 'params.yaml'])}"
+                 f" && touch {shlex.quote(self.marker(step).name)}"
+                 for step, args in self.commands.items() if not self.marker(step).is_file()]
         env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         fh = open(self.folder / "run.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(["bash", "-c", script], cwd=self.folder, env=env, stdout=fh, stderr=fh)
+        self.proc = subprocess.Popen(["bash", "-c", " && ".join(steps)], cwd=self.folder, env=env, stdout=fh,
+                                     stderr=fh)
 
 
 def _params(base: dict, folder: Path, **sections: dict) -> None:
@@ -85,10 +94,11 @@ def plan(args: argparse.Namespace, work: Path) -> list[Job]:
     pre, flowers = work / "pretrain", work / "flowers"
     _params(base, pre, data={"source": str(args.pretrain_data.resolve()), "out_dir": "data/prepared"},
             train={"epochs": args.pretrain_epochs, "seed": 0})
-    jobs.append(Job("pretrain", pre, [["prepare"], ["train"]]))
+    jobs.append(Job("pretrain", pre, {"prepare": ["prepare"], "train": ["train"]}))
     _params(base, flowers, data={"source": str(args.data.resolve()), "out_dir": "data/prepared"})
-    jobs.append(Job("flowers", flowers, [["prepare"], ["lut", "--device", args.device]]))
+    jobs.append(Job("flowers", flowers, {"prepare": ["prepare"], "lut": ["lut", "--device", args.device]}))
     init = str(pre / "models" / "supernet.pt")
+    search = {"population": args.search_population, "generations": args.search_generations}
     for seed in args.seeds:
         for variant in VARIANTS:
             folder = work / f"{variant}-seed{seed}"
@@ -98,9 +108,11 @@ def plan(args: argparse.Namespace, work: Path) -> list[Job]:
             if variant == "init-recipe":
                 train.update(RECIPE)
             _params(base, folder, data={"source": str(args.data.resolve()), "out_dir": str(flowers / "data/prepared")},
-                    train=train, search={"seed": seed})
+                    train=train, search=search | {"seed": seed})
             after = ["flowers"] if variant == "scratch" else ["flowers", "pretrain"]
-            jobs.append(Job(f"{variant}-seed{seed}", folder, [["train"], ["search", "--device", args.device]], after))
+            steps = {"train": ["train"], f"search-p{args.search_population}-g{args.search_generations}":
+                     ["search", "--device", args.device]}
+            jobs.append(Job(f"{variant}-seed{seed}", folder, steps, after))
     return jobs
 
 
@@ -147,7 +159,7 @@ def evaluate(args: argparse.Namespace, work: Path) -> dict:
     for variant in VARIANTS:
         for seed in args.seeds:
             folder = work / f"{variant}-seed{seed}"
-            cached = folder / "eval.json"
+            cached = folder / f"eval-p{args.search_population}-g{args.search_generations}.json"
             if cached.is_file():
                 rows[variant][seed] = json.loads(cached.read_text())
                 continue
@@ -165,6 +177,7 @@ def evaluate(args: argparse.Namespace, work: Path) -> dict:
             rows[variant][seed] = row
     pre = json.loads((work / "pretrain" / "metrics" / "train.json").read_text())
     return {"epochs": args.epochs, "pretrain_epochs": args.pretrain_epochs, "seeds": args.seeds,
+            "search_population": args.search_population, "search_generations": args.search_generations,
             "device": args.device, "budget_ms": args.budget_ms, "pretrain_top1_mean": pre.get("top1_mean"),
             "pretrain_seconds": pre.get("train_seconds"), "pretrain_data": str(args.pretrain_data), "runs": rows}
 
@@ -214,7 +227,8 @@ def section(report: dict) -> str:
         f"Each variant then trains {report['epochs']} epochs on flowers32 with the same seeds; `init` variants get a "
         "new 5-class head. Columns: `val` top-1 mean ± std over seeds; per FLOPs level the ablation's subnets "
         "(min + 3 fixed draws, BN recalibrated), averaged over levels; the subnet `evit search` picks for "
-        f"{report['device']} under {report['budget_ms']:g} ms (photos profile's search, its LUT shared by every run); "
+        f"{report['device']} under {report['budget_ms']:g} ms (population {report['search_population']}, "
+        f"{report['search_generations']} generations; one LUT shared by every run); "
         "gains paired by seed, in points.", "",
         table(report), "", "; ".join(signs) + ".", ""])
 
@@ -241,6 +255,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="cpu-1t")
     ap.add_argument("--budget-ms", type=float, default=4.0)
+    ap.add_argument("--search-population", type=int, default=16,
+                    help="the search's first generation (photos profile: 32; every run gets the same)")
+    ap.add_argument("--search-generations", type=int, default=2, help="(photos profile: 4)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="page to splice the table into (e.g. docs/results.md)")
     args = ap.parse_args()
