@@ -153,3 +153,45 @@ def test_policy_marks_layernorm_and_attention_ops_float() -> None:
     assert not keeps_float(node({"b": ("4.attn", "evit.nn.static.Attention"),
                                  "c": ("4.attn.qkv", "torch.nn.modules.linear.Linear")}))
     assert not keeps_float(node({}))
+
+
+# --- int8 latency device ----------------------------------------------------------------------
+
+def test_int8_executorch_device_times_quantized_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two blocks of a subnet (the first conv and a transformer layer) lowered int8 into one
+    file, cached apart from the fp32 files, and timed."""
+    import functools
+
+    from evit.blocks import arch_blocks
+    from evit.config import DeviceParams
+    from evit.latency.devices import Item, get_device
+    from evit.nn.static import block_input_shape, build_block
+
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    blocks = arch_blocks(TINY.smallest(), TINY)
+    pick = [blocks[0], next(b for b in blocks if b.kind == "attn")]
+
+    def items() -> list[Item]:
+        return [Item(functools.partial(build_block, b), block_input_shape(b), key=b.key) for b in pick]
+
+    settings = {"name": "et8", "kind": "executorch", "threads": 1, "warmup": 1, "repeats": 3, "rounds": 1,
+                "convert_jobs": 1}
+    dev = get_device(DeviceParams(**settings, precision="int8"))
+    fp32 = get_device(DeviceParams(**settings))
+    try:
+        assert dev._plan_files(items())[0].path != fp32._plan_files(items())[0].path  # never the fp32 file
+        ms = dev.measure_many(items())
+        assert dev.files_made == 1 and all(m.n == 3 and m.median_ms > 0 for m in ms)
+        d = dev.describe()
+        assert d["precision"] == "int8" and "seeded standard-normal" in d["int8_calibration"]
+        assert fp32.describe()["precision"] == "fp32" and "int8_calibration" not in fp32.describe()
+    finally:
+        dev.close()
+        fp32.close()
+
+
+def test_int8_precision_is_for_executorch_devices() -> None:
+    from evit.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match="precision 'int8' is timed by kind 'executorch' only"):
+        parse_params({"devices": [{"name": "c", "kind": "torch-cpu", "precision": "int8"}]}, "bad.yaml")

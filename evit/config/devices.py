@@ -68,6 +68,10 @@ class DeviceParams(Section):
     benchmark_model; pte for ExecuTorch's executor_runner)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Half precisions are for kind=cuda only (CPU runtimes time float32)."""
+    precision: Literal["fp32", "int8"] = "fp32"
+    """kind=executorch: int8 times blocks and subnets quantized by the export's own int8
+    function (evit.formats.quantize: PT2E static, XNNPACK quantizer), what
+    `export.quantize: [fp32, int8]` ships as model.int8.pte."""
     runtime: Literal["eager", "torchscript"] = "eager"
     """torch-cpu / cuda: time the eager module or its traced+frozen TorchScript."""
     command: str | None = None
@@ -133,6 +137,9 @@ class DeviceParams(Section):
         if self.gpu and self.kind not in ("litert", "command"):
             raise ValueError(f"device '{self.name}': gpu applies to kinds 'litert' and 'command' (phones); "
                              f"kind {self.kind!r} accepts only gpu: false")
+        if self.precision != "fp32" and self.kind != "executorch":
+            raise ValueError(f"device '{self.name}': precision {self.precision!r} is timed by kind 'executorch' "
+                             f"only; kind {self.kind!r} accepts only 'fp32'")
         if self.format != "onnx" and self.kind != "command":
             raise ValueError(f"device '{self.name}': format {self.format!r} applies to kind 'command' only")
         if self.runtime != "eager" and self.kind not in ("torch-cpu", "cuda"):

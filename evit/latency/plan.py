@@ -66,6 +66,8 @@ def fingerprint(dp: DeviceParams, device: Device, space: SearchSpace, plan: Plan
     settings = dp.model_dump(mode="json")
     for k in ("name", "budgets_ms", "validate_subnets", "command_timeout_s", "convert_jobs"):
         settings.pop(k, None)
+    if settings.get("precision") == "fp32":  # the default: fp32 tables built before `precision` existed still match
+        settings.pop("precision")
     desc = device.describe()
     host = {k: desc.get(k) for k in ("hostname", "cpu", "torch", "onnxruntime", "gpu", "cuda", "clock", "executorch",
                                      "ai-edge-litert") if k in desc or k not in ("executorch", "ai-edge-litert")}

@@ -167,9 +167,9 @@ class ConvertingDevice(Device):
         for i in range(n_files):
             group = keys[i * len(keys) // n_files:(i + 1) * len(keys) // n_files]
             contents = sorted(group)
-            digest = hashlib.sha256(json.dumps({"kind": self.params.kind, "code": self._code, "contents": contents,
-                                                "runtime": [package_version(p) for p in self.runtime_packages]})
-                                    .encode()).hexdigest()[:24]
+            key = {"kind": self.params.kind, "code": self._code, "contents": contents,
+                   "runtime": [package_version(p) for p in self.runtime_packages], **self._file_variant()}
+            digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
             names = {c: f"m{j}" for j, c in enumerate(contents)}
             files.append(ConvertedFile(cache_dir() / f"{digest}{self.suffix}", names,
                                {names[c]: modules[c] for c in contents}))
@@ -220,6 +220,11 @@ class ConvertingDevice(Device):
 
     def _convert_parallel(self, files: Sequence[ConvertedFile], workers: int, t0: float) -> None:
         raise NotImplementedError
+
+    def _file_variant(self) -> dict[str, Any]:
+        """What else a converted file depends on (an int8 program: the precision and the quantize
+        code); empty for fp32, so fp32 files cached before precisions existed are still found."""
+        return {}
 
     def _wait(self, futures: dict[cf.Future[Any], ConvertedFile], total: int, t0: float) -> None:
         """Wait for every conversion, logging each; stop on a cancel request or the first failure."""

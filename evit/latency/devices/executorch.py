@@ -1,10 +1,21 @@
 """Kind `executorch`: ExecuTorch with the XNNPACK delegate, in process (what a phone's
-`executor_runner` links), on programs lowered in spawned worker processes."""
+`executor_runner` links), on programs lowered in spawned worker processes.
+
+`precision: int8` lowers every block and subnet through the export's int8 function
+(`evit.formats.quantize.quantize_int8`), so the table times the int8 kernels the shipped
+`model.int8.pte` runs. The activation scales come from `INT8_CALIBRATION` seeded
+standard-normal inputs of each module's own shape, not from images: a block deep in a
+subnet never sees images, and the time of XNNPACK's int8 kernels depends on the shapes
+and on which ops are quantized (the float policy, a property of the graph), not on the
+values of the scales and zero points, so random calibration does not bias the timing
+(it would bias accuracy, which is why the export calibrates on the search split).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import hashlib
 import multiprocessing
 import time
 from collections.abc import Iterator, Sequence
@@ -21,12 +32,23 @@ from evit.latency.devices.base import Item, Prepared
 from evit.latency.devices.converting import ConvertedFile, ConvertingDevice, Modules, build_module
 
 
-def _lower_pte_file(modules: Modules, path: str) -> float:
+INT8_CALIBRATION = 4
+"""Seeded random calibration inputs per module of an int8 table (see the module docstring)."""
+
+
+def lower_modules(modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: str | Path, int8: bool) -> None:
+    """Lower built modules (name -> (module, input shape)) into one .pte, in int8 when asked."""
+    calib = ({n: [seeded_input((INT8_CALIBRATION, *shape[1:]), seed=1)] for n, (_m, shape) in modules.items()}
+             if int8 else None)
+    export_pte_methods({n: (m, seeded_input(shape)) for n, (m, shape) in modules.items()}, path,
+                       int8_calibration=calib)
+
+
+def _lower_pte_file(modules: Modules, path: str, int8: bool = False) -> float:
     """Worker process: build the modules and lower them into one .pte (returns CPU seconds)."""
     torch.set_num_threads(1)
     t = time.process_time()
-    built = {n: build_module(m, shape) for n, (m, shape) in modules.items()}
-    export_pte_methods({n: (m, seeded_input(shape)) for n, (m, shape) in built.items()}, path)
+    lower_modules({n: build_module(m, shape) for n, (m, shape) in modules.items()}, path, int8)
     return time.process_time() - t
 
 
@@ -46,9 +68,29 @@ class ExecuTorchDevice(ConvertingDevice):
         set_threads(self.params.threads)
         super()._prepare_batch(items)
 
+    @property
+    def int8(self) -> bool:
+        return self.params.precision == "int8"
+
     def close(self) -> None:
         super().close()
         self._programs.clear()
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["precision"] = self.params.precision
+        if self.int8:
+            d["int8_calibration"] = (f"{INT8_CALIBRATION} seeded standard-normal inputs per module (int8 kernel time "
+                                     "depends on shapes and the float policy, not on the scales)")
+        return d
+
+    def _file_variant(self) -> dict[str, Any]:
+        if not self.int8:
+            return {}
+        import evit.formats.quantize
+
+        return {"precision": "int8",
+                "quantize": hashlib.sha256(Path(str(evit.formats.quantize.__file__)).read_bytes()).hexdigest()[:16]}
 
     def check_available(self) -> None:
         try:
@@ -68,13 +110,14 @@ class ExecuTorchDevice(ConvertingDevice):
             yield
 
     def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
-        export_pte_methods({n: (m, seeded_input(shape)) for n, (m, shape) in modules.items()}, path)
+        lower_modules(modules, path, self.int8)
 
     def _convert_parallel(self, files: Sequence[ConvertedFile], workers: int, t0: float) -> None:
         # spawned, not forked: this process has torch's and the ExecuTorch runtime's threads
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             try:
-                self._wait({pool.submit(_lower_pte_file, f.modules, str(f.path)): f for f in files}, len(files), t0)
+                self._wait({pool.submit(_lower_pte_file, f.modules, str(f.path), self.int8): f for f in files},
+                           len(files), t0)
             except BaseException:
                 for proc in list(getattr(pool, "_processes", {}).values()):  # do not wait for running lowerings
                     proc.terminate()
