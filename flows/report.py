@@ -57,7 +57,8 @@ def subnet_rows(params: Params, devices: Sequence[str],
         if not result_path.is_file():
             continue
         export_metrics = paths.export_metrics_path(device)
-        registered = dict(read_json(export_metrics).get("registered", {})) if export_metrics.is_file() else {}
+        exported = read_json(export_metrics) if export_metrics.is_file() else {}
+        registered = dict(exported.get("registered", {}))
         registered.update({r["label"]: r for r in (restored or {}).get(device, [])})
         model = params.export.model_name.format(device=device)
         for b in read_json(result_path).get("budgets", []):
@@ -69,23 +70,35 @@ def subnet_rows(params: Params, devices: Sequence[str],
             rows.append({"device": device, "budget": label, "feasible": True, "val_top1": b.get("val_top1"),
                          "predicted_ms": b.get("predicted_latency_ms"), "measured_ms": b.get("measured_latency_ms"),
                          "fetch": f"{model}/{reg['version']}" if reg else None,
-                         "aliases": sorted(reg.get("aliases", [])) if reg else []})
+                         "aliases": sorted(reg.get("aliases", [])) if reg else [],
+                         "int8": _int8_cell(exported.get("budgets", {}).get(label, {}))})
     return rows
+
+
+def _int8_cell(budget_metrics: dict[str, Any]) -> str | None:
+    """`int8 0.912 / fp32 0.921 (-0.9 pts)`: the two .pte files' val top-1 through the runtime
+    (export.quantize int8); None when no int8 file was exported."""
+    if "pte_int8_val_top1" not in budget_metrics:
+        return None
+    return (f"int8 {budget_metrics['pte_int8_val_top1']:.4f} / fp32 {budget_metrics['pte_fp32_val_top1']:.4f} "
+            f"(-{budget_metrics['pte_int8_drop_points']:.1f} pts)")
 
 
 def subnets_table(rows: Sequence[dict[str, Any]]) -> str:
     """`subnet_rows` as the plain-text table `evit pipeline` ends with."""
     if not rows:
         return "no subnets chosen yet (run the search and export stages)"
-    head = ("device", "budget", "val top-1", "predicted ms", "measured ms", "fetch with")
+    int8 = any(r.get("int8") for r in rows)  # a column only when some subnet has an int8 .pte
+    head = ("device", "budget", "val top-1", "predicted ms", "measured ms", "fetch with") + (
+        ("ExecuTorch val top-1",) if int8 else ())
     body = []
     for r in rows:
         if not r["feasible"]:
-            body.append((r["device"], r["budget"], "infeasible", "", "", ""))
+            body.append((r["device"], r["budget"], "infeasible", "", "", "") + (("",) if int8 else ()))
             continue
         fetch = f"evit fetch {r['fetch']}" if r["fetch"] else "(not registered)"
         body.append((r["device"], r["budget"], f"{r['val_top1']:.4f}", f"{r['predicted_ms']:.3f}",
-                     f"{r['measured_ms']:.3f}", fetch))
+                     f"{r['measured_ms']:.3f}", fetch) + ((r.get("int8") or "-",) if int8 else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
                      for line in (head, tuple("-" * w for w in widths), *body))

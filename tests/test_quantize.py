@@ -195,3 +195,14 @@ def test_int8_precision_is_for_executorch_devices() -> None:
 
     with pytest.raises(ConfigError, match="precision 'int8' is timed by kind 'executorch' only"):
         parse_params({"devices": [{"name": "c", "kind": "torch-cpu", "precision": "int8"}]}, "bad.yaml")
+
+
+def test_final_table_shows_both_files_accuracy_when_int8_was_exported() -> None:
+    from flows.report import subnets_table
+
+    row = {"device": "et-1t", "budget": "0_4ms", "feasible": True, "val_top1": 0.9452, "predicted_ms": 0.38,
+           "measured_ms": 0.37, "fetch": "evit-et-1t/2", "aliases": []}
+    assert "ExecuTorch" not in subnets_table([row])
+    cell = "int8 0.9300 / fp32 0.9450 (-1.5 pts)"
+    lines = subnets_table([{**row, "int8": cell}, {"device": "x", "budget": "1ms", "feasible": False}]).splitlines()
+    assert lines[0].rstrip().endswith("ExecuTorch val top-1") and lines[2].endswith(cell)
