@@ -117,7 +117,16 @@ def _int8_section(card: dict[str, Any]) -> list[str]:
             f"{q['fp32_val_top1_runtime']:.4f}; {flag}",
             f"- calibration: {q['calibration']['images']} images of the {q['calibration']['split']} split",
             f"- policy: {quant.get('policy', 'n/a')}",
-            f"- ops left float: {floats or 'none'}", ""]
+            f"- ops left float: {floats or 'none'}",
+            *_ranking_line(card.get("int8_ranking")), ""]
+
+
+def _ranking_line(ranking: dict[str, Any] | None) -> list[str]:
+    if not ranking:
+        return []
+    rho = "undefined" if ranking["spearman"] is None else f"{ranking['spearman']:+.2f}"
+    return [f"- float vs int8 ranking of the budget's top {ranking['candidates']} search candidates (val top-1, "
+            f"int8 through ExecuTorch): Spearman {rho}, same best: {ranking['same_best']}"]
 
 
 def _classes_section(card: dict[str, Any]) -> list[str]:

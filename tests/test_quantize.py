@@ -206,3 +206,23 @@ def test_final_table_shows_both_files_accuracy_when_int8_was_exported() -> None:
     cell = "int8 0.9300 / fp32 0.9450 (-1.5 pts)"
     lines = subnets_table([{**row, "int8": cell}, {"device": "x", "budget": "1ms", "feasible": False}]).splitlines()
     assert lines[0].rstrip().endswith("ExecuTorch val top-1") and lines[2].endswith(cell)
+
+
+def test_int8_ranking_picks_the_budgets_best_candidates_and_compares_rankings() -> None:
+    from evit.export.int8 import final_candidates, rank_agreement
+
+    pop = [{"key": f"a{i}", "top1": t, "latency_ms": ms, "flops_m": 1.0, "budgets": b}
+           for i, (t, ms, b) in enumerate([(0.90, 0.3, ["0_4ms"]), (0.95, 0.5, ["0_4ms"]),  # over budget
+                                           (0.80, 0.2, ["0_4ms"]), (0.85, 0.35, ["0_4ms", "1ms"]),
+                                           (0.99, 0.1, ["1ms"])])]  # another budget's candidate
+    got = final_candidates(pop, {"label": "0_4ms", "kind": "latency", "value": 0.4}, 3)
+    assert [r["key"] for r in got] == ["a0", "a3", "a2"]
+
+    def rows(f: list[float], q: list[float]) -> list[dict[str, float]]:
+        return [{"float_val_top1": a, "int8_val_top1": b} for a, b in zip(f, q, strict=True)]
+
+    same = rank_agreement(rows([0.9, 0.8, 0.7], [0.89, 0.75, 0.74]))
+    assert same["spearman"] == 1.0 and same["same_best"] is True and same["candidates"] == 3
+    swapped = rank_agreement(rows([0.9, 0.8, 0.7], [0.70, 0.85, 0.72]))
+    assert swapped["spearman"] == -0.5 and swapped["same_best"] is False
+    assert rank_agreement(rows([0.9, 0.8], [0.9, 0.8]))["spearman"] is None  # too few to rank

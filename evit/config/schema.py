@@ -325,6 +325,11 @@ class ExportParams(Section):
     """An int8 file whose runtime val top-1 is more than this many points (percent) below
     the fp32 file's is flagged on the card and in the log (still exported)."""
 
+    int8_rank_candidates: NonNegInt = 0
+    """Per budget, the top k subnets the search evaluated are also scored as int8 .pte files
+    through the runtime: the Spearman correlation of the float and the int8 ranking goes on
+    the card (`int8_ranking`). 0: off. Each candidate is one int8 lowering (~1 min on the cpu space)."""
+
     @model_validator(mode="after")
     def _int8_needs_pte(self) -> ExportParams:
         if "fp32" not in self.quantize:
@@ -333,6 +338,9 @@ class ExportParams(Section):
         if "int8" in self.quantize and "pte" not in self.formats:
             raise ValueError(f"quantize has int8 but formats {self.formats} has no pte: int8 exports are "
                              "ExecuTorch programs; add pte to export.formats or drop int8")
+        if self.int8_rank_candidates and "int8" not in self.quantize:
+            raise ValueError(f"int8_rank_candidates {self.int8_rank_candidates} needs int8 in quantize "
+                             f"(got {self.quantize}); set quantize: [fp32, int8] or int8_rank_candidates: 0")
         return self
 
 

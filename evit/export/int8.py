@@ -106,3 +106,61 @@ def export_int8_pte(static: Any, resolution: int, folder: Path, inputs: Int8Inpu
                "max_abs_diff_vs_fp32": diff, "lower_seconds": round(lower_seconds, 1),
                **accuracy_verdict(fp32_top1, int8_top1, inputs.max_drop_points, where)}
     return {"val_top1_runtime": fp32_top1}, section
+
+
+# --- does int8 keep the search's ranking? ----------------------------------------------------
+
+def final_candidates(population: list[dict[str, Any]], budget: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    """The `k` best subnets (search top-1) the search evaluated for `budget` that fit it:
+    the candidates the search chose among (rows of population.json)."""
+    label, kind, value = budget["label"], budget["kind"], float(budget["value"])
+
+    def fits(row: dict[str, Any]) -> bool:
+        if kind == "latency":
+            return float(row["latency_ms"]) <= value
+        return kind != "flops" or float(row["flops_m"]) <= value
+
+    rows = [r for r in population if label in r.get("budgets", []) and fits(r)]
+    return sorted(rows, key=lambda r: (-float(r["top1"]), r["key"]))[:k]
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (ties averaged); None when it is undefined (under 3 values,
+    or one side constant: every candidate scored the same)."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return round(float(spearmanr(a, b).statistic), 4)
+
+
+def rank_agreement(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the float and the int8 ranking of the candidates agree. `rows`: per candidate
+    `float_val_top1` (the float subnet, BN-calibrated, as the search scores it) and
+    `int8_val_top1` (its int8 .pte through the runtime)."""
+    f = [r["float_val_top1"] for r in rows]
+    q = [r["int8_val_top1"] for r in rows]
+    best = (max(range(len(rows)), key=lambda i: f[i]) == max(range(len(rows)), key=lambda i: q[i])) if rows else None
+    return {"candidates": len(rows), "spearman": spearman(f, q), "same_best": best, "rows": rows}
+
+
+def score_candidates(candidates: list[dict[str, Any]], static_of: Callable[[dict[str, Any]], Any],
+                     float_top1: Callable[[Any, int], float], calibration_of: Callable[[int], torch.Tensor],
+                     top1_of: Callable[[Any, int], Callable[[Path], float]], workdir: Path) -> dict[str, Any]:
+    """Score each candidate in float and as an int8 .pte through the runtime; `rank_agreement`.
+
+    `static_of(row)`: the calibrated static subnet; `float_top1(static, resolution)`: its val
+    top-1 in float; `calibration_of(resolution)`: int8 calibration images;
+    `top1_of(static, resolution)`: val top-1 of a .pte file through the runtime."""
+    rows = []
+    for i, row in enumerate(candidates):
+        static = static_of(row)
+        r = int(row["arch"]["resolution"])
+        path = workdir / f"candidate-{i}.pte"
+        export_pte(static, torch.zeros(1, 3, r, r), path, int8_calibration=[calibration_of(r)])
+        rows.append({"key": row["key"], "search_top1": float(row["top1"]), "float_val_top1": float_top1(static, r),
+                     "int8_val_top1": top1_of(static, r)(path)})
+        path.unlink()
+        log.info("int8 ranking: candidate %d/%d %s: float %.4f, int8 %.4f", i + 1, len(candidates), row["key"],
+                 rows[-1]["float_val_top1"], rows[-1]["int8_val_top1"])
+    return rank_agreement(rows)

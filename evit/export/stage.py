@@ -38,14 +38,21 @@ from evit.arch import Arch
 from evit.card import CARD_VERSION, data_facts, file_hashes, render_markdown
 from evit.config import Params
 from evit.export.checks import ExportError, check_onnx, check_pte, check_tflite
-from evit.export.int8 import Int8Inputs, calibration_images, export_int8_pte, runtime_top1
+from evit.export.int8 import (
+    Int8Inputs,
+    calibration_images,
+    export_int8_pte,
+    final_candidates,
+    runtime_top1,
+    score_candidates,
+)
 from evit.formats import bundle
 from evit.formats.onnx import export_onnx
 from evit.formats.pte import export_pte
 from evit.formats.tflite import LiteRTConverter
 from evit.host import describe_host, git_commit
 from evit.io import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
-from evit.search.stage import RESULT_FILE
+from evit.search.stage import POPULATION_FILE, RESULT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -245,12 +252,39 @@ def _export_entry(params: Params, device: str, entry: dict[str, Any], supernet: 
     card = build_card(name=name, arch=arch, space_dict=supernet.space.to_dict(), budget=entry["budget"],
                       entry=entry, device=device_info, provenance=provenance, classes=list(data.classes),
                       opset=params.export.onnx_opset)
+    if params.export.int8_rank_candidates:
+        card["int8_ranking"] = _int8_ranking(params, device, entry, supernet, data)
     folder = out_root / entry["label"]
     full = export_subnet(static, arch, folder, card=card, opset=params.export.onnx_opset, formats=formats,
                          converter=converter, int8=_int8_inputs(params, static, arch, data))
     log.info("exported %s %s -> %s (val top-1 %.4f, %.3f ms measured)", device, entry["label"], folder,
              val, entry["measured_latency_ms"])
     return [{"label": entry["label"], "folder": str(folder), "card": full}]
+
+
+def _int8_ranking(params: Params, device: str, entry: dict[str, Any], supernet: Any, data: Any) -> dict[str, Any]:
+    """Float vs int8 (through the runtime) val top-1 of the budget's best search candidates, and
+    how their rankings agree (`export.int8_rank_candidates`)."""
+    import tempfile
+
+    from evit.evaluate import calibrated_static, split_top1
+
+    sp, ep = params.search, params.export
+    population = read_json(paths.search_dir(params, device) / POPULATION_FILE)["subnets"]
+    candidates = final_candidates(population, entry["budget"], ep.int8_rank_candidates)
+    with tempfile.TemporaryDirectory(prefix="evit-int8-rank-") as tmp:
+        out = score_candidates(
+            candidates,
+            static_of=lambda row: calibrated_static(supernet, Arch.from_dict(row["arch"]), data,
+                                                    bn_batches=sp.bn_calib_batches, batch_size=sp.eval_batch_size,
+                                                    seed=sp.seed).to("cpu").eval(),
+            float_top1=lambda static, r: split_top1(static, data, "val", r, sp.eval_batch_size),
+            calibration_of=lambda r: calibration_images(data, r, ep.int8_calibration_images, sp.seed),
+            top1_of=lambda static, r: runtime_top1(static, data, r, sp.eval_batch_size),
+            workdir=Path(tmp))
+    log.info("%s %s: float vs int8 ranking of %d candidates: Spearman %s, same best: %s", device, entry["label"],
+             out["candidates"], out["spearman"], out["same_best"])
+    return out
 
 
 def _int8_inputs(params: Params, static: Any, arch: Arch, data: Any) -> Int8Inputs | None:
@@ -339,8 +373,10 @@ def _int8_metrics(card: dict[str, Any]) -> dict[str, Any]:
     q = card.get("pte_int8")
     if q is None:
         return {}
+    ranking = card.get("int8_ranking") or {}
     return {"pte_fp32_val_top1": q["fp32_val_top1_runtime"], "pte_int8_val_top1": q["val_top1_runtime"],
-            "pte_int8_drop_points": q["drop_points"]}
+            "pte_int8_drop_points": q["drop_points"],
+            **({"int8_rank_spearman": ranking["spearman"]} if ranking.get("spearman") is not None else {})}
 
 
 def export_metrics(exported: list[dict[str, Any]], registered: list[dict[str, Any]]) -> dict[str, Any]:
