@@ -18,6 +18,10 @@ The float policy (`INT8_POLICY`), the same for every block of every space:
   scale / bias that feed softmax alone would only add quantize / dequantize pairs (the
   loss Q-HyViT, arXiv 2303.12557, measures for naive PTQ of hybrid ViTs). The qkv and
   projection linears and the depthwise conv on V stay int8.
+The policy is `policy_quantizer`, generic over the quantizer class, so litert-torch's
+PT2EQuantizer can take it inside the converter venv (evit itself never imports
+litert-torch); the LiteRT int8 export is not wired yet (a first conversion of a tiny
+subnet gave int8 model inputs/outputs and was not fully delegated: docs/mobile.md, "int8").
 `quantization_report` reads the converted graph back and says, per block, which compute
 ops run int8 and which stayed float (anything the quantizer refused lands there too), so
 the card lists the outcome, not only the intent.
@@ -80,36 +84,48 @@ def _shares_with(node: torch.fx.Node, removed: set[torch.fx.Node]) -> bool:
     return False
 
 
-def _quantizer() -> Any:
+def policy_quantizer(base: type, config: Any) -> Any:
+    """A PT2E quantizer of class `base` (global `config`) with the float policy applied.
+
+    The policy is applied after the quantizer's own annotation: strip the annotations of
+    nodes the policy keeps float, then of every node that shares a scale with a stripped one
+    (the quantizers' `propagate_annotation` hands scales on to data-movement ops without
+    consulting any filter: it quantized a LayerNorm's first mean). Generic over the base so
+    litert-torch's PT2EQuantizer can take the same policy inside the converter venv."""
+
+    class PolicyQuantizer(base):  # type: ignore[misc,valid-type]
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            removed = {n for n in model.graph.nodes if keeps_float(n) and n.meta.pop(_ANNOTATION, None)}
+            while removed:
+                removed = {n for n in model.graph.nodes if _shares_with(n, removed) and n.meta.pop(_ANNOTATION)}
+            return model
+
+    return PolicyQuantizer().set_global(config)
+
+
+def xnnpack_quantizer() -> Any:
+    """ExecuTorch's XNNPACKQuantizer with the policy: symmetric per-channel int8 weights,
+    static per-tensor int8 activations."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
 
-    class PolicyQuantizer(XNNPACKQuantizer):
-        """The XNNPACK quantizer with the float policy applied after its own annotation too:
-        its `propagate_annotation` step hands the scale of a quantized op on to the
-        data-movement ops after it (reshape, mean, ...) without consulting the filter, which
-        would quantize a LayerNorm's first mean."""
-
-        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            model = super().annotate(model)
-            removed = {n for n in model.graph.nodes if keeps_float(n) and n.meta.pop(_ANNOTATION, None)}
-            while removed:  # and the annotations that share a scale with a removed one
-                removed = {n for n in model.graph.nodes if _shares_with(n, removed) and n.meta.pop(_ANNOTATION)}
-            return model
-
-    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
-    return PolicyQuantizer().set_global(config).set_filter_function(lambda n: not keeps_float(n))
+    return policy_quantizer(XNNPACKQuantizer, get_symmetric_quantization_config(is_per_channel=True,
+                                                                                 is_dynamic=False))
 
 
-def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor]) -> torch.fx.GraphModule:
+def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor],
+                  quantizer: Any = None, *, fold_quantize: bool = True) -> torch.fx.GraphModule:
     """The eval-mode `module` quantized by PT2E (XNNPACK quantizer, policy above).
 
     `example` fixes the traced input shape (batch 1 in evit's exports); `calibration` are
     input batches whose activation ranges set the scales (the traced graph is specialised
     to the example's batch, so each batch is fed in slices of that size).
-    Raises ValueError when no calibration input is given (the scales would be undefined).
+    `quantizer`: default `xnnpack_quantizer()` (litert-torch's flow passes its own
+    `policy_quantizer(PT2EQuantizer, ...)` and `fold_quantize=False`). Raises ValueError
+    when no calibration input is given (the scales would be undefined).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -122,11 +138,11 @@ def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterabl
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.export.export(module, (example,)).module()
-            prepared = prepare_pt2e(traced, _quantizer())
+            prepared = prepare_pt2e(traced, quantizer or xnnpack_quantizer())
             for batch in batches:
                 for x in batch.split(example.shape[0]):
                     prepared(x)
-            return convert_pt2e(prepared)
+            return convert_pt2e(prepared, fold_quantize=fold_quantize)
     finally:
         module.train(was)
 
