@@ -66,17 +66,6 @@ def _code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def _code_digest() -> str:
-    """The module definitions a converted file was made from (a change invalidates the cache)."""
-    import evit.nn.common
-    import evit.nn.static
-
-    h = hashlib.sha256()
-    for mod in (evit.nn.static, evit.nn.common):
-        h.update(Path(str(mod.__file__)).read_bytes())
-    return h.hexdigest()[:16]
-
-
 Modules = dict[str, tuple[nn.Module | Callable[[], nn.Module], tuple[int, ...]]]
 """What one file holds: signature / method name -> (module or its factory, input shape)."""
 
