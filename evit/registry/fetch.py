@@ -103,23 +103,8 @@ def check_precision(fmt: str, precision: str) -> None:
                             f"(got --format {fmt})")
 
 
-def _write_int8(fmt: str, src: Path, out: Path) -> dict[str, str]:
-    """The int8 file of `fmt` (plus the card) into `out`; returns name -> path."""
-    name = bundle.INT8_FILES[fmt]
-    if not (src / name).is_file():
-        raise RegistryError(f"this model version has no {name} (it was exported without int8 in export.quantize); "
-                            f"fetch --precision fp32, or export again with export.quantize: [fp32, int8]")
-    files = {}
-    for f in (bundle.CARD, bundle.CARD_MD, name):
-        tmp = out / f".{f}.tmp"
-        shutil.copyfile(src / f, tmp)
-        os.replace(tmp, out / f)
-        files[f] = str(out / f)
-    return files
-
-
-def _write_format(fmt: str, src: Path, model_dir: Path, out: Path) -> dict[str, str]:
-    """Write the requested format into `out`; returns role -> path."""
+def _write_format(fmt: str, src: Path, model_dir: Path, out: Path, precision: str = "fp32") -> dict[str, str]:
+    """Write the requested format (at `precision`) into `out`; returns role -> path."""
     files: dict[str, str] = {}
 
     def copy(name: str, base: Path = src) -> None:
@@ -129,6 +114,15 @@ def _write_format(fmt: str, src: Path, model_dir: Path, out: Path) -> dict[str, 
         os.replace(tmp, target)
         files[name] = str(target)
 
+    if precision == "int8":  # check_precision let only formats with an int8 file through
+        name = bundle.INT8_FILES[fmt]
+        if not (src / name).is_file():
+            raise RegistryError(f"this model version has no {name} (it was exported without int8 in "
+                                "export.quantize); fetch --precision fp32, or export again with "
+                                "export.quantize: [fp32, int8]")
+        for f in (bundle.CARD, bundle.CARD_MD, name):
+            copy(f)
+        return files
     if fmt in bundle.MOBILE_FILES and not (src / bundle.MOBILE_FILES[fmt]).is_file():
         raise RegistryError(f"this model version has no {bundle.MOBILE_FILES[fmt]} (it was exported without "
                             f"'{fmt}' in export.formats); accepted here: onnx, torchscript, pytorch"
@@ -198,8 +192,7 @@ def fetch_model(params: Params, ref: str, fmt: str, out: str | os.PathLike[str],
                 if got != mv.tags[PT2_TAG]:
                     raise RegistryError(f"{where}: data/model.pt2 has sha256 {got} but {mv.tags[PT2_TAG]} was "
                                         "recorded at registration; the stored artifact is corrupt or was modified")
-            files = (_write_int8(fmt, extra, out) if precision == "int8"
-                     else _write_format(fmt, extra, model_dir, out))
+            files = _write_format(fmt, extra, model_dir, out, precision)
     aliases = sorted(getattr(mv, "aliases", []) or [])
     summary = {"model": mv.name, "version": str(mv.version), "aliases": aliases, "format": fmt,
                "precision": precision, "out": str(out), "files": files, "card": card}
