@@ -160,6 +160,24 @@ def test_converter_env_failure_is_one_clear_error(tmp_path: Path, monkeypatch: p
         ensure_env()
 
 
+def test_converter_venv_shares_identical_files_by_hard_links(tmp_path: Path) -> None:
+    from evit.formats.litert_env import share_identical_files
+
+    site = "lib/python3.11/site-packages/pkg"
+    for venv, tail in (("main", b"same"), ("conv", b"same")):
+        (tmp_path / venv / site).mkdir(parents=True)
+        (tmp_path / venv / site / "big.so").write_bytes(b"x" * 4096 + tail)
+        (tmp_path / venv / site / "differs.so").write_bytes(b"y" * 4096 + venv.encode())
+        (tmp_path / venv / site / "small.py").write_bytes(b"z")
+    saved = share_identical_files(tmp_path / "conv", tmp_path / "main", min_bytes=1024)
+    conv, main = tmp_path / "conv" / site, tmp_path / "main" / site
+    assert saved == 4100
+    assert (conv / "big.so").stat().st_ino == (main / "big.so").stat().st_ino
+    assert (conv / "differs.so").read_bytes().endswith(b"conv")  # different content: its own copy
+    assert (conv / "small.py").stat().st_ino != (main / "small.py").stat().st_ino  # under min_bytes
+    assert share_identical_files(tmp_path / "conv", tmp_path / "main", min_bytes=1024) == 0  # idempotent
+
+
 # --- LiteRT (slow: the converter venv) --------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,10 @@ Where: `EVIT_LITERT_VENV` or `<repo>/.venv-litert`; the lock: `EVIT_LITERT_LOCK`
 `<repo>/requirements-litert.lock`. A marker file records the lock's sha256, so a changed
 lock rebuilds the venv, and a half-built venv (no marker) is rebuilt rather than used.
 Creation is guarded by a file lock (parallel stages wait for one build). Cost here:
-~1.5 min and ~6.6 GB (torch with its CUDA libraries, jax) from the local wheel cache.
+~1.5 min and ~6.6 GB (torch with its CUDA libraries, jax) from the local wheel cache, of
+which ~5.3 GB (torch, triton, the nvidia libraries: the same wheels as the main venv's) are
+then hard-linked to the main venv's identical files (`share_identical_files`): two full
+copies once filled a CI machine's disk.
 """
 
 from __future__ import annotations
@@ -101,6 +104,49 @@ def ensure_env(*, timeout_s: float = 1800.0) -> Path:
                     f"exited {proc.returncode}); is a package index or wheel cache with the pinned versions "
                     f"reachable? Create it by hand: python -m venv {venv} && {venv}/bin/pip install --no-deps "
                     f"-r {lock}\n{_tail(proc.stderr or proc.stdout)}")
+        saved = share_identical_files(venv, Path(sys.prefix))
         (venv / MARKER).write_text(_lock_digest(lock) + "\n")
-        log.warning("LiteRT converter environment ready in %.0f s", time.monotonic() - t0)
+        log.warning("LiteRT converter environment ready in %.0f s (%.1f GB shared with %s by hard links)",
+                    time.monotonic() - t0, saved / 1e9, sys.prefix)
     return venv_python(venv)
+
+
+def _site_packages(venv: Path) -> Path | None:
+    found = sorted(venv.glob("lib/python3*/site-packages"))
+    return found[0] if found else None
+
+
+def share_identical_files(venv: Path, other: Path, *, min_bytes: int = 1 << 20) -> int:
+    """Hard-link the converter venv's large files to byte-identical ones of another venv.
+
+    Both venvs install the same torch/triton/nvidia wheels (several GB); pip never writes a
+    file in place (upgrades unlink and recreate), so a shared inode cannot change under
+    either venv. Only files at the same path under site-packages, of the same size and
+    content, are linked; another filesystem (or a venv without site-packages) shares nothing.
+    Returns the bytes saved.
+    """
+    import filecmp
+
+    mine, theirs = _site_packages(venv), _site_packages(other)
+    if mine is None or theirs is None or mine.resolve() == theirs.resolve():
+        return 0
+    saved = 0
+    for path in mine.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        size = path.stat().st_size
+        twin = theirs / path.relative_to(mine)
+        if size < min_bytes or not twin.is_file() or twin.is_symlink():
+            continue
+        if twin.stat().st_size != size or path.stat().st_ino == twin.stat().st_ino:
+            continue
+        if not filecmp.cmp(path, twin, shallow=False):
+            continue
+        tmp = path.with_name(path.name + ".evit-link")
+        try:
+            os.link(twin, tmp)
+        except OSError:  # another filesystem, or links not allowed: keep the copies
+            return saved
+        os.replace(tmp, path)
+        saved += size
+    return saved
