@@ -308,3 +308,38 @@ def test_a_new_server_gets_the_exported_versions_again(mlflow_server: MlflowServ
         assert registry.restore_registrations(team, "dev") == []
     finally:
         stop_server(other)
+
+
+@pytest.mark.slow
+def test_a_reexport_with_int8_adds_the_file_to_the_same_version(tmp_path: Path) -> None:
+    """First exported fp32 only, then again (same model) with an int8 file: the existing
+    version gets the file and the new card, hashed and verified; fetch --precision int8 works.
+    (The registry does not read the file: a stand-in for model.int8.pte keeps this cheap.)"""
+    from evit.config import parse_params
+    from evit.io import write_json_atomic
+
+    params = parse_params({"export": {"model_name": "evit-{device}"},
+                           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    folder, _ = make_export(tmp_path / "exp", seed=8, val_top1=0.5, device="cpu-1t")
+    first = registry.register_export(params, folder)
+    with pytest.raises(RegistryError, match="has no model.int8.pte"):
+        registry.fetch_model(params, "evit-cpu-1t@champion", "pte", tmp_path / "none", precision="int8")
+
+    int8 = bundle.INT8_FILES["pte"]
+    (folder / int8).write_bytes(b"int8 program stand-in")
+    card = read_json(folder / "card.json")
+    card["files"][int8] = sha256_file(folder / int8)
+    write_json_atomic(folder / "card.json", card)
+    again = registry.register_export(params, folder)
+    assert (again["version"], again["created"]) == (first["version"], False)
+    assert again["added"] == sorted(["card.json", int8])
+    mv = MlflowClient(params.tracking.uri).get_model_version("evit-cpu-1t", first["version"])
+    assert mv.tags[f"evit.sha256.{int8}"] == sha256_file(folder / int8)
+    assert mv.tags["evit.sha256.card.json"] == sha256_file(folder / "card.json")
+
+    got = registry.fetch_model(params, "evit-cpu-1t@champion", "pte", tmp_path / "int8", precision="int8")
+    assert (tmp_path / "int8" / int8).read_bytes() == b"int8 program stand-in"
+    assert int8 in got["card"]["files"]
+    assert registry.register_export(params, folder)["added"] == []  # nothing new: nothing uploaded
+    onnx = registry.fetch_model(params, "evit-cpu-1t/1", "onnx", tmp_path / "onnx")  # the rest still verifies
+    assert sha256_file(onnx["files"]["model.onnx"]) == sha256_file(folder / "model.onnx")

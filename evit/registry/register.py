@@ -8,7 +8,9 @@ Registration (`register_export`, called by the export stage per budget folder):
   deployable files of the bundle (`evit.formats.bundle`) as extra files.
 - Every fact of the model card is a version tag (`evit.registry.tags`). Registering the
   same model again (a re-run, or the same subnet winning two budgets) finds its content
-  hash tag and creates no new version.
+  hash tag and creates no new version; files the export has and that version lacks (an
+  int8 file from a later `export.quantize: [fp32, int8]`) are added to it, hashed and tagged
+  like the others (`_add_new_files`).
 - Aliases: `<budget-label>` points at the most accurate version registered for that
   budget; `champion` points at the most accurate version of the device across all its
   budgets (what to deploy when any budget is acceptable). "Most accurate" is val top-1
@@ -26,6 +28,7 @@ from the exported files, what a new or wiped registry lacks.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ from evit.io import read_json, sha256_file
 from evit.registry.connection import error_code, http_policy, mlflow_client, retrying
 from evit.registry.tags import (
     CHAMPION,
+    FILE_TAG_PREFIX,
     HASH_TAG,
     PT2_TAG,
     RUN_HASH_TAG,
@@ -200,6 +204,43 @@ def _logged_pt2_sha256(client: Any, model_id: str) -> str:
         return sha256_file(path)
 
 
+def _logged_model_id(source: str | None) -> str | None:
+    """The logged model a version was created from, read from its source `models:/<model_id>`
+    (a sqlite registry does not return the version's `model_id`)."""
+    m = re.fullmatch(r"models:/(m-[0-9a-f]+)", source or "")
+    return m[1] if m else None
+
+
+def _add_new_files(client: Any, name: str, mv: Any, folder: Path, tags: dict[str, str]) -> list[str]:
+    """Bring an already registered version up to an export of the same model that has files
+    the version lacks (e.g. `model.int8.pte` from a re-export with `export.quantize: [fp32,
+    int8]`); returns the names uploaded, [] when the version already has every file.
+
+    Only a file the version lacks triggers an update; then every file of the folder whose
+    sha256 differs from the version's tag is uploaded into the logged model's `extra_files/`
+    (the new files, and the card that now describes them), and only after all uploads are
+    the `evit.sha256.<file>` tags set, so a version never records a hash of a file it does
+    not hold (a fetch in between may see the new card before its tag: it refuses, as for
+    any mismatch). A failed upload is retried whole (re-uploading is idempotent). Files the
+    version has but the folder lacks stay (they are files of the same model)."""
+    have = {k[len(FILE_TAG_PREFIX):]: v for k, v in mv.tags.items() if k.startswith(FILE_TAG_PREFIX)}
+    want = {k[len(FILE_TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(FILE_TAG_PREFIX)}
+    if not set(want) - set(have):
+        return []
+    model_id = mv.model_id or _logged_model_id(mv.source)
+    if not model_id:
+        raise RegistryError(f"{name}/{mv.version} lacks {', '.join(sorted(set(want) - set(have)))} and has no "
+                            "logged model to add them to (registered by an older evit); register under a new "
+                            "export.model_name, or delete the version and export again")
+    changed = sorted(f for f, digest in want.items() if have.get(f) != digest)
+    for f in changed:
+        client.log_model_artifact(model_id, str(folder / f), artifact_path="extra_files")
+    for f in changed:
+        client.set_model_version_tag(name, mv.version, FILE_TAG_PREFIX + f, want[f])
+    log.info("%s version %s: added %s from %s", name, mv.version, ", ".join(changed), folder)
+    return changed
+
+
 def _register_once(client: Any, params: Params, name: str, folder: Path, card: dict[str, Any],
                    tags: dict[str, str], undo: _Undo, on_step: Callable[[str], None]) -> dict[str, Any]:
     import mlflow
@@ -212,10 +253,14 @@ def _register_once(client: Any, params: Params, name: str, folder: Path, card: d
         budgets = sorted(set(existing.tags.get("evit.budgets", "").split(",")) - {""} | {label})
         if ",".join(budgets) != existing.tags.get("evit.budgets"):
             client.set_model_version_tag(name, existing.version, "evit.budgets", ",".join(budgets))
+        added = _add_new_files(client, name, existing, folder, tags)
+        if added:
+            on_step("files-added")
         moved = _move_aliases(client, name, existing, alias, undo)
         on_step("reused")
-        log.info("%s: same model already registered as version %s; no new version", name, existing.version)
-        return {"version": str(existing.version), "created": False, "aliases": moved}
+        log.info("%s: same model already registered as version %s; no new version%s", name, existing.version,
+                 f" (added {', '.join(added)})" if added else "")
+        return {"version": str(existing.version), "created": False, "aliases": moved, "added": added}
 
     experiment_id = ensure_experiment(params)
     _clean_orphans(client, experiment_id, tags[HASH_TAG])
@@ -254,13 +299,14 @@ def _register_once(client: Any, params: Params, name: str, folder: Path, card: d
     moved = _move_aliases(client, name, mv, alias, undo)
     on_step("aliases")
     log.info("registered %s version %s (%s), aliases %s", name, mv.version, label, moved)
-    return {"version": str(mv.version), "created": True, "aliases": moved}
+    return {"version": str(mv.version), "created": True, "aliases": moved, "added": []}
 
 
 def register_export(params: Params, folder: Path, *, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Register one exported subnet folder (card.json + model files) as a model version.
 
-    Returns {"name", "label", "version", "created", "aliases"}. `on_step` is told each
+    Returns {"name", "label", "version", "created", "aliases", "added"} (`added`: files
+    uploaded to an existing version of the same model, e.g. an int8 file exported later). `on_step` is told each
     step as it completes (progress; tests use it to fail the registry at a given step).
     """
     folder = Path(folder)
