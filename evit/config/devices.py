@@ -48,6 +48,26 @@ THREAD_CLOCK_KINDS = tuple(k for k, t in KINDS.items() if t.thread_clock)
 """Kinds whose single-threaded runs execute on the calling thread (clock 'thread' applies)."""
 
 
+class DeviceLutParams(Section):
+    """How a new device's table is made quickly (issue 24): a device-time budget and a prior.
+
+    Both optional; without them a table is built as `lut_mode` says (the defaults).
+    """
+
+    device_minutes: Annotated[float, Field(gt=0)] | None = None
+    """Minutes of this device's time the table may take (timing only: lowering files is host
+    time). The planner picks carrier subnets (covering block kinds and sizes) and whole
+    validation subnets to fit, says what it will measure and how long it expects before it
+    starts, and predicts the blocks it did not measure (from `prior`, or a per-kind
+    regression). null = no budget (`lut_mode` decides)."""
+    prior: str | None = None
+    """Another declared device whose finished table (luts/<prior>.json, same space) this one
+    transfers from: its block costs mapped through a small per-kind model (scale, or a
+    size-dependent power law) fitted on this device's few in-context block measurements,
+    kept only where it predicts the validation subnets better held out than the table's
+    own regression. null = no transfer."""
+
+
 class DeviceParams(Section):
     """One latency target: how to run a subnet there and how to benchmark it.
 
@@ -116,6 +136,8 @@ class DeviceParams(Section):
     table is keyed on."""
     seed: int = 0
     """Seeds the validation (and sampled-mode) subnet draws."""
+    lut: DeviceLutParams = DeviceLutParams()
+    """A device-time budget and a prior device for a quick table (`DeviceLutParams`)."""
 
     @property
     def traits(self) -> KindTraits:
@@ -142,6 +164,9 @@ class DeviceParams(Section):
                              f"only; kind {self.kind!r} accepts only 'fp32'")
         if self.format != "onnx" and self.kind != "command":
             raise ValueError(f"device '{self.name}': format {self.format!r} applies to kind 'command' only")
+        if self.lut.prior == self.name:
+            raise ValueError(f"device '{self.name}': lut.prior names the device itself; accepted: another "
+                             "declared device whose table exists")
         if self.runtime != "eager" and self.kind not in ("torch-cpu", "cuda"):
             raise ValueError(f"device '{self.name}': runtime {self.runtime!r} applies to kinds 'torch-cpu' "
                              f"and 'cuda' only; kind {self.kind!r} accepts only 'eager'")

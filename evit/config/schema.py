@@ -354,6 +354,11 @@ class StorageParams(Section):
     region: str = "us-east-1"
     push: bool = False
     """Push every stage output to the remote at the end of each `evit pipeline` run (team setups)."""
+    share_models: bool = False
+    """Share the files latency tables of kinds litert / executorch convert (they depend on the
+    runtime, the code and the blocks, not on the device) under `<remote>/latency-models`, so
+    another device or machine fetches instead of converting (EVIT_MODEL_CACHE_REMOTE: another
+    folder or s3:// URL)."""
 
     @field_validator("remote")
     @classmethod
@@ -399,6 +404,14 @@ class Params(Section):
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"device names must be unique; repeated: {dups}")
+        for d in v:
+            if d.lut.prior is not None and d.lut.prior not in names:
+                import difflib
+
+                close = difflib.get_close_matches(d.lut.prior, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"device '{d.name}': lut.prior {d.lut.prior!r} is not a declared device{hint}; "
+                                 f"accepted: {sorted(set(names) - {d.name})}")
         return v
 
     def device(self, name: str) -> DeviceParams:

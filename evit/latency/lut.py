@@ -57,6 +57,12 @@ class PartialLUT:
         self.validation: dict[str, list[float]] = {}
         self.done: set[str] = set()
         self.measure_seconds = 0.0
+        self.device_seconds = 0.0
+        """Of `measure_seconds` (+ a budget's probe), the time the device spent timing
+        (preparation left out)."""
+        self.probe: dict[str, float] | None = None
+        """A budgeted build's timing probe (`evit.latency.plan.Probe`): kept, so a resumed or
+        re-budgeted build plans from the same estimates and re-times nothing it has."""
         self._dirty = 0
         self._last_flush = time.monotonic()
 
@@ -79,6 +85,8 @@ class PartialLUT:
         state.validation = {k: list(v) for k, v in data.get("validation", {}).items()}
         state.done = set(data.get("done", []))
         state.measure_seconds = float(data.get("measure_seconds", 0.0))
+        state.device_seconds = float(data.get("device_seconds", 0.0))
+        state.probe = data.get("probe")
         log.info("resuming %s: %d units of work done (%d blocks, %d validation subnets measured so far)", path,
                  len(state.done), len(state.samples), len(state.validation))
         return state
@@ -104,6 +112,8 @@ class PartialLUT:
             "samples": self.samples,
             "validation": self.validation,
             "measure_seconds": round(self.measure_seconds, 3),
+            "device_seconds": round(self.device_seconds, 3),
+            **({"probe": self.probe} if self.probe else {}),
         }, indent=None)
         self._dirty = 0
         self._last_flush = time.monotonic()

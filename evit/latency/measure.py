@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from evit.config import DeviceParams
 from evit.latency.devices import Device, Item, split_repeats, torch_threads
 from evit.latency.lut import PartialLUT
 from evit.latency.measurement import Measurement
-from evit.latency.plan import Plan
+from evit.latency.plan import Plan, Probe
 from evit.latency.report import choose_correction
 from evit.latency.timing import OUTLIER_TOLERANCE, REMEASURE_PASSES, LoadWatch, keep_lower, outliers
 from evit.nn.static import StaticSubnet, block_input_shape, build_block
@@ -134,10 +135,13 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
     device.prepare_ahead(ahead_groups(device, space, plan, archs))
     bar = _progress(total, len(state.done), f"lut@{device.name}", "unit", progress)
     t0, done_here, warned = time.monotonic(), 0, False
+    prep = device.prepare_seconds
 
     def finish(n: int, seconds: float) -> None:
-        nonlocal done_here, warned
+        nonlocal done_here, warned, prep
         state.measure_seconds += seconds
+        state.device_seconds += max(0.0, seconds - (device.prepare_seconds - prep))
+        prep = device.prepare_seconds
         state.maybe_flush()
         if watch is not None:
             watch.sample()
@@ -192,6 +196,44 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
         bar.close()
 
 
+def probe_device(device: Device, space: SearchSpace, archs: Sequence[Arch]) -> Probe:
+    """A short timing probe for the budget planner: the smallest and the largest of `archs`
+    end to end and (in-process kinds) the largest as a carrier chain, 2 samples each.
+
+    Mobile kinds convert the probe's files first (host time, not counted); the device time it
+    takes is `Probe.seconds`.
+    """
+    from evit.flops import flops_m
+
+    dp = device.params
+    batch = dp.batch_size
+    lo = min(archs, key=lambda a: flops_m(a, space))
+    hi = max(archs, key=lambda a: flops_m(a, space))
+    items = [subnet_item(lo, space, batch), subnet_item(hi, space, batch)]
+    null = overhead_item(device, space, Plan("budget", [], [hi]))
+    chain = carrier_chain(hi, space, batch) + ([null] if null else []) if device.in_process else []
+    device.prepare_ahead([items, *([chain] if chain else [])])
+    with quiet("evit.formats.onnx"), torch_threads(dp.threads):
+        p0, t0 = device.prepare_seconds, time.monotonic()
+        m_lo, m_hi = device.measure_many(items, repeats=2, warmup=1, rounds=1)
+        e2e_s = time.monotonic() - t0 - (device.prepare_seconds - p0)
+        chain_s = 0.0
+        factor = 1.0
+        if chain:
+            p0, t0 = device.prepare_seconds, time.monotonic()
+            device.measure_chains([chain], repeats=2, warmup=1, rounds=1)
+            chain_s = time.monotonic() - t0 - (device.prepare_seconds - p0)
+            factor = max(1.0, chain_s / 4 / max(m_hi.median_ms / 1e3, 1e-6))  # 1 warm-up + 1 untimed + 2 passes
+    f_lo, f_hi = flops_m(lo, space), flops_m(hi, space)
+    c1 = max(0.0, (m_hi.median_ms - m_lo.median_ms) / (f_hi - f_lo)) if f_hi > f_lo else 0.0
+    c0 = m_lo.median_ms - c1 * f_lo
+    # wall seconds per timed second (the thread clock leaves out time other processes held the core)
+    runs = sum((1 + 2 * max(1, math.ceil(0.5 / max(m.median_ms, 1e-6)))) * m.median_ms for m in (m_lo, m_hi))
+    wall = min(max(e2e_s / max(runs / 1e3, 1e-9), 1.0), 10.0) if device.in_process else 1.0
+    return Probe(c0_ms=c0 * wall, c1_ms=c1 * wall, chain_factor=factor / wall, call_s=max(e2e_s, 1e-3) / 2,
+                 seconds=max(0.0, e2e_s) + max(0.0, chain_s))
+
+
 def ahead_groups(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[Arch]) -> list[list[Item]]:
     """The items `measure_all` will time, grouped as its calls will need them (`Device.prepare_ahead`):
     the table (every block position of every carrier, or every block, + the overhead module),
@@ -233,7 +275,7 @@ class _Remeasured:
 def remeasure_outliers(dev: Device, dp: DeviceParams, space: SearchSpace, archs: Sequence[Arch], raw: np.ndarray,
                         kinds: np.ndarray, overhead: float, measured: np.ndarray, resolutions: np.ndarray, stat: str,
                         retable: Callable[[Sequence[Arch]], tuple[np.ndarray, np.ndarray, int]],
-                        ) -> tuple[Any, float, int, int, int]:
+                        passes: int = REMEASURE_PASSES) -> tuple[Any, float, int, int, int]:
     """Re-measure what the table and the validation disagree on (`evit.latency.timing`).
 
     A subnet measured slower than predicted may have run during a burst of other work: it is
@@ -253,7 +295,7 @@ def remeasure_outliers(dev: Device, dp: DeviceParams, space: SearchSpace, archs:
     remeasured = lowered = retimed = 0
     if not dev.in_process:  # an external runner's single invocation per subnet: nothing to pool
         return choice, first, 0, 0, 0
-    for _ in range(REMEASURE_PASSES):
+    for _ in range(passes):
         bad = outliers(choice.predicted, measured)
         if not bad:
             break

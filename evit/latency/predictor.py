@@ -23,8 +23,10 @@ table file records every form's held-out error so the choice can be checked.
 
 Sampled tables (`mode: sampled`) do not hold every block: missing blocks are predicted
 by a per-kind linear regression on FLOPs, activation size, params and attention-score
-count fitted on the measured ones (`BlockRegression`). A full table never guesses: a
-block it lacks is an error (the arch lies outside the table's space).
+count fitted on the measured ones (`BlockRegression`), or, when the table was built
+with a `lut.prior` device and that predicted its validation subnets better held out, by
+the prior's cost of the block mapped to this device (`Transfer`). A full table never
+guesses: a block it lacks is an error (the arch lies outside the table's space).
 
 `predict_many` is what search calls: per-stage sums are cached under the same key as
 `evit.flops`' per-stage cache (stage space, input side, input width, stage choices), so
@@ -188,17 +190,82 @@ class BlockRegression:
         return self.coef
 
 
+TRANSFER_FORMS = ("scale", "power")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A new device's block costs from a prior device's table (`lut.prior`, issue 24).
+
+    Per block kind, from the pairs (prior cost, this device's in-context cost) of the blocks
+    this device measured: form 'scale' cost = s * prior (one ratio per kind), form 'power'
+    cost = exp(a) * prior**b (the ratio changes with the block's size: small blocks carry
+    more fixed cost on one runtime than on another; LitePred's per-kind transfer). A kind
+    with too few pairs takes the ratio of all pairs. `prior_costs` are the prior's raw block
+    costs (every block of the space), kept in the table so it never needs the prior's file.
+    """
+
+    prior: str
+    form: str
+    coef: dict[str, list[float]]
+    prior_costs: dict[str, float]
+
+    @classmethod
+    def fit(cls, prior: str, prior_costs: dict[str, float], pairs: Sequence[tuple[str, float, float]],
+            form: str) -> Transfer:
+        """`pairs`: (kind, prior cost, this device's cost) of the blocks both measured."""
+        ok = [(k, x, y) for k, x, y in pairs if x > 0 and y > 0]
+        if not ok:
+            raise LUTError(f"transfer from '{prior}': no block both tables measured with a positive cost")
+
+        def ratio(sel: Sequence[tuple[str, float, float]]) -> float:
+            r = np.array([x / y for _, x, y in sel])
+            return float(np.sum(r) / np.sum(r ** 2))  # least squares on relative error
+
+        every = ratio(ok)
+        coef: dict[str, list[float]] = {}
+        for kind in KINDS:
+            sel = [p for p in ok if p[0] == kind]
+            s = ratio(sel) if len(sel) >= 2 else every
+            coef[kind] = [math.log(s), 1.0]
+            if form == "power" and len(sel) >= 6:
+                lx = np.log([x for _, x, _ in sel])
+                ly = np.log([y for _, _, y in sel])
+                if np.std(lx) > 0.1:
+                    (b, a), *_ = np.linalg.lstsq(np.stack([lx, np.ones_like(lx)], axis=1), ly, rcond=None)
+                    if 0.25 <= b <= 4.0:
+                        coef[kind] = [float(a), float(b)]
+        return cls(prior, form, coef, prior_costs)
+
+    def predict(self, b: Block) -> float | None:
+        x = self.prior_costs.get(b.key)
+        if x is None:
+            return None
+        a, p = self.coef[b.kind]
+        return math.exp(a) * max(x, 1e-9) ** p
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prior": self.prior, "form": self.form, "coef": self.coef, "prior_costs": self.prior_costs}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Transfer:
+        return cls(str(d["prior"]), str(d["form"]), {k: [float(x) for x in v] for k, v in d["coef"].items()},
+                   {k: float(v) for k, v in d["prior_costs"].items()})
+
+
 class LatencyPredictor:
     """Latency (ms) of subnets of `space` on one device, from that device's table."""
 
     def __init__(self, space: SearchSpace, entries_ms: dict[str, float], *, overhead_ms: float = 0.0,
                  correction: Correction | None = None, fallback: BlockRegression | None = None,
-                 device: str = "", source: str = "<memory>") -> None:
+                 device: str = "", source: str = "<memory>", transfer: Transfer | None = None) -> None:
         self.space = space
         self.entries_ms = entries_ms
         self.overhead_ms = overhead_ms
         self.correction = correction or Correction()
         self.fallback = fallback
+        self.transfer = transfer
+        """Blocks the table did not measure: a prior device's costs mapped to this device (before `fallback`)."""
         self.device = device
         self.source = source
         self._kind_scale = self.correction.kind_scale if self.correction.used else None
@@ -223,15 +290,19 @@ class LatencyPredictor:
         fallback = BlockRegression(lut["fallback"]) if lut.get("fallback") else None
         correction = Correction.from_dict(lut.get("correction")) if use_correction else Correction()
         device = lut.get("device", {}).get("name", "")
+        transfer = Transfer.from_dict(lut["transfer"]) if lut.get("transfer") else None
         return cls(space, entries, overhead_ms=float(lut.get("overhead_ms", 0.0)), correction=correction,
-                   fallback=fallback, device=device, source=source)
+                   fallback=fallback, device=device, source=source, transfer=transfer)
 
     # --- per block ----------------------------------------------------------------------
     def block_cost(self, b: Block) -> float:
         """The block's share of a subnet's latency (its entry minus the per-call overhead)."""
         ms = self.entries_ms.get(b.key)
+        mapped = self.transfer.predict(b) if ms is None and self.transfer is not None else None
         if ms is not None:
             cost = max(0.0, ms - self.overhead_ms)
+        elif mapped is not None:
+            cost = mapped
         elif self.fallback is not None:
             cost = self.fallback.predict(b)
         else:

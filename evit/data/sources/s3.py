@@ -177,3 +177,57 @@ class S3Source(Source):
 
     def close(self) -> None:
         self.client.close()
+
+
+class S3Files:
+    """Plain files under s3://bucket/prefix: list, fetch (atomically), put. What other stages
+    share through the bucket (the latency tables' converted files, `evit.latency.devices.shared`)
+    use this, so boto3 stays in this module."""
+
+    def __init__(self, url: str, storage: StorageParams) -> None:
+        self.uri = url
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.endpoint = resolve_endpoint(storage)
+        self.client = make_client(storage)
+
+    def _call(self, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except Exception as exc:
+            err = translate_error(exc, url=self.uri, endpoint=self.endpoint)
+            if err is None:
+                raise
+            raise err from None
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def names(self) -> list[str]:
+        """Every object name under the prefix (relative to it), sorted."""
+        base = self._key("")
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=base)))
+        return sorted(o["Key"][len(base):] for p in pages for o in p.get("Contents", []))
+
+    def get(self, rel: str, dest: str | os.PathLike[str]) -> bool:
+        """Download `rel` to `dest` (temp file + rename); False when there is no such object."""
+        from botocore.exceptions import ClientError
+
+        tmp = f"{os.fspath(dest)}.part-{os.getpid()}"
+        try:
+            self.client.download_file(self.bucket, self._key(rel), tmp)
+        except Exception as exc:  # noqa: BLE001 - botocore raises many unrelated types; translated below
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            code = str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
+            if code in {"NoSuchKey", "404"}:
+                return False
+            raise translate_error(exc, url=self.uri, endpoint=self.endpoint) or exc from None
+        os.replace(tmp, dest)
+        return True
+
+    def put(self, path: str | os.PathLike[str], rel: str) -> None:
+        self._call(self.client.upload_file, Filename=os.fspath(path), Bucket=self.bucket, Key=self._key(rel))
+
+    def close(self) -> None:
+        self.client.close()

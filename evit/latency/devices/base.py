@@ -133,6 +133,22 @@ class Device(abc.ABC):
         self._counter = 0
         self._files: OrderedDict[str, tuple[Path, int]] = OrderedDict()
         self._prepared_bytes: dict[str, int] = {}
+        self.prepare_seconds = 0.0
+        """Seconds spent making modules ready (exports, conversions, loading) inside measure
+        calls: host work, not device time (what a device-time budget counts leaves it out)."""
+        self._prep_depth = 0
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Count the enclosed time as preparation (`prepare_seconds`; nested uses count once)."""
+        self._prep_depth += 1
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._prep_depth -= 1
+            if self._prep_depth == 0:
+                self.prepare_seconds += time.monotonic() - t0
 
     @property
     def name(self) -> str:
@@ -158,6 +174,10 @@ class Device(abc.ABC):
         """Files converted / reused and the seconds spent converting, for kinds that convert
         (`converts_files`); None for the others."""
         return None
+
+    def share(self, store: Any) -> None:
+        """Fetch converted files from, and put new ones into, a shared store
+        (`evit.latency.devices.shared.SharedStore`). Nothing to share for kinds that convert nothing."""
 
     def isolate_conversions(self) -> None:
         """Convert in worker processes even one file at a time, keeping this process free (the
@@ -257,6 +277,10 @@ class Device(abc.ABC):
         if item.key is not None and item.key in self._prepared:
             self._prepared.move_to_end(item.key)
             return self._prepared[item.key]
+        with self.preparing():
+            return self._prepare_new(item)
+
+    def _prepare_new(self, item: Item) -> Prepared:
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="evit-lat-")
         self._counter += 1

@@ -21,6 +21,11 @@ or 25-120 s to lower (ExecuTorch) here, and the cost grows with the graph's size
 - files are cached by content hash under `EVIT_MODEL_CACHE` (default
   `.evit-cache/latency-models/`): the runtime's version, the evit static-module source,
   and every module's key and input shape; a resumed or repeated table build reuses them.
+  Each file has a manifest beside it (`<file>.json`: namespace + which module is which
+  name), so a build that groups modules differently (another device's plan) still finds
+  every module already converted, and `share` (`evit.latency.devices.shared`) shares the
+  cache through the DVC remote or an S3 bucket: a second device or machine fetches the
+  files and converts nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from torch import nn
 
 from evit import cancel
 from evit.host import package_version, usable_cpus
+from evit.io import write_json_atomic
 from evit.latency.devices.base import Device, Item, Prepared
 from evit.latency.measurement import Measurement
 
@@ -105,6 +111,17 @@ class ConvertingDevice(Device):
         """(file, name) -> instances loaded so far (each position of a block gets its own)."""
         self._isolate = False
         """Convert in worker processes even one file at a time (`isolate_conversions`)."""
+        self.files_fetched = 0
+        """Of `files_reused`, the files fetched from the shared store."""
+        self._store: Any = None
+        self._store_names: set[str] | None = None
+        self._modules: dict[str, tuple[Path, str]] | None = None
+        """content key -> (file, name) of every manifest in the local cache (and the store)."""
+
+    def share(self, store: Any) -> None:
+        self._store = store
+        self._store_names = None
+        self._modules = None
 
     def close(self) -> None:
         super().close()
@@ -112,7 +129,8 @@ class ConvertingDevice(Device):
 
     def conversion_stats(self) -> dict[str, Any]:
         return {"files_made": self.files_made, "files_reused": self.files_reused,
-                "seconds": round(self.convert_seconds, 1)}
+                "files_fetched": self.files_fetched, "seconds": round(self.convert_seconds, 1),
+                **({"shared": self._store.location} if self._store is not None else {})}
 
     def isolate_conversions(self) -> None:
         # keeps this process's GIL free: the pipeline converts beside training, in the same process
@@ -158,11 +176,75 @@ class ConvertingDevice(Device):
             contents = sorted(group)
             key = {"kind": self.params.kind, "code": self._code, "contents": contents,
                    "runtime": [package_version(p) for p in self.runtime_packages], **self._file_variant()}
+            # the namespace (`_namespace`) is this key without "contents"
             digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
             names = {c: f"m{j}" for j, c in enumerate(contents)}
             files.append(ConvertedFile(cache_dir() / f"{digest}{self.suffix}", names,
                                {names[c]: modules[c] for c in contents}))
         return files
+
+    def _namespace(self) -> dict[str, Any]:
+        """What a converted file depends on besides its modules (its manifest's namespace)."""
+        return {"kind": self.params.kind, "code": self._code,
+                "runtime": [package_version(p) for p in self.runtime_packages], **self._file_variant()}
+
+    def _remote_names(self) -> set[str]:
+        if self._store_names is None:
+            self._store_names = self._store.names() if self._store is not None else set()
+        return self._store_names
+
+    def _module_index(self) -> dict[str, tuple[Path, str]]:
+        """Every module some manifest of this namespace holds: local ones, and the store's
+        (their manifests fetched, small; the files themselves only when needed)."""
+        if self._modules is not None:
+            return self._modules
+        root = cache_dir()
+        if self._store is not None:
+            root.mkdir(parents=True, exist_ok=True)
+            local = {p.name for p in root.glob("*.json")} if root.is_dir() else set()
+            for name in sorted(self._remote_names()):
+                if name.endswith(f"{self.suffix}.json") and name not in local:
+                    self._store.get(name, root / name)
+        ns = self._namespace()
+        index: dict[str, tuple[Path, str]] = {}
+        for manifest in sorted(root.glob(f"*{self.suffix}.json")) if root.is_dir() else []:
+            try:
+                data = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("namespace") != ns:
+                continue
+            path = manifest.with_suffix("")
+            for content, name in data.get("names", {}).items():
+                index.setdefault(content, (path, name))
+        self._modules = index
+        return index
+
+    def _have(self, path: Path) -> bool:
+        """The file is in the local cache, or fetched now from the shared store."""
+        if path.is_file():
+            return True
+        if self._store is not None and path.name in self._remote_names():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if self._store.get(path.name, path):
+                self.files_fetched += 1
+                return True
+        return False
+
+    def _publish(self, f: ConvertedFile, *, made: bool) -> None:
+        """Write the file's manifest (if missing) and put both in the shared store (if not there)."""
+        manifest = f.path.with_name(f"{f.path.name}.json")
+        if not manifest.is_file():
+            write_json_atomic(manifest, {"namespace": self._namespace(), "names": f.names})
+        if self._modules is not None:
+            for c, name in f.names.items():
+                self._modules.setdefault(c, (f.path, name))
+        if self._store is not None:
+            remote = self._remote_names()
+            for p in (f.path, manifest):  # the file first: a manifest never names a file the store lacks
+                if made or p.name not in remote:
+                    self._store.put(p)
+                    remote.add(p.name)
 
     def prepare_ahead(self, groups: Sequence[Sequence[Item]]) -> None:
         """Convert every file the timing of `groups` will need, before any timing, in parallel.
@@ -173,19 +255,33 @@ class ConvertingDevice(Device):
         """
         files: list[ConvertedFile] = []
         planned: set[str] = set(self._index)
+        known = self._module_index()
+        found: dict[Path, dict[str, str]] = {}
         for group in groups:
             todo = [it for it in group if (it.key is None or it.key not in self._prepared)
                     and self._content_key(it) not in planned]
             planned.update(self._content_key(it) for it in todo)
-            if todo:
-                files.extend(self._plan_files(todo))
-        missing = [f for f in files if not f.path.is_file()]
-        self.files_reused += len(files) - len(missing)
+            fresh = []
+            for it in todo:  # converted before, in a file another plan grouped differently
+                hit = known.get(self._content_key(it))
+                if hit is not None and hit[0] not in {f.path for f in files} and self._have(hit[0]):
+                    found.setdefault(hit[0], {})[self._content_key(it)] = hit[1]
+                else:
+                    fresh.append(it)
+            if fresh:
+                files.extend(self._plan_files(fresh))
+        missing = [f for f in files if not self._have(f.path)]
+        self.files_reused += len(files) - len(missing) + len(found)
         if missing:
             self._convert_files(missing)
+        made = {f.path for f in missing}
         for f in files:
+            self._publish(f, made=f.path in made)
             for c, name in f.names.items():
                 self._index[c] = (f.path, name)
+        for path, names in found.items():
+            for c, name in names.items():
+                self._index[c] = (path, name)
 
     def _convert_files(self, files: Sequence[ConvertedFile]) -> None:
         """Convert `files` (all missing from the cache): in this process, or in parallel workers."""
@@ -230,6 +326,10 @@ class ConvertingDevice(Device):
 
     def _prepare_batch(self, items: Sequence[Item]) -> None:
         """Load every not-yet-prepared item, converting (BATCH per file) what no file holds yet."""
+        with self.preparing():
+            self._load_batch(items)
+
+    def _load_batch(self, items: Sequence[Item]) -> None:
         todo = [it for it in items if it.key is None or it.key not in self._prepared]
         fresh = [it for it in todo if self._content_key(it) not in self._index]
         if fresh:
