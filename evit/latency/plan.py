@@ -72,7 +72,7 @@ BUDGET_VALIDATION_SHARE = 0.35
 """Share of a device-time budget (after the probe) for whole validation subnets."""
 MIN_VALIDATE = 10
 """Fewest validation subnets a budgeted table fits its correction on (the `validate_subnets` minimum)."""
-CANDIDATES = 200
+CANDIDATES = 600
 """Level-spread subnets the budget planner chooses its carriers from."""
 MIN_SAMPLE_MS = 0.5
 """A timed sample of a module alone lasts at least this long (`Device.measure_many`)."""
