@@ -101,24 +101,36 @@ def render_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_INT8_RUNTIMES = {"pte": ("model.int8.pte", "ExecuTorch", ".pte"), "tflite": ("model.int8.tflite", "LiteRT", ".tflite")}
+
+
 def _int8_section(card: dict[str, Any]) -> list[str]:
-    """The int8 file: its accuracy through the runtime beside the fp32 file's, the flag, what stayed float."""
-    q = card.get("pte_int8")
-    if not q:
-        return []
-    quant = q.get("quantization", {})
-    flag = (f"**FLAGGED: int8 loses {q['drop_points']:.2f} points (more than the {q['max_drop_points']:g} "
-            f"allowed by export.int8_max_drop_points)**" if q["flagged"] else
-            f"drop {q['drop_points']:.2f} points (within the {q['max_drop_points']:g} allowed)")
-    floats = "; ".join(f"block {b or '-'}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
-                       for b, ops in quant.get("float_ops_by_block", {}).items())
-    return ["## int8 (model.int8.pte)", "",
-            f"- val top-1 through ExecuTorch: int8 {q['val_top1_runtime']:.4f}, fp32 .pte "
-            f"{q['fp32_val_top1_runtime']:.4f}; {flag}",
-            f"- calibration: {q['calibration']['images']} images of the {q['calibration']['split']} split",
-            f"- policy: {quant.get('policy', 'n/a')}",
-            f"- ops left float: {floats or 'none'}",
-            *_ranking_line(card.get("int8_ranking")), ""]
+    """Each int8 file: its accuracy through the runtime beside the fp32 file's, the flag, what stayed float."""
+    lines: list[str] = []
+    for fmt, (name, runtime, ext) in _INT8_RUNTIMES.items():
+        q = card.get(f"{fmt}_int8")
+        if not q:
+            continue
+        quant = q.get("quantization", {})
+        flag = (f"**FLAGGED: int8 loses {q['drop_points']:.2f} points (more than the {q['max_drop_points']:g} "
+                f"allowed by export.int8_max_drop_points)**" if q["flagged"] else
+                f"drop {q['drop_points']:.2f} points (within the {q['max_drop_points']:g} allowed)")
+        floats = "; ".join(f"block {b or '-'}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+                           for b, ops in quant.get("float_ops_by_block", {}).items())
+        outside = q.get("outside_ops")
+        lines += [f"## int8 ({name})", "",
+                  f"- val top-1 through {runtime}: int8 {q['val_top1_runtime']:.4f}, fp32 {ext} "
+                  f"{q['fp32_val_top1_runtime']:.4f}; {flag}",
+                  f"- calibration: {q['calibration']['images']} images of the {q['calibration']['split']} split",
+                  f"- policy: {quant.get('policy', 'n/a')}",
+                  f"- ops left float: {floats or 'none'}",
+                  *([f"- delegate: {q['partitions']} XNNPACK partition(s), ops outside: "
+                     + (", ".join(f"{op} x{n}" for op, n in sorted(outside.items())) or "none")]
+                    if outside is not None else []),
+                  ""]
+    if lines:
+        lines[-1:-1] = _ranking_line(card.get("int8_ranking"))
+    return lines
 
 
 def _ranking_line(ranking: dict[str, Any] | None) -> list[str]:

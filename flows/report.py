@@ -76,12 +76,12 @@ def subnet_rows(params: Params, devices: Sequence[str],
 
 
 def _int8_cell(budget_metrics: dict[str, Any]) -> str | None:
-    """`int8 0.912 / fp32 0.921 (-0.9 pts)`: the two .pte files' val top-1 through the runtime
-    (export.quantize int8); None when no int8 file was exported."""
-    if "pte_int8_val_top1" not in budget_metrics:
-        return None
-    return (f"int8 {budget_metrics['pte_int8_val_top1']:.4f} / fp32 {budget_metrics['pte_fp32_val_top1']:.4f} "
-            f"(-{budget_metrics['pte_int8_drop_points']:.1f} pts)")
+    """`ExecuTorch int8 0.912 / fp32 0.921 (-0.9 pts); LiteRT ...`: each runtime's int8 and fp32
+    file's val top-1 through the runtime (export.quantize int8); None when no int8 file was exported."""
+    cells = [f"{runtime} int8 {budget_metrics[f'{fmt}_int8_val_top1']:.4f} / fp32 "
+             f"{budget_metrics[f'{fmt}_fp32_val_top1']:.4f} ({-budget_metrics[f'{fmt}_int8_drop_points']:+.1f} pts)"
+             for fmt, runtime in (("pte", "ExecuTorch"), ("tflite", "LiteRT")) if f"{fmt}_int8_val_top1" in budget_metrics]
+    return "; ".join(cells) or None
 
 
 def subnets_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -90,7 +90,7 @@ def subnets_table(rows: Sequence[dict[str, Any]]) -> str:
         return "no subnets chosen yet (run the search and export stages)"
     int8 = any(r.get("int8") for r in rows)  # a column only when some subnet has an int8 .pte
     head = ("device", "budget", "val top-1", "predicted ms", "measured ms", "fetch with") + (
-        ("ExecuTorch val top-1",) if int8 else ())
+        ("int8 vs fp32 val top-1 (runtime)",) if int8 else ())
     body = []
     for r in rows:
         if not r["feasible"]:

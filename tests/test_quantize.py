@@ -60,6 +60,52 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"folder": folder, "r": arch.resolution, "card": read_json(folder / "card.json"), "static": static}
 
 
+@pytest.fixture(scope="module")
+def exported_litert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same tiny subnet exported as model.tflite + model.int8.tflite (no .pte: one
+    converter process, two conversions)."""
+    from evit.export.int8 import Int8Inputs, calibration_images, runtime_top1
+    from evit.nn.static import extract
+
+    net = tiny_supernet(3)
+    randomise(net, 3)
+    arch = TINY.smallest()
+    static = extract(net, arch).eval()
+    data = _Data(static, arch.resolution)
+    inputs = Int8Inputs(calibration=calibration_images(data, arch.resolution, 16, seed=0),
+                        top1=runtime_top1(static, data, arch.resolution, 8), max_drop_points=1.0)
+    folder, _ = make_export(tmp_path_factory.mktemp("int8-litert"), seed=3, arch=arch, formats=("onnx", "tflite"),
+                            int8=inputs, static=static)
+    return {"folder": folder, "r": arch.resolution, "card": read_json(folder / "card.json")}
+
+
+def test_int8_tflite_runs_in_litert_and_matches_its_fp32_export(exported_litert: dict[str, Any]) -> None:
+    from evit.formats.tflite import delegation_report, interpreter, run_tflite
+
+    folder, r, card = exported_litert["folder"], exported_litert["r"], exported_litert["card"]
+    fp32, int8 = folder / "model.tflite", folder / "model.int8.tflite"
+    io = interpreter(int8)
+    assert io.get_input_details()[0]["dtype"].__name__ == "float32"  # float image in, float logits out
+    assert io.get_output_details()[0]["dtype"].__name__ == "float32"
+    for seed in (10, 11, 12):
+        x = seeded_input((1, 3, r, r), seed).numpy()
+        f, q = torch.from_numpy(run_tflite(fp32, x)), torch.from_numpy(run_tflite(int8, x))
+        assert torch.isfinite(q).all()
+        assert (q - f).abs().max() <= INT8_TOLERANCE * f.abs().max()
+        assert not torch.equal(q, f)
+    # int8 leaves no op outside XNNPACK that the fp32 file has inside (this tiny space's one
+    # attention head makes the converter turn q.k and A.v into FULLY_CONNECTED with an
+    # activation as weights, outside the delegate in both files; the cpu space has none)
+    assert delegation_report(int8) == delegation_report(fp32)
+    q = card["tflite_int8"]
+    assert (q["partitions"], q["outside_ops"]) == (delegation_report(fp32)["partitions"], {"FULLY_CONNECTED": 2})
+    assert card["files"]["model.int8.tflite"] == sha256_file(int8) and "pte_int8" not in card
+    assert card["tflite"]["val_top1_runtime"] == q["fp32_val_top1_runtime"] == 1.0
+    assert q["flagged"] == (q["drop_points"] > 1.0) and q["calibration"] == {"split": "search", "images": 16}
+    assert q["quantization"]["int8_ops"]["conv2d"] > 0 and "softmax" in q["quantization"]["float_ops"]
+    assert "## int8 (model.int8.tflite)" in (folder / "card.md").read_text()
+
+
 def test_int8_pte_runs_in_executorch_and_matches_its_fp32_export(exported: dict[str, Any]) -> None:
     from evit.formats.pte import run_pte
 
@@ -119,7 +165,7 @@ def test_fetch_by_precision(exported: dict[str, Any], mlflow_server: MlflowServe
     from evit.errors import RegistryError
 
     params = registry_params(mlflow_server.url)
-    with pytest.raises(RegistryError, match="--precision int8 exists for --format pte only"):
+    with pytest.raises(RegistryError, match="--precision int8 exists for --format pte, tflite only"):
         registry.fetch_model(params, "whatever@champion", "onnx", tmp_path / "x", precision="int8")
     reg = registry.register_export(params, exported["folder"])
     card = exported["card"]
@@ -202,10 +248,15 @@ def test_final_table_shows_both_files_accuracy_when_int8_was_exported() -> None:
 
     row = {"device": "et-1t", "budget": "0_4ms", "feasible": True, "val_top1": 0.9452, "predicted_ms": 0.38,
            "measured_ms": 0.37, "fetch": "evit-et-1t/2", "aliases": []}
-    assert "ExecuTorch" not in subnets_table([row])
-    cell = "int8 0.9300 / fp32 0.9450 (-1.5 pts)"
+    from flows.report import _int8_cell
+
+    assert "int8" not in subnets_table([row])
+    cell = _int8_cell({"pte_int8_val_top1": 0.93, "pte_fp32_val_top1": 0.945, "pte_int8_drop_points": 1.5,
+                       "tflite_int8_val_top1": 0.95, "tflite_fp32_val_top1": 0.945, "tflite_int8_drop_points": -0.5})
+    assert cell == "ExecuTorch int8 0.9300 / fp32 0.9450 (-1.5 pts); LiteRT int8 0.9500 / fp32 0.9450 (+0.5 pts)"
+    assert _int8_cell({}) is None
     lines = subnets_table([{**row, "int8": cell}, {"device": "x", "budget": "1ms", "feasible": False}]).splitlines()
-    assert lines[0].rstrip().endswith("ExecuTorch val top-1") and lines[2].endswith(cell)
+    assert lines[0].rstrip().endswith("int8 vs fp32 val top-1 (runtime)") and lines[2].endswith(cell)
 
 
 def test_int8_ranking_picks_the_budgets_best_candidates_and_compares_rankings() -> None:

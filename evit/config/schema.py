@@ -316,9 +316,10 @@ class ExportParams(Section):
     written), tflite (LiteRT fp32, via the converter venv made on first use), pte
     (ExecuTorch, XNNPACK-delegated)."""
     quantize: list[Literal["fp32", "int8"]] = ["fp32"]
-    """Precisions of the mobile files: fp32 always; int8 adds `model.int8.pte` (PT2E static
-    quantization, evit.formats.quantize) beside `model.pte`, with the val top-1 of both
-    files measured through the ExecuTorch runtime on the card. int8 needs pte in formats."""
+    """Precisions of the mobile files: fp32 always; int8 adds `model.int8.pte` beside
+    `model.pte` and `model.int8.tflite` beside `model.tflite` (PT2E static quantization,
+    evit.formats.quantize), with the val top-1 of each pair measured through its runtime
+    (ExecuTorch, LiteRT) on the card. int8 needs pte or tflite in formats."""
     int8_calibration_images: PosInt = 64
     """Images of the search split (seeded subset) that set the int8 activation scales."""
     int8_max_drop_points: Annotated[float, Field(ge=0)] = 1.0
@@ -335,12 +336,15 @@ class ExportParams(Section):
         if "fp32" not in self.quantize:
             raise ValueError(f"quantize {self.quantize}: fp32 is always exported (the int8 file is checked "
                              "against it); accepted: [fp32] or [fp32, int8]")
-        if "int8" in self.quantize and "pte" not in self.formats:
-            raise ValueError(f"quantize has int8 but formats {self.formats} has no pte: int8 exports are "
-                             "ExecuTorch programs; add pte to export.formats or drop int8")
-        if self.int8_rank_candidates and "int8" not in self.quantize:
+        if "int8" in self.quantize and not {"pte", "tflite"} & set(self.formats):
+            raise ValueError(f"quantize has int8 but formats {self.formats} has neither pte nor tflite: int8 "
+                             "exports are ExecuTorch programs and LiteRT files; add pte or tflite to "
+                             "export.formats or drop int8")
+        if self.int8_rank_candidates and ("int8" not in self.quantize or "pte" not in self.formats):
             raise ValueError(f"int8_rank_candidates {self.int8_rank_candidates} needs int8 in quantize "
-                             f"(got {self.quantize}); set quantize: [fp32, int8] or int8_rank_candidates: 0")
+                             f"(got {self.quantize}) and pte in formats (got {self.formats}: the candidates are "
+                             "scored as int8 .pte through ExecuTorch); set quantize: [fp32, int8] with pte, or "
+                             "int8_rank_candidates: 0")
         return self
 
 

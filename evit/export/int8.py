@@ -1,11 +1,12 @@
-"""The int8 ExecuTorch file of an exported subnet, and the accuracy of the file itself.
+"""The int8 files of an exported subnet (ExecuTorch, LiteRT), and the accuracy of the files themselves.
 
-`export.quantize: [fp32, int8]` adds `model.int8.pte` beside `model.pte`. Its activation
+`export.quantize: [fp32, int8]` adds `model.int8.pte` beside `model.pte` and
+`model.int8.tflite` beside `model.tflite` (each where `export.formats` has the format). Their activation
 scales come from `export.int8_calibration_images` images of the search split (a seeded
 subset: the split the search already scores on, never val), through the one quantize
 function (`evit.formats.quantize`). What a user ships is the file, so its accuracy is
-measured through the ExecuTorch runtime over the whole val split, for the int8 file and
-the fp32 file alike; the drop in points goes on the card, and a drop larger than
+measured through the runtime (ExecuTorch; the LiteRT interpreter) over the whole val split,
+for the int8 file and the fp32 file alike; the drop in points goes on the card, and a drop larger than
 `export.int8_max_drop_points` is flagged there and logged as a warning (the file is still
 exported: whether a 2-point drop is worth a 2x speed-up is the user's call, made visible).
 """
@@ -25,10 +26,13 @@ from evit.export.checks import ExportError
 from evit.formats import bundle
 from evit.formats.inputs import seeded_input
 from evit.formats.pte import PteRunner, export_pte, run_pte
+from evit.formats.tflite import TfliteRunner, delegation_report, run_tflite
 
 log = logging.getLogger(__name__)
 
 RUNTIME = "ExecuTorch, int8 (PT2E static, XNNPACK quantizer, per-channel weights), XNNPACK delegate"
+RUNTIME_LITERT = ("LiteRT (ai-edge-litert), int8 (PT2E static, litert-torch PT2EQuantizer, per-channel weights, "
+                  "float input / output), XNNPACK delegate")
 CHECK_TOLERANCE = 0.25
 """Largest max-abs difference of the int8 file's logits from the fp32 file's on a seeded input,
 relative to the fp32 logits' scale, before the int8 file is refused as broken (quantization
@@ -42,7 +46,7 @@ class Int8Inputs:
     calibration: torch.Tensor
     """Calibration images (N, 3, r, r), normalised like the eval transform."""
     top1: Callable[[Path], float]
-    """Val top-1 in [0, 1] of a .pte file, run through the ExecuTorch runtime."""
+    """Val top-1 in [0, 1] of a .pte / .tflite file, run through its runtime."""
     max_drop_points: float
     split: str = "search"
     """Where the calibration images come from (on the card)."""
@@ -61,27 +65,46 @@ def calibration_images(data: Any, resolution: int, n: int, seed: int) -> torch.T
 
 
 def runtime_top1(module: Any, data: Any, resolution: int, batch_size: int) -> Callable[[Path], float]:
-    """Val top-1 of a .pte file through the ExecuTorch runtime (`module` only names the
-    compute device and mode evaluate_top1 expects; the logits are the runtime's)."""
+    """Val top-1 of a .pte file (ExecuTorch runtime) or a .tflite file (LiteRT interpreter)
+    (`module` only names the compute device and mode evaluate_top1 expects; the logits are
+    the runtime's)."""
     from evit.evaluate import eval_source, evaluate_top1
 
     def top1(path: Path) -> float:
         source = eval_source(data, "val", resolution, batch_size)
-        return float(evaluate_top1(module, source, batch_size=batch_size, forward=PteRunner(path)))
+        runner = TfliteRunner(path) if Path(path).suffix == ".tflite" else PteRunner(path)
+        return float(evaluate_top1(module, source, batch_size=batch_size, forward=runner))
 
     return top1
 
 
-def accuracy_verdict(fp32_top1: float, int8_top1: float, max_drop_points: float, where: str) -> dict[str, Any]:
+def accuracy_verdict(fp32_top1: float, int8_top1: float, max_drop_points: float, where: str,
+                     runtime: str = "ExecuTorch") -> dict[str, Any]:
     """The card's int8 accuracy fields; logs a warning when the drop passes the threshold."""
     drop = round(100.0 * (fp32_top1 - int8_top1), 3)
     flagged = drop > max_drop_points
     if flagged:
-        log.warning("%s: the int8 file scores %.2f%% val top-1 through ExecuTorch, %.2f points below the fp32 "
+        log.warning("%s: the int8 file scores %.2f%% val top-1 through %s, %.2f points below the fp32 "
                     "file's %.2f%% (export.int8_max_drop_points %.2f); flagged on the card", where,
-                    100 * int8_top1, drop, 100 * fp32_top1, max_drop_points)
+                    100 * int8_top1, runtime, drop, 100 * fp32_top1, max_drop_points)
     return {"val_top1_runtime": int8_top1, "fp32_val_top1_runtime": fp32_top1, "drop_points": drop,
             "max_drop_points": max_drop_points, "flagged": flagged}
+
+
+def _check_and_score(fp32_path: Path, int8_path: Path, run: Callable[[Path, torch.Tensor], torch.Tensor],
+                     resolution: int, inputs: Int8Inputs, where: str, runtime: str) -> dict[str, Any]:
+    """The int8 file against its fp32 file on a seeded input (refused when broken), then both
+    files' val top-1 through the runtime and the verdict."""
+    x = seeded_input((1, 3, resolution, resolution))
+    ref, got = run(fp32_path, x), run(int8_path, x)
+    diff = float((got - ref).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    if not diff <= CHECK_TOLERANCE * scale:
+        raise ExportError(f"{int8_path}: the int8 file's logits differ from the fp32 file's by {diff:.3g} "
+                          f"(tolerance {CHECK_TOLERANCE * scale:.3g}); not exporting a broken int8 model")
+    fp32_top1, int8_top1 = inputs.top1(fp32_path), inputs.top1(int8_path)
+    return {"max_abs_diff_vs_fp32": diff, "calibration": {"split": inputs.split, "images": int(inputs.calibration.shape[0])},
+            **accuracy_verdict(fp32_top1, int8_top1, inputs.max_drop_points, where, runtime)}
 
 
 def export_int8_pte(static: Any, resolution: int, folder: Path, inputs: Int8Inputs,
@@ -93,19 +116,29 @@ def export_int8_pte(static: Any, resolution: int, folder: Path, inputs: Int8Inpu
     example = torch.zeros(1, 3, resolution, resolution)
     report = export_pte(static, example, int8_path, int8_calibration=[inputs.calibration])
     lower_seconds = time.monotonic() - t0
-    x = seeded_input((1, 3, resolution, resolution))
-    ref, got = run_pte(fp32_path, x), run_pte(int8_path, x)
-    diff = float((got - ref).abs().max())
-    scale = max(1.0, float(ref.abs().max()))
-    if not diff <= CHECK_TOLERANCE * scale:
-        raise ExportError(f"{int8_path}: the int8 program's logits differ from the fp32 program's by {diff:.3g} "
-                          f"(tolerance {CHECK_TOLERANCE * scale:.3g}); not exporting a broken int8 model")
-    fp32_top1, int8_top1 = inputs.top1(fp32_path), inputs.top1(int8_path)
-    section = {"runtime": RUNTIME, **report.to_dict(),
-               "calibration": {"split": inputs.split, "images": int(inputs.calibration.shape[0])},
-               "max_abs_diff_vs_fp32": diff, "lower_seconds": round(lower_seconds, 1),
-               **accuracy_verdict(fp32_top1, int8_top1, inputs.max_drop_points, where)}
-    return {"val_top1_runtime": fp32_top1}, section
+    scored = _check_and_score(fp32_path, int8_path, run_pte, resolution, inputs, where, "ExecuTorch")
+    section = {"runtime": RUNTIME, **report.to_dict(), "lower_seconds": round(lower_seconds, 1), **scored}
+    return {"val_top1_runtime": scored["fp32_val_top1_runtime"]}, section
+
+
+def export_int8_tflite(converter: Any, space: dict[str, Any], resolution: int, folder: Path, inputs: Int8Inputs,
+                       where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write `model.int8.tflite` into `folder` (which holds `model.tflite`, arch.json and the
+    weights) through the converter venv (`converter`: a running LiteRTConverter); the card
+    sections: (fields for the fp32 `tflite` section, the `tflite_int8` section)."""
+    t0 = time.monotonic()
+    fp32_path, int8_path = folder / bundle.MOBILE_FILES["tflite"], folder / bundle.INT8_FILES["tflite"]
+    report = converter.convert_subnet_int8(folder / bundle.ARCH, folder / bundle.WEIGHTS, space,
+                                           inputs.calibration.numpy(), int8_path)
+    seconds = time.monotonic() - t0
+
+    def run(path: Path, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(run_tflite(path, x.numpy()))
+
+    scored = _check_and_score(fp32_path, int8_path, run, resolution, inputs, where, "LiteRT")
+    section = {"runtime": RUNTIME_LITERT, "quantization": report, **delegation_report(int8_path),
+               "convert_seconds": round(seconds, 1), **scored}
+    return {"val_top1_runtime": scored["fp32_val_top1_runtime"]}, section
 
 
 # --- does int8 keep the search's ranking? ----------------------------------------------------

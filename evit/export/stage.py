@@ -7,8 +7,9 @@ Per feasible budget in `<search_dir>/result.json`, under `<export_dir>/<budget-l
   model.safetensors) and `model.pte` (ExecuTorch, XNNPACK), as `export.formats` asks,
   each checked against PyTorch on a seeded input (max abs diff on the card; the export
   fails above the tolerance; the .pte's delegate partitions are on the card too);
-- `model.int8.pte` when `export.quantize` has int8 (evit.export.int8): the val top-1 of
-  the int8 and the fp32 .pte through the ExecuTorch runtime, and the drop, on the card;
+- `model.int8.pte` / `model.int8.tflite` when `export.quantize` has int8 (evit.export.int8),
+  beside each fp32 mobile file: the val top-1 of the int8 and the fp32 file through its
+  runtime (ExecuTorch; the LiteRT interpreter), and the drop, on the card;
 - `arch.json` + `model.safetensors`: the architecture and the static subnet's
   state_dict, enough to rebuild it with `evit.nn.static.load_static` (no pickles);
 - `card.json` + `card.md`: the model card (evit.card), with the sha256 of the
@@ -42,6 +43,7 @@ from evit.export.int8 import (
     Int8Inputs,
     calibration_images,
     export_int8_pte,
+    export_int8_tflite,
     final_candidates,
     runtime_top1,
     score_candidates,
@@ -75,11 +77,13 @@ def export_subnet(
 
     Plus model.tflite / model.pte when `formats` names them (`converter`: a running
     `evit.formats.tflite.LiteRTConverter` to reuse; else one is started for this call), and
-    model.int8.pte when `int8` is given (needs pte in `formats`).
+    model.int8.pte / model.int8.tflite when `int8` is given (beside each fp32 mobile file).
     `card` is completed with the file hashes and the format checks; the final card is returned.
     """
     static = static.to("cpu").eval()
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp, contextlib.ExitStack() as stack:
+        if converter is None and "tflite" in formats:
+            converter = stack.enter_context(LiteRTConverter())
         export_onnx(static, arch.resolution, tmp / bundle.ONNX, opset=opset, batch_size=1)
         diff = check_onnx(tmp / bundle.ONNX, static, arch.resolution)
         bundle.write_arch(tmp, arch)
@@ -87,11 +91,17 @@ def export_subnet(
         bundle.write_weights(tmp, state, arch, __version__)
         mobile = _export_mobile(static, arch, tmp, card["space"], formats, converter)
         if int8 is not None:
-            if "pte" not in mobile:
-                raise ExportError("an int8 export needs the fp32 .pte beside it: add pte to export.formats")
-            fp32_fields, mobile["pte_int8"] = export_int8_pte(static, arch.resolution, tmp, int8,
-                                                               f"{card['name']} {card['budget']['label']}")
-            mobile["pte"].update(fp32_fields)
+            if "pte" not in mobile and "tflite" not in mobile:
+                raise ExportError("an int8 export needs its fp32 file beside it: add pte and/or tflite to "
+                                  "export.formats")
+            where = f"{card['name']} {card['budget']['label']}"
+            if "pte" in mobile:
+                fp32_fields, mobile["pte_int8"] = export_int8_pte(static, arch.resolution, tmp, int8, where)
+                mobile["pte"].update(fp32_fields)
+            if "tflite" in mobile:
+                fp32_fields, mobile["tflite_int8"] = export_int8_tflite(converter, card["space"], arch.resolution,
+                                                                        tmp, int8, where)
+                mobile["tflite"].update(fp32_fields)
         names = bundle.MODEL_FILES + bundle.mobile_files_in(tmp)
         full = {**card, "files": file_hashes(tmp, names), "weights_sha256": bundle.weights_digest(state),
                 "onnx": {**card.get("onnx", {}), "max_abs_diff_vs_torch": diff}, **mobile}
@@ -102,17 +112,14 @@ def export_subnet(
 
 def _export_mobile(static: Any, arch: Arch, folder: Path, space: dict[str, Any], formats: Sequence[str],
                    converter: Any) -> dict[str, dict[str, Any]]:
-    """model.tflite / model.pte in `folder` (already holding arch.json + model.safetensors); card sections."""
+    """model.tflite / model.pte in `folder` (already holding arch.json + model.safetensors); card sections.
+    `converter`: a running LiteRTConverter when `formats` has tflite."""
     out: dict[str, dict[str, Any]] = {}
     if "tflite" in formats:
-        conv = converter or LiteRTConverter()
-        try:
-            t0 = time.monotonic()
-            conv.convert_subnet(folder / bundle.ARCH, folder / bundle.WEIGHTS, space, folder / bundle.MOBILE_FILES["tflite"])
-            seconds = time.monotonic() - t0
-        finally:
-            if converter is None:
-                conv.close()
+        t0 = time.monotonic()
+        converter.convert_subnet(folder / bundle.ARCH, folder / bundle.WEIGHTS, space,
+                                 folder / bundle.MOBILE_FILES["tflite"])
+        seconds = time.monotonic() - t0
         out["tflite"] = {"runtime": "LiteRT (ai-edge-litert), fp32, XNNPACK delegate",
                          "max_abs_diff_vs_torch": check_tflite(folder / bundle.MOBILE_FILES["tflite"], static,
                                                                               arch.resolution),
@@ -369,14 +376,18 @@ def _register_and_report(params: Params, device: str, exported: list[dict[str, A
 
 
 def _int8_metrics(card: dict[str, Any]) -> dict[str, Any]:
-    """The runtime val top-1 of the fp32 and int8 .pte and the drop (points), when int8 was exported."""
-    q = card.get("pte_int8")
-    if q is None:
-        return {}
+    """The runtime val top-1 of the fp32 and int8 file and the drop (points) per mobile format
+    with an int8 file (`pte_*`, `tflite_*`), and the rank agreement."""
+    out: dict[str, Any] = {}
+    for fmt in bundle.INT8_FILES:
+        q = card.get(f"{fmt}_int8")
+        if q is not None:
+            out |= {f"{fmt}_fp32_val_top1": q["fp32_val_top1_runtime"], f"{fmt}_int8_val_top1": q["val_top1_runtime"],
+                    f"{fmt}_int8_drop_points": q["drop_points"]}
     ranking = card.get("int8_ranking") or {}
-    return {"pte_fp32_val_top1": q["fp32_val_top1_runtime"], "pte_int8_val_top1": q["val_top1_runtime"],
-            "pte_int8_drop_points": q["drop_points"],
-            **({"int8_rank_spearman": ranking["spearman"]} if ranking.get("spearman") is not None else {})}
+    if out and ranking.get("spearman") is not None:
+        out["int8_rank_spearman"] = ranking["spearman"]
+    return out
 
 
 def export_metrics(exported: list[dict[str, Any]], registered: list[dict[str, Any]]) -> dict[str, Any]:

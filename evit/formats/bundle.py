@@ -29,7 +29,7 @@ CARD = "card.json"
 CARD_MD = "card.md"
 MOBILE_FILES = {"tflite": "model.tflite", "pte": "model.pte"}
 """Mobile formats (export.formats) -> their file, present when the export made them."""
-INT8_FILES = {"pte": "model.int8.pte"}
+INT8_FILES = {"pte": "model.int8.pte", "tflite": "model.int8.tflite"}
 """Mobile formats with an int8 file (export.quantize: [fp32, int8]) -> that file, beside the fp32 one."""
 PRECISIONS = ("fp32", "int8")
 

@@ -10,11 +10,15 @@ Requests:
 - {"op": "subnet", "arch_json": PATH, "weights": PATH, "space": {...}, "out": PATH}:
   the static subnet rebuilt from its arch JSON + safetensors, converted with one
   signature `serving_default` taking `image` (1, 3, R, R).
+- {"op": "subnet_int8", ..., "calibration": PATH.npy, "out": PATH}: the same subnet
+  quantized int8 (`evit.formats.quantize.litert_quantizer`: litert-torch's PT2EQuantizer
+  with evit's float policy, calibrated on the (N, 3, R, R) images), converted in STATIC
+  QDQ mode; the answer carries the quantization report ("report").
 - {"op": "programs", "programs": [{"name": N, "pt2": PATH, "input_shapes": [[...]]}], "out": PATH}:
   several `torch.export`ed programs (plain .pt2 archives: graph + weights, no pickles)
   in one file, one signature each, so a latency table converts a batch of blocks per
   converter call.
-Answer: {"ok": true, "seconds": S} or {"ok": false, "error": TEXT}.
+Answer: {"ok": true, "seconds": S, ...} or {"ok": false, "error": TEXT}.
 """
 
 from __future__ import annotations
@@ -44,6 +48,30 @@ def _subnet(req: dict[str, Any]) -> None:
     _atomic_export(litert_torch.convert(net, (x,)), req["out"])
 
 
+def _subnet_int8(req: dict[str, Any]) -> dict[str, Any]:
+    import litert_torch
+    import numpy as np
+    import torch
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    from evit.formats.bundle import load_static_files
+    from evit.formats.quantize import (
+        litert_int8_forms,
+        litert_quantizer,
+        quantization_report,
+        quantize_int8,
+    )
+
+    net = litert_int8_forms(load_static_files(req["arch_json"], req["weights"], req["space"]).eval())
+    x = torch.zeros(1, 3, net.arch.resolution, net.arch.resolution)
+    calibration = torch.from_numpy(np.load(req["calibration"]))
+    quantizer = litert_quantizer()
+    graph = quantize_int8(net, x, [calibration], quantizer, fold_quantize=False)
+    report = quantization_report(graph, int(calibration.shape[0])).to_dict()
+    _atomic_export(litert_torch.convert(graph, (x,), quant_config=QuantConfig(pt2e_quantizer=quantizer)), req["out"])
+    return {"report": report}
+
+
 def _programs(req: dict[str, Any]) -> None:
     import litert_torch
     import torch
@@ -69,8 +97,8 @@ def main() -> None:
         t0 = time.monotonic()
         try:
             req = json.loads(line)
-            {"subnet": _subnet, "programs": _programs}[req["op"]](req)
-            answer = {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
+            extra = {"subnet": _subnet, "subnet_int8": _subnet_int8, "programs": _programs}[req["op"]](req)
+            answer = {"ok": True, "seconds": round(time.monotonic() - t0, 3), **(extra or {})}
         except Exception as exc:  # noqa: BLE001 - reported to the caller, who raises
             traceback.print_exc()
             answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

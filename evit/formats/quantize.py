@@ -18,10 +18,15 @@ The float policy (`INT8_POLICY`), the same for every block of every space:
   scale / bias that feed softmax alone would only add quantize / dequantize pairs (the
   loss Q-HyViT, arXiv 2303.12557, measures for naive PTQ of hybrid ViTs). The qkv and
   projection linears and the depthwise conv on V stay int8.
-The policy is `policy_quantizer`, generic over the quantizer class, so litert-torch's
-PT2EQuantizer can take it inside the converter venv (evit itself never imports
-litert-torch); the LiteRT int8 export is not wired yet (a first conversion of a tiny
-subnet gave int8 model inputs/outputs and was not fully delegated: docs/mobile.md, "int8").
+The policy is `policy_quantizer`, generic over the quantizer class: the LiteRT int8 file
+(`litert_quantizer`, run inside the converter venv by `evit.formats.litert_worker`; evit
+itself never imports litert-torch) takes litert-torch's PT2EQuantizer with the same policy,
+plus what LiteRT needs so its XNNPACK delegate takes the whole graph in one partition:
+float input / output ops (`float_io`: else the STATIC conversion makes the model's input
+and output int8), hard-swish as add / relu6 / mul and the k x k / stride k average pools as
+fixed depthwise convs (`litert_int8_forms`: LiteRT's XNNPACK has no int8 HARD_SWISH or
+AVERAGE_POOL_2D, and the converter turns a float op between a dequantize and a quantize into
+an int8 one, which then ran outside the delegate: 18 partitions, 3x slower than fp32).
 `quantization_report` reads the converted graph back and says, per block, which compute
 ops run int8 and which stayed float (anything the quantizer refused lands there too), so
 the card lists the outcome, not only the intent.
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 INT8_POLICY = ("int8: conv (+BN, activation), linear, residual add, pooling, cat, mul; "
@@ -47,6 +53,9 @@ _FLOAT_MODULES = ("evit.nn.static.LayerNorm4d",)
 """Module types whose every op stays float."""
 _FLOAT_OWN_OPS = ("evit.nn.static.Attention",)
 """Module types whose own ops (not those of their child linears / convs) stay float."""
+_PARENT_OPS = ("evit.formats.quantize.DecomposedHardswish",)
+"""Modules whose ops the policy treats as their parent's own (LiteRT's decomposed hard-swish
+on the attention output stays float with the attention scores)."""
 _NOT_COMPUTE = ("reshape", "view", "transpose", "permute", "flatten", "slice", "select", "unsqueeze", "squeeze",
                 "expand", "clone", "dropout", "contiguous", "getitem", "alias", "detach", "_assert", "sym_size",
                 "quantize_per", "dequantize_per", "choose_qparams")
@@ -62,6 +71,8 @@ def _module_types(node: torch.fx.Node) -> list[str]:
 def keeps_float(node: torch.fx.Node) -> bool:
     """The policy for one graph node: True where it stays float (see the module docstring)."""
     types = _module_types(node)
+    while types and types[-1] in _PARENT_OPS:  # its ops count as the parent's own
+        types = types[:-1]
     return any(t in _FLOAT_MODULES for t in types) or bool(types and types[-1] in _FLOAT_OWN_OPS)
 
 
@@ -84,24 +95,95 @@ def _shares_with(node: torch.fx.Node, removed: set[torch.fx.Node]) -> bool:
     return False
 
 
-def policy_quantizer(base: type, config: Any) -> Any:
+def _io_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """The compute nodes that read the model's input or write its output (looking through views)."""
+    nodes: set[torch.fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            nodes.update(c for c in _consumers(n) if c.op == "call_function")
+        elif n.op == "output":
+            nodes.update(p for p in _producers(n) if p.op == "call_function")
+    return nodes
+
+
+def policy_quantizer(base: type, config: Any, *, float_io: bool = False) -> Any:
     """A PT2E quantizer of class `base` (global `config`) with the float policy applied.
 
     The policy is applied after the quantizer's own annotation: strip the annotations of
     nodes the policy keeps float, then of every node that shares a scale with a stripped one
     (the quantizers' `propagate_annotation` hands scales on to data-movement ops without
     consulting any filter: it quantized a LayerNorm's first mean). Generic over the base so
-    litert-torch's PT2EQuantizer can take the same policy inside the converter venv."""
+    litert-torch's PT2EQuantizer takes the same policy inside the converter venv.
+    `float_io`: the ops that read the image and write the logits stay float too, so the file
+    takes float images and gives float logits (LiteRT's STATIC conversion otherwise turns a
+    quantized first input / last output into int8 model inputs / outputs)."""
 
     class PolicyQuantizer(base):  # type: ignore[misc,valid-type]
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
-            removed = {n for n in model.graph.nodes if keeps_float(n) and n.meta.pop(_ANNOTATION, None)}
+            io = _io_nodes(model.graph) if float_io else set()
+            removed = {n for n in model.graph.nodes if (keeps_float(n) or n in io) and n.meta.pop(_ANNOTATION, None)}
             while removed:
                 removed = {n for n in model.graph.nodes if _shares_with(n, removed) and n.meta.pop(_ANNOTATION)}
             return model
 
     return PolicyQuantizer().set_global(config)
+
+
+class DecomposedHardswish(nn.Module):
+    """x * relu6(x + 3) / 6: hard-swish as add, clamp and mul, which LiteRT's XNNPACK delegate
+    runs in int8 (it has no int8 HARD_SWISH: a fused one stays on LiteRT's own kernels, outside
+    the delegate, and splits the graph at every activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * F.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+class PoolAsDepthwise(nn.Module):
+    """A k x k / stride k average pool as a depthwise conv with fixed 1/k^2 weights (the same
+    function without partial windows): XNNPACK in LiteRT has no int8 AVERAGE_POOL_2D, it has
+    int8 depthwise convs (1/k^2 is exact at 8 bits per channel: the weights all share one value)."""
+
+    def __init__(self, channels: int, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.weight = nn.Parameter(torch.full((channels, 1, k, k), 1.0 / (k * k)), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, stride=self.k, groups=x.shape[1])
+
+
+def litert_int8_forms(module: nn.Module) -> nn.Module:
+    """`module` (in place) with the forms LiteRT's XNNPACK delegate runs in int8: every
+    `nn.Hardswish` -> `DecomposedHardswish`, every plain k x k / stride k `nn.AvgPool2d`
+    (not ceil-mode, no padding) feeding a conv -> `PoolAsDepthwise`. Float outputs are the
+    same up to rounding. Used by the LiteRT int8 export only (ExecuTorch's XNNPACK has both
+    ops in int8 or keeps them float without splitting)."""
+    children = dict(module.named_children())
+    conv = children.get("conv")
+    for name, child in children.items():
+        if isinstance(child, nn.Hardswish):
+            setattr(module, name, DecomposedHardswish())
+        elif (isinstance(child, nn.AvgPool2d) and not child.ceil_mode and child.padding in (0, (0, 0))
+              and child.kernel_size == child.stride and isinstance(child.kernel_size, int)
+              and isinstance(conv, nn.Conv2d)):
+            setattr(module, name, PoolAsDepthwise(conv.in_channels, child.kernel_size))
+        else:
+            litert_int8_forms(child)
+    return module
+
+
+def litert_quantizer() -> Any:
+    """litert-torch's PT2EQuantizer with the policy and float input / output: symmetric
+    per-channel int8 weights, static per-tensor int8 activations. Only inside the converter
+    venv (litert-torch is not in the main lock)."""
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    return policy_quantizer(PT2EQuantizer, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False),
+                            float_io=True)
 
 
 def xnnpack_quantizer() -> Any:

@@ -8,7 +8,9 @@ one signature each, through `torch.export` programs (`export_pt2`).
 The interface is plain files: arch JSON + safetensors (+ the space as JSON) in, a
 .tflite out; the main process never imports litert-torch.
 
-`load_runner` / `run_tflite` run a .tflite with the `ai-edge-litert` interpreter from
+`convert_subnet_int8` makes the int8 file (quantized inside the converter venv by
+`evit.formats.quantize`, the same function and float policy as the int8 .pte).
+`TfliteRunner` / `run_tflite` run a .tflite with the `ai-edge-litert` interpreter from
 the main lock; its default XNNPACK delegate is the CPU path a phone's LiteRT takes.
 `full_delegation` asks LiteRT's own benchmark tool whether XNNPACK took every op.
 """
@@ -102,6 +104,9 @@ class LiteRTConverter:
         return answer
 
     def _request(self, req: dict[str, Any], what: str) -> float:
+        return float(self._call(req, what).get("seconds", 0.0))
+
+    def _call(self, req: dict[str, Any], what: str) -> dict[str, Any]:
         proc = self._proc or self._start()
         assert proc.stdin is not None
         timer = threading.Timer(self.timeout_s, proc.kill)
@@ -114,7 +119,7 @@ class LiteRTConverter:
             timer.cancel()
         self.conversions += 1
         self.seconds += float(answer.get("seconds", 0.0))
-        return float(answer.get("seconds", 0.0))
+        return answer
 
     def convert_subnet(self, arch_json: Path, weights: Path, space: dict[str, Any], out: Path) -> Path:
         """arch JSON + safetensors (+ space) -> `out` (.tflite, fp32, one signature)."""
@@ -124,6 +129,23 @@ class LiteRTConverter:
                           f"converting {weights}")
         log.info("converted %s to LiteRT in %.1f s", weights.parent, s)
         return out
+
+    def convert_subnet_int8(self, arch_json: Path, weights: Path, space: dict[str, Any], calibration: np.ndarray,
+                            out: Path) -> dict[str, Any]:
+        """arch JSON + safetensors (+ space) -> `out` (.tflite, int8): PT2E static quantization
+        with litert-torch's quantizer and evit's float policy (`evit.formats.quantize.litert_quantizer`),
+        activation scales from `calibration` (N, 3, R, R float32), converted in STATIC QDQ mode.
+        Returns the quantization report (`QuantReport.to_dict()`)."""
+        if calibration.ndim != 4 or calibration.shape[0] == 0:
+            raise LiteRTError(f"int8 calibration needs a (N, 3, R, R) batch with N >= 1, got shape {calibration.shape}")
+        with tempfile.TemporaryDirectory(prefix="evit-calib-") as tmp:
+            calib = Path(tmp) / "calibration.npy"
+            np.save(calib, np.ascontiguousarray(calibration, dtype=np.float32))
+            answer = self._call({"op": "subnet_int8", "arch_json": str(Path(arch_json).resolve()),
+                                 "weights": str(Path(weights).resolve()), "space": space, "calibration": str(calib),
+                                 "out": str(Path(out).resolve())}, f"converting {weights} to int8")
+        log.info("converted %s to LiteRT int8 in %.1f s", Path(weights).parent, float(answer.get("seconds", 0.0)))
+        return dict(answer["report"])
 
     def convert_programs(self, programs: Sequence[tuple[str, Path, Sequence[Sequence[int]]]], out: Path) -> Path:
         """Several (signature name, .pt2 file from `torch.export.save`, input shapes) -> one .tflite."""
@@ -163,6 +185,21 @@ def signature_runner(interp: Any, name: str | None = None) -> tuple[Any, str]:
     return runner, sigs[name]["inputs"][0]
 
 
+class TfliteRunner:
+    """A file's (single) signature, loaded once, run over batches one sample at a time (evit's
+    files are converted at batch 1): how a whole split is scored through the LiteRT interpreter."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
+        self._runner, self._input = signature_runner(interpreter(path, threads))
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+
+        outs = [np.asarray(next(iter(self._runner(**{self._input: np.ascontiguousarray(xi.numpy(), dtype=np.float32)})
+                                       .values()))) for xi in x.cpu().split(1)]
+        return torch.from_numpy(np.concatenate(outs))
+
+
 def run_tflite(path: str | os.PathLike[str], x: np.ndarray, threads: int = 1) -> np.ndarray:
     """One inference of the file's (single) signature on `x`."""
     runner, in_name = signature_runner(interpreter(path, threads))
@@ -177,6 +214,37 @@ def full_delegation(path: str | os.PathLike[str], threads: int = 1) -> tuple[boo
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
     return proc.returncode == 0 and re.search(r"Fully accelerated:\s+True", text) is not None, text
+
+
+def delegation_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """{"partitions": XNNPACK delegate partitions, "outside_ops": op -> count left on LiteRT's
+    own kernels} of a .tflite, read from the interpreter after the default delegate is applied
+    (the execution plan ends in one DELEGATE node per partition; an op is outside when a model
+    output depends on it without a DELEGATE node in between)."""
+    interp = interpreter(path)
+    interp.allocate_tensors()
+    ops = interp._get_ops_details()  # the interpreter's only view of the delegated plan
+    producer: dict[int, dict[str, Any]] = {}
+    for op in ops:  # DELEGATE nodes come last: they win over the ops they replaced
+        for t in op["outputs"]:
+            producer[int(t)] = op
+    outside: dict[str, int] = {}
+    seen_tensors: set[int] = set()
+    seen_ops: set[int] = set()
+    stack = [int(d["index"]) for d in interp.get_output_details()]
+    while stack:
+        t = stack.pop()
+        if t in seen_tensors or t not in producer:
+            continue
+        seen_tensors.add(t)
+        op = producer[t]
+        if op["index"] in seen_ops:
+            continue
+        seen_ops.add(op["index"])
+        if op["op_name"] != "DELEGATE":
+            outside[op["op_name"]] = outside.get(op["op_name"], 0) + 1
+        stack.extend(int(i) for i in op["inputs"] if i >= 0)
+    return {"partitions": sum(op["op_name"] == "DELEGATE" for op in ops), "outside_ops": outside}
 
 
 def export_pt2(modules: dict[str, tuple[nn.Module, tuple[int, ...]]],

@@ -1,8 +1,8 @@
 """Fetching a registered subnet: download, verify against the hashes recorded, write one format.
 
 `fetch_model` (`evit fetch NAME@ALIAS|NAME/VERSION --format onnx|torchscript|pytorch|tflite|pte
-[--precision fp32|int8]`) downloads a version's files (the int8 .pte is a file of the same
-version, registered and verified like the others), checks every file against the sha256 tags recorded at
+[--precision fp32|int8]`) downloads a version's files (the int8 .pte / .tflite are files of
+the same version, registered and verified like the others), checks every file against the sha256 tags recorded at
 registration (a corrupt or tampered artifact store is an error, not a silent success),
 writes the requested format and returns the card.
 """
