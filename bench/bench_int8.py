@@ -7,10 +7,10 @@ Each runtime that has an int8 path is timed through its latency device at `preci
 fp32` and `precision: int8` (evit.latency: warm-up, inner repeats, the thread clock), on
 the same static subnet (random weights: latency does not depend on their values; the int8
 program is quantized by the export's own function, evit.formats.quantize, calibrated on
-seeded random inputs). The two precisions are timed alternately, `--rounds` times, and
-each one's samples pooled, so load that drifts during the run hits both. Printed: p10 ms
-of each and the int8 / fp32 ratio, and what lowering each file cost. Runtimes without an
-int8 path yet (LiteRT) are listed as such.
+seeded random inputs; LiteRT's in the converter venv with LiteRT's int8 forms). The two
+precisions are timed alternately, `--rounds` times, and each one's samples pooled, so load
+that drifts during the run hits both. Printed: p10 ms of each and the int8 / fp32 ratio,
+and what lowering / converting each file cost.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from evit.latency.measurement import Measurement  # noqa: E402
 from evit.nn.static import StaticSubnet  # noqa: E402
 from evit.space import CPU, IMAGENET  # noqa: E402
 
-RUNTIMES = [("ExecuTorch", "executorch")]
-"""Runtimes with an int8 latency device (LiteRT int8: not yet)."""
-WITHOUT_INT8 = ["LiteRT"]
+RUNTIMES = [("ExecuTorch", "executorch"), ("LiteRT", "litert")]
+"""Runtimes with an int8 latency device."""
 
 
 def _cases(spaces: list[str]) -> list[tuple[str, object, object]]:
@@ -76,24 +75,23 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--spaces", nargs="+", default=["cpu", "imagenet"], choices=["cpu", "imagenet"])
+    ap.add_argument("--runtimes", nargs="+", default=[n for n, _ in RUNTIMES], choices=[n for n, _ in RUNTIMES])
     args = ap.parse_args()
     os.environ.setdefault("EVIT_MODEL_CACHE", tempfile.mkdtemp(prefix="evit-bench-int8-"))
     print(f"load average at start: {os.getloadavg()}")
     rows = []
     for label, space, arch in _cases(args.spaces):
-        for name, kind in RUNTIMES:
+        for name, kind in [(n, k) for n, k in RUNTIMES if n in args.runtimes]:
             r = _time_pair(kind, space, arch, args.repeats, args.rounds)
             rows.append((label, name, r))
             print(f"  {label} / {name}: fp32 p10 {r['fp32'][0]:.3f} ms, int8 p10 {r['int8'][0]:.3f} ms "
                   f"(making the files: {r['fp32'][1]:.0f} s / {r['int8'][1]:.0f} s)", flush=True)
     print(f"load average at end: {os.getloadavg()}\n")
-    print("| model | runtime | fp32 p10 ms | int8 p10 ms | int8 / fp32 | lowering s (fp32 / int8) |")
+    print("| model | runtime | fp32 p10 ms | int8 p10 ms | int8 / fp32 | making the file s (fp32 / int8) |")
     print("|---|---|---|---|---|---|")
     for label, name, r in rows:
         print(f"| {label} | {name} | {r['fp32'][0]:.3f} | {r['int8'][0]:.3f} | {r['int8'][0] / r['fp32'][0]:.2f}x | "
               f"{r['fp32'][1]:.0f} / {r['int8'][1]:.0f} |")
-    for name in WITHOUT_INT8:
-        print(f"| (each) | {name} | - | - | no int8 path yet | - |")
     return 0
 
 

@@ -203,9 +203,10 @@ def test_policy_marks_layernorm_and_attention_ops_float() -> None:
 
 # --- int8 latency device ----------------------------------------------------------------------
 
-def test_int8_executorch_device_times_quantized_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two blocks of a subnet (the first conv and a transformer layer) lowered int8 into one
-    file, cached apart from the fp32 files, and timed."""
+@pytest.mark.parametrize("kind", ["executorch", "litert"])
+def test_int8_device_times_quantized_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Two blocks of a subnet (the first conv and a transformer layer) lowered / converted int8
+    into one file, cached apart from the fp32 files, and timed."""
     import functools
 
     from evit.blocks import arch_blocks
@@ -220,7 +221,7 @@ def test_int8_executorch_device_times_quantized_blocks(tmp_path: Path, monkeypat
     def items() -> list[Item]:
         return [Item(functools.partial(build_block, b), block_input_shape(b), key=b.key) for b in pick]
 
-    settings = {"name": "et8", "kind": "executorch", "threads": 1, "warmup": 1, "repeats": 3, "rounds": 1,
+    settings = {"name": "q8", "kind": kind, "threads": 1, "warmup": 1, "repeats": 3, "rounds": 1,
                 "convert_jobs": 1}
     dev = get_device(DeviceParams(**settings, precision="int8"))
     fp32 = get_device(DeviceParams(**settings))
@@ -239,8 +240,9 @@ def test_int8_executorch_device_times_quantized_blocks(tmp_path: Path, monkeypat
 def test_int8_precision_is_for_executorch_devices() -> None:
     from evit.config import ConfigError, parse_params
 
-    with pytest.raises(ConfigError, match="precision 'int8' is timed by kind 'executorch' only"):
+    with pytest.raises(ConfigError, match="precision 'int8' is timed by kinds 'executorch' and 'litert' only"):
         parse_params({"devices": [{"name": "c", "kind": "torch-cpu", "precision": "int8"}]}, "bad.yaml")
+    parse_params({"devices": [{"name": "l", "kind": "litert", "precision": "int8"}]})
 
 
 def test_final_table_shows_both_files_accuracy_when_int8_was_exported() -> None:

@@ -89,9 +89,10 @@ class DeviceParams(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Half precisions are for kind=cuda only (CPU runtimes time float32)."""
     precision: Literal["fp32", "int8"] = "fp32"
-    """kind=executorch: int8 times blocks and subnets quantized by the export's own int8
-    function (evit.formats.quantize: PT2E static, XNNPACK quantizer), what
-    `export.quantize: [fp32, int8]` ships as model.int8.pte."""
+    """kind=executorch / litert: int8 times blocks and subnets quantized by the export's own
+    int8 function (evit.formats.quantize: PT2E static; XNNPACK quantizer / litert-torch's
+    quantizer with LiteRT's forms), what `export.quantize: [fp32, int8]` ships as
+    model.int8.pte / model.int8.tflite."""
     runtime: Literal["eager", "torchscript"] = "eager"
     """torch-cpu / cuda: time the eager module or its traced+frozen TorchScript."""
     command: str | None = None
@@ -159,9 +160,9 @@ class DeviceParams(Section):
         if self.gpu and self.kind not in ("litert", "command"):
             raise ValueError(f"device '{self.name}': gpu applies to kinds 'litert' and 'command' (phones); "
                              f"kind {self.kind!r} accepts only gpu: false")
-        if self.precision != "fp32" and self.kind != "executorch":
-            raise ValueError(f"device '{self.name}': precision {self.precision!r} is timed by kind 'executorch' "
-                             f"only; kind {self.kind!r} accepts only 'fp32'")
+        if self.precision != "fp32" and self.kind not in ("executorch", "litert"):
+            raise ValueError(f"device '{self.name}': precision {self.precision!r} is timed by kinds 'executorch' "
+                             f"and 'litert' only; kind {self.kind!r} accepts only 'fp32'")
         if self.format != "onnx" and self.kind != "command":
             raise ValueError(f"device '{self.name}': format {self.format!r} applies to kind 'command' only")
         if self.lut.prior == self.name:

@@ -17,7 +17,8 @@ Requests:
 - {"op": "programs", "programs": [{"name": N, "pt2": PATH, "input_shapes": [[...]]}], "out": PATH}:
   several `torch.export`ed programs (plain .pt2 archives: graph + weights, no pickles)
   in one file, one signature each, so a latency table converts a batch of blocks per
-  converter call.
+  converter call; with "int8_calibration": N, each program quantized int8 first
+  (`litert_quantizer`, N seeded standard-normal calibration inputs of its own shape).
 Answer: {"ok": true, "seconds": S, ...} or {"ok": false, "error": TEXT}.
 """
 
@@ -77,10 +78,27 @@ def _programs(req: dict[str, Any]) -> None:
     import torch
 
     conv = litert_torch.Converter()
+    n_calib = int(req.get("int8_calibration", 0))
+    quantizer = None
+    if n_calib:
+        from evit.formats.inputs import seeded_input
+        from evit.formats.quantize import litert_quantizer, quantize_int8
+
+        quantizer = litert_quantizer()
     for item in req["programs"]:
         ep = torch.export.load(item["pt2"])
-        conv.signature(item["name"], ep.module(), tuple(torch.zeros(s) for s in item["input_shapes"]))
-    _atomic_export(conv.convert(), req["out"])
+        args = tuple(torch.zeros(s) for s in item["input_shapes"])
+        module = ep.module()
+        if quantizer is not None:
+            calib = seeded_input((n_calib, *item["input_shapes"][0][1:]), seed=1)
+            module = quantize_int8(module, args[0], [calib], quantizer, fold_quantize=False)
+        conv.signature(item["name"], module, args)
+    if quantizer is None:
+        _atomic_export(conv.convert(), req["out"])
+    else:
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        _atomic_export(conv.convert(quant_config=QuantConfig(pt2e_quantizer=quantizer)), req["out"])
 
 
 def main() -> None:

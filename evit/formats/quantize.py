@@ -200,7 +200,8 @@ def xnnpack_quantizer() -> Any:
 
 def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor],
                   quantizer: Any = None, *, fold_quantize: bool = True) -> torch.fx.GraphModule:
-    """The eval-mode `module` quantized by PT2E (XNNPACK quantizer, policy above).
+    """The eval-mode `module` quantized by PT2E (XNNPACK quantizer, policy above). `module`
+    may also be an ExportedProgram's `.module()` (a latency table's block, in the converter venv).
 
     `example` fixes the traced input shape (batch 1 in evit's exports); `calibration` are
     input batches whose activation ranges set the scales (the traced graph is specialised
@@ -215,7 +216,9 @@ def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterabl
     if not batches:
         raise ValueError("int8 quantization needs at least one calibration input")
     was = module.training
-    module.eval()
+    exported = isinstance(module, torch.fx.GraphModule)  # an ExportedProgram's module: traced in eval mode,
+    if not exported:                                     # and it refuses eval() / train()
+        module.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -226,7 +229,8 @@ def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterabl
                     prepared(x)
             return convert_pt2e(prepared, fold_quantize=fold_quantize)
     finally:
-        module.train(was)
+        if not exported:
+            module.train(was)
 
 
 @dataclass(frozen=True)

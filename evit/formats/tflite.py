@@ -147,12 +147,18 @@ class LiteRTConverter:
         log.info("converted %s to LiteRT int8 in %.1f s", Path(weights).parent, float(answer.get("seconds", 0.0)))
         return dict(answer["report"])
 
-    def convert_programs(self, programs: Sequence[tuple[str, Path, Sequence[Sequence[int]]]], out: Path) -> Path:
-        """Several (signature name, .pt2 file from `torch.export.save`, input shapes) -> one .tflite."""
-        self._request({"op": "programs", "out": str(Path(out).resolve()),
-                       "programs": [{"name": n, "pt2": str(Path(p).resolve()), "input_shapes": [list(s) for s in shapes]}
-                                    for n, p, shapes in programs]},
-                      f"converting {len(programs)} programs into {out.name}")
+    def convert_programs(self, programs: Sequence[tuple[str, Path, Sequence[Sequence[int]]]], out: Path,
+                         int8_calibration: int = 0) -> Path:
+        """Several (signature name, .pt2 file from `torch.export.save`, input shapes) -> one .tflite.
+        `int8_calibration` > 0: each program quantized int8 first (`litert_quantizer`), its
+        activation scales from that many seeded standard-normal inputs of its own shape (a
+        latency table's blocks: see evit.latency.devices.litert)."""
+        req: dict[str, Any] = {"op": "programs", "out": str(Path(out).resolve()),
+                               "programs": [{"name": n, "pt2": str(Path(p).resolve()),
+                                             "input_shapes": [list(s) for s in shapes]} for n, p, shapes in programs]}
+        if int8_calibration:
+            req["int8_calibration"] = int(int8_calibration)
+        self._request(req, f"converting {len(programs)} programs into {out.name}")
         return out
 
     def close(self) -> None:
@@ -264,7 +270,8 @@ def export_pt2(modules: dict[str, tuple[nn.Module, tuple[int, ...]]],
 
 
 def convert_modules(converter: LiteRTConverter, modules: dict[str, tuple[nn.Module, tuple[int, ...]]],
-                    path: Path) -> None:
-    """Modules (name -> (module, input shape)) -> one .tflite with a signature each, via .pt2 files."""
+                    path: Path, int8_calibration: int = 0) -> None:
+    """Modules (name -> (module, input shape)) -> one .tflite with a signature each, via .pt2
+    files (`int8_calibration` > 0: int8, see `LiteRTConverter.convert_programs`)."""
     with tempfile.TemporaryDirectory(prefix="evit-pt2-") as tmp:
-        converter.convert_programs(export_pt2(modules, Path(tmp)), path)
+        converter.convert_programs(export_pt2(modules, Path(tmp)), path, int8_calibration)

@@ -1,9 +1,19 @@
 """Kind `litert`: the LiteRT interpreter (ai-edge-litert, XNNPACK delegate), in process, on
-.tflite files made by the converter's own environment (`evit.formats.tflite`)."""
+.tflite files made by the converter's own environment (`evit.formats.tflite`).
+
+`precision: int8` converts every block and subnet the way the export makes
+`model.int8.tflite`: LiteRT's int8 forms (`evit.formats.quantize.litert_int8_forms`) before
+`torch.export`, then the same quantize function with `litert_quantizer` in the converter
+venv. Calibration: `INT8_CALIBRATION` seeded standard-normal inputs of each module's own
+shape, for the reason the executorch device gives (kernel time depends on shapes and on
+which ops are quantized, not on the scales' values; images would only matter for accuracy).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
+import hashlib
 import queue
 import tempfile
 from collections.abc import Sequence
@@ -17,10 +27,13 @@ from evit import cancel
 from evit.errors import DeviceError
 from evit.formats.inputs import seeded_input
 from evit.formats.litert_env import lock_file
+from evit.formats.quantize import litert_int8_forms
 from evit.formats.tflite import LiteRTConverter, convert_modules, export_pt2, interpreter
 from evit.latency.devices.base import Item, Prepared
 from evit.latency.devices.converting import ConvertedFile, ConvertingDevice, build_module
 
+INT8_CALIBRATION = 4
+"""Seeded random calibration inputs per module of an int8 table (see the module docstring)."""
 
 class LiteRTDevice(ConvertingDevice):
     """LiteRT (ai-edge-litert interpreter, XNNPACK delegate), in process, on .tflite files
@@ -33,6 +46,32 @@ class LiteRTDevice(ConvertingDevice):
         super().__init__(*args, **kwargs)
         self._converter: Any = None
         self._interpreters: dict[tuple[Path, int], Any] = {}
+
+    @property
+    def int8(self) -> bool:
+        return self.params.precision == "int8"
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["precision"] = self.params.precision
+        if self.int8:
+            d["int8_calibration"] = (f"{INT8_CALIBRATION} seeded standard-normal inputs per module (int8 kernel time "
+                                     "depends on shapes and the float policy, not on the scales)")
+        return d
+
+    def _file_variant(self) -> dict[str, Any]:
+        if not self.int8:
+            return {}
+        import evit.formats.litert_worker
+        import evit.formats.quantize
+
+        code = b"".join(Path(str(m.__file__)).read_bytes() for m in (evit.formats.quantize, evit.formats.litert_worker))
+        return {"precision": "int8", "quantize": hashlib.sha256(code).hexdigest()[:16]}
+
+    def _int8_forms(self, module: nn.Module) -> nn.Module:
+        """The module to convert: a copy in LiteRT's int8 forms when the table is int8 (the
+        caller's module is left as it is)."""
+        return litert_int8_forms(copy.deepcopy(module)) if self.int8 else module
 
     def check_available(self) -> None:
         if self.params.gpu:
@@ -58,7 +97,8 @@ class LiteRTDevice(ConvertingDevice):
     def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
         if self._converter is None:
             self._converter = LiteRTConverter()
-        convert_modules(self._converter, modules, path)
+        convert_modules(self._converter, {n: (self._int8_forms(m), shape) for n, (m, shape) in modules.items()},
+                        path, INT8_CALIBRATION if self.int8 else 0)
 
     def _convert_parallel(self, files: Sequence[ConvertedFile], workers: int, t0: float) -> None:
         """One converter process per worker thread; torch.export runs here, one file at a time."""
@@ -72,7 +112,7 @@ class LiteRTDevice(ConvertingDevice):
         def convert(programs: list[tuple[str, Path, list[tuple[int, ...]]]], path: Path) -> None:
             conv = converters.get()
             try:
-                conv.convert_programs(programs, path)
+                conv.convert_programs(programs, path, INT8_CALIBRATION if self.int8 else 0)
             finally:
                 converters.put(conv)
 
@@ -82,7 +122,8 @@ class LiteRTDevice(ConvertingDevice):
                 futures = {}
                 for i, f in enumerate(files):
                     cancel.check(f"{self.name}: converting files, the ones done are cached")
-                    programs = export_pt2({n: build_module(m, shape) for n, (m, shape) in f.modules.items()},
+                    built = {n: build_module(m, shape) for n, (m, shape) in f.modules.items()}
+                    programs = export_pt2({n: (self._int8_forms(m), shape) for n, (m, shape) in built.items()},
                                           Path(tmp) / f"f{i}")
                     futures[pool.submit(convert, programs, f.path)] = f
                 self._wait(futures, len(files), t0)
