@@ -23,7 +23,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +113,7 @@ def export_pte_methods(modules: Mapping[str, tuple[nn.Module, torch.Tensor]],
             finally:
                 module.train(was)
         edge = _lower(eps)
-        report = {name: Delegation(**vars(delegation(edge.exported_program(name))) | {"quantization": quant.get(name)})
-                  for name in modules}
+        report = {name: replace(delegation(edge.exported_program(name)), quantization=quant.get(name)) for name in modules}
         program = edge.to_executorch()
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(program.buffer)
