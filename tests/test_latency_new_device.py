@@ -19,6 +19,7 @@ from evit.errors import LUTError
 from evit.latency.devices import Item, get_device
 from evit.latency.devices.shared import SharedStore
 from evit.latency.lut import load_lut
+from evit.latency.measure import Deadline
 from evit.latency.plan import Probe, plan_budget
 from evit.latency.predictor import LatencyPredictor, Transfer
 from evit.latency.stage import build_lut
@@ -137,3 +138,12 @@ def test_second_device_on_another_machine_converts_nothing(tmp_path: Path, monke
     assert second.files_made == 0 and second.files_fetched == 1 and second.files_reused == 1
     assert all(m.median_ms > 0 for m in ms)
     assert second.conversion_stats()["shared"] == "s3://evit-models/dvc/latency-models"
+
+
+def test_deadline_stops_the_table_when_the_load_makes_units_dearer() -> None:
+    d = Deadline(10.0, {"carrier|a": 2.0, "carrier|b": 2.0, "carrier|c": 2.0}, validation_s=2.0)
+    assert d.fits(0.0, ["carrier|a"], rounds=1, rounds_left=1)  # 2 + 2 <= 10
+    d.spent_done, d.expected_done = 4.0, 2.0  # unit a took twice what the probe said
+    assert d.inflation() == 2.0
+    assert not d.fits(4.0, ["carrier|b"], rounds=1, rounds_left=1) and d.cut  # 4 + (2 + 2) * 2 > 10
+    assert not d.fits(0.0, ["carrier|c"], rounds=1, rounds_left=1)  # once cut, the table is done

@@ -115,8 +115,42 @@ def _rounds_plan(dp: DeviceParams, in_process: bool) -> tuple[list[int], int]:
     return per_round, -(-dp.warmup // len(per_round))
 
 
+@dataclass
+class Deadline:
+    """A device-time budget enforced while measuring (`lut.device_minutes`).
+
+    The plan's estimates come from a probe taken at one moment; on a shared machine the
+    device time of a unit can grow with the load. So before each group of table units the
+    build compares what the units timed so far cost with what the plan expected of them,
+    scales the rest (and the validation still to come) by that ratio, and stops timing
+    table units once they would not fit: the table keeps what it measured, the validation
+    subnets are always timed.
+    """
+
+    budget_s: float
+    unit_s: dict[str, float]
+    """Expected device seconds of each table unit ("carrier|<key>" / "block|<key>"), all rounds."""
+    validation_s: float
+    expected_done: float = 0.0
+    spent_done: float = 0.0
+    cut: bool = False
+
+    def inflation(self) -> float:
+        return max(1.0, self.spent_done / self.expected_done) if self.expected_done > 0 else 1.0
+
+    def fits(self, spent_now: float, units: Sequence[str], rounds: int, rounds_left: int) -> bool:
+        """Whether `units` (one round's share) and the validation rounds still to come fit."""
+        if self.cut:
+            return False
+        need = (sum(self.unit_s.get(u, 0.0) for u in units) + self.validation_s * rounds_left) / rounds
+        need *= self.inflation()
+        if spent_now + need > self.budget_s:
+            self.cut = True
+        return not self.cut
+
+
 def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[Arch], state: PartialLUT, *,
-                progress: bool = True, watch: LoadWatch | None = None) -> None:
+                progress: bool = True, watch: LoadWatch | None = None, deadline: Deadline | None = None) -> None:
     """Measure the table's units and the validation subnets, in rounds, resumably.
 
     Every round visits every carrier (or block) and then every validation subnet, taking
@@ -154,9 +188,19 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
         for r, count in enumerate(per_round):
             # 1. the table: carriers in context, or single blocks
             todo = [i for i, u in enumerate(units) if f"{u}@{r}" not in state.done]
+            if deadline is not None and deadline.cut:
+                todo = []
             if plan.carriers:
                 for g in range(0, len(todo), CHAIN_GROUP):
                     group = [plan.carriers[i] for i in todo[g:g + CHAIN_GROUP]]
+                    if deadline is not None:
+                        names = [units[i] for i in todo[g:g + CHAIN_GROUP]]
+                        if not deadline.fits(state.device_seconds, names, len(per_round), len(per_round) - r):
+                            log.info("lut@%s: stopping the table at %.0f s of device time (%.1fx what the probe "
+                                     "expected): the rest would not fit the budget with the validation subnets",
+                                     device.name, state.device_seconds, deadline.inflation())
+                            break
+                        before = state.device_seconds
                     chains, keys = [], []
                     for arch in group:
                         chains.append(carrier_chain(arch, space, batch) + ([null] if null else []))
@@ -171,6 +215,9 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
                         state.add(f"carrier|{arch.key}@{r}", {k: Measurement.from_samples(v)
                                                               for k, v in pooled.items()})
                     finish(len(group), seconds)
+                    if deadline is not None:
+                        deadline.spent_done += state.device_seconds - before
+                        deadline.expected_done += sum(deadline.unit_s.get(u, 0.0) for u in names) / len(per_round)
             else:
                 if null is not None and f"overhead@{r}" not in state.done:
                     m = device.measure_many([null], repeats=count, warmup=warm, rounds=1)[0]
@@ -178,10 +225,17 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
                     finish(1, 0.0)
                 for i in todo:
                     b = plan.blocks[i]
+                    if deadline is not None:
+                        if not deadline.fits(state.device_seconds, [units[i]], len(per_round), len(per_round) - r):
+                            break
+                        before = state.device_seconds
                     t = time.monotonic()
                     m = device.measure_many([block_item(b, space, batch)], repeats=count, warmup=warm, rounds=1)[0]
                     state.add(f"block|{b.key}@{r}", {b.key: m})
                     finish(1, time.monotonic() - t)
+                    if deadline is not None:
+                        deadline.spent_done += state.device_seconds - before
+                        deadline.expected_done += deadline.unit_s.get(units[i], 0.0) / len(per_round)
             # 2. validation: whole static subnets (ONNX kinds: the pipeline's own export of them)
             todo_v = [a for a in archs if f"e2e|{a.key}@{r}" not in state.done]
             for g in range(0, len(todo_v), VALIDATE_GROUP):

@@ -107,6 +107,8 @@ class BudgetPlan:
     expected_s: dict[str, float]
     """Expected device seconds: probe, table, validation, total."""
     budget_s: float
+    unit_s: dict[str, float]
+    """Expected device seconds of each table unit (`Plan.units` names), for `measure.Deadline`."""
 
 
 def _passes(dp: DeviceParams) -> tuple[int, int]:
@@ -154,6 +156,7 @@ def plan_budget(space: SearchSpace, dp: DeviceParams, probe: Probe, *, in_contex
     covered: set[tuple[str, int, int]] = set()
     blocks: set[Block] = set()
     chosen: list[Arch] = []
+    unit_s: dict[str, float] = {}
     spent_t = 0.0
     first_cost = None
     todo = list(candidates)
@@ -178,6 +181,11 @@ def plan_budget(space: SearchSpace, dp: DeviceParams, probe: Probe, *, in_contex
         if gain <= 0 and chosen:
             break
         chosen.append(best)
+        if in_context:
+            unit_s[f"carrier|{best.key}"] = cost
+        else:
+            for b in holds[best] - blocks:
+                unit_s[f"block|{b.key}"] = probe.call_s
         covered |= sizes[best]
         blocks |= holds[best]
         spent_t += cost
@@ -192,7 +200,7 @@ def plan_budget(space: SearchSpace, dp: DeviceParams, probe: Probe, *, in_contex
     plan = Plan("budget", sorted(blocks), chosen if in_context else [])
     expected = {"probe": round(probe.seconds, 1), "table": round(spent_t, 1), "validation": round(spent_v, 1),
                 "total": round(probe.seconds + spent_t + spent_v, 1)}
-    return BudgetPlan(plan, validation, expected, budget)
+    return BudgetPlan(plan, validation, expected, budget, unit_s)
 
 
 def fingerprint(dp: DeviceParams, device: Device, space: SearchSpace, plan: Plan) -> dict[str, Any]:

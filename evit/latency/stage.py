@@ -39,6 +39,7 @@ from evit.latency.devices.shared import shared_store
 from evit.latency.lut import FORMAT, PartialLUT, check_space, load_lut, partial_path
 from evit.latency.measure import (
     OVERHEAD_KEY,
+    Deadline,
     ahead_groups,
     measure_all,
     probe_device,
@@ -173,15 +174,24 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
              space.num_classes, len(plan.blocks), ", ".join(f"{k} {v}" for k, v in count_by_kind(plan.blocks).items()),
              f", timed in context inside {len(plan.carriers)} carrier subnets" if plan.carriers else ", each on its own")
     device_s0 = state.device_seconds
+    deadline = Deadline(budget.budget_s, budget.unit_s, budget.expected_s["validation"]) if budget else None
     watch = LoadWatch()
     try:
         # the harness (module building, ONNX export) uses the device's thread budget: on a
         # shared machine a 2-thread op waits whenever another job holds the second core
         with quiet("evit.formats.onnx"), torch_threads(dp.threads):
-            measure_all(dev, space, plan, archs, state, progress=progress, watch=watch)
+            measure_all(dev, space, plan, archs, state, progress=progress, watch=watch, deadline=deadline)
     except BaseException:
         dev.close()
         raise
+    if budget is not None and deadline is not None and deadline.cut:  # the table is what was measured in time
+        timed = {u.split("@")[0] for u in state.done}
+        kept = [a for a in plan.carriers if f"carrier|{a.key}" in timed]
+        blocks = sorted({b for a in kept for b in arch_blocks(a, space)}) if plan.carriers else \
+            [b for b in plan.blocks if f"block|{b.key}" in timed]
+        log.info("lut@%s: %d of %d planned %s timed within the budget", device, len(kept) or len(blocks),
+                 len(plan.carriers) or len(plan.blocks), "carriers" if plan.carriers else "blocks")
+        plan = Plan("budget", blocks, kept)
     stat = statistic(dp)
     entries, overhead = _entries(state, plan, space, stat)
     missing = [b.key for b in plan.blocks if b.key not in entries]
