@@ -49,6 +49,19 @@ def _subnet(req: dict[str, Any]) -> None:
     _atomic_export(litert_torch.convert(net, (x,)), req["out"])
 
 
+def litert_quantizer() -> Any:
+    """litert-torch's PT2EQuantizer with evit's float policy and float input / output
+    (`evit.formats.quantize.policy_quantizer`): symmetric per-channel int8 weights, static
+    per-tensor int8 activations. Here, not in evit.formats.quantize: only this module may
+    import litert-torch."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+    from evit.formats.quantize import policy_quantizer
+
+    return policy_quantizer(PT2EQuantizer, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False),
+                            float_io=True)
+
+
 def _subnet_int8(req: dict[str, Any]) -> dict[str, Any]:
     import litert_torch
     import numpy as np
@@ -56,12 +69,7 @@ def _subnet_int8(req: dict[str, Any]) -> dict[str, Any]:
     from litert_torch.quantize.quant_config import QuantConfig
 
     from evit.formats.bundle import load_static_files
-    from evit.formats.quantize import (
-        litert_int8_forms,
-        litert_quantizer,
-        quantization_report,
-        quantize_int8,
-    )
+    from evit.formats.quantize import litert_int8_forms, quantization_report, quantize_int8
 
     net = litert_int8_forms(load_static_files(req["arch_json"], req["weights"], req["space"]).eval())
     x = torch.zeros(1, 3, net.arch.resolution, net.arch.resolution)
@@ -82,7 +90,7 @@ def _programs(req: dict[str, Any]) -> None:
     quantizer = None
     if n_calib:
         from evit.formats.inputs import seeded_input
-        from evit.formats.quantize import litert_quantizer, quantize_int8
+        from evit.formats.quantize import quantize_int8
 
         quantizer = litert_quantizer()
     for item in req["programs"]:

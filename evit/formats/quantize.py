@@ -19,8 +19,8 @@ The float policy (`INT8_POLICY`), the same for every block of every space:
   loss Q-HyViT, arXiv 2303.12557, measures for naive PTQ of hybrid ViTs). The qkv and
   projection linears and the depthwise conv on V stay int8.
 The policy is `policy_quantizer`, generic over the quantizer class: the LiteRT int8 file
-(`litert_quantizer`, run inside the converter venv by `evit.formats.litert_worker`; evit
-itself never imports litert-torch) takes litert-torch's PT2EQuantizer with the same policy,
+(`evit.formats.litert_worker.litert_quantizer`, inside the converter venv; the rest of evit
+never imports litert-torch) takes litert-torch's PT2EQuantizer with the same policy,
 plus what LiteRT needs so its XNNPACK delegate takes the whole graph in one partition:
 float input / output ops (`float_io`: else the STATIC conversion makes the model's input
 and output int8), hard-swish as add / relu6 / mul and the k x k / stride k average pools as
@@ -173,19 +173,6 @@ def litert_int8_forms(module: nn.Module) -> nn.Module:
     return module
 
 
-def litert_quantizer() -> Any:
-    """litert-torch's PT2EQuantizer with the policy and float input / output: symmetric
-    per-channel int8 weights, static per-tensor int8 activations. Only inside the converter
-    venv (litert-torch is not in the main lock)."""
-    from litert_torch.quantize.pt2e_quantizer import (
-        PT2EQuantizer,
-        get_symmetric_quantization_config,
-    )
-
-    return policy_quantizer(PT2EQuantizer, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False),
-                            float_io=True)
-
-
 def xnnpack_quantizer() -> Any:
     """ExecuTorch's XNNPACKQuantizer with the policy: symmetric per-channel int8 weights,
     static per-tensor int8 activations."""
@@ -206,8 +193,8 @@ def quantize_int8(module: nn.Module, example: torch.Tensor, calibration: Iterabl
     `example` fixes the traced input shape (batch 1 in evit's exports); `calibration` are
     input batches whose activation ranges set the scales (the traced graph is specialised
     to the example's batch, so each batch is fed in slices of that size).
-    `quantizer`: default `xnnpack_quantizer()` (litert-torch's flow passes its own
-    `policy_quantizer(PT2EQuantizer, ...)` and `fold_quantize=False`). Raises ValueError
+    `quantizer`: default `xnnpack_quantizer()` (the LiteRT worker passes litert-torch's
+    `policy_quantizer(PT2EQuantizer, ..., float_io=True)` and `fold_quantize=False`). Raises ValueError
     when no calibration input is given (the scales would be undefined).
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

@@ -133,8 +133,8 @@ class LiteRTConverter:
     def convert_subnet_int8(self, arch_json: Path, weights: Path, space: dict[str, Any], calibration: np.ndarray,
                             out: Path) -> dict[str, Any]:
         """arch JSON + safetensors (+ space) -> `out` (.tflite, int8): PT2E static quantization
-        with litert-torch's quantizer and evit's float policy (`evit.formats.quantize.litert_quantizer`),
-        activation scales from `calibration` (N, 3, R, R float32), converted in STATIC QDQ mode.
+        with litert-torch's quantizer and evit's float policy
+        (`evit.formats.litert_worker.litert_quantizer`), activation scales from `calibration` (N, 3, R, R float32), converted in STATIC QDQ mode.
         Returns the quantization report (`QuantReport.to_dict()`)."""
         if calibration.ndim != 4 or calibration.shape[0] == 0:
             raise LiteRTError(f"int8 calibration needs a (N, 3, R, R) batch with N >= 1, got shape {calibration.shape}")
@@ -150,8 +150,8 @@ class LiteRTConverter:
     def convert_programs(self, programs: Sequence[tuple[str, Path, Sequence[Sequence[int]]]], out: Path,
                          int8_calibration: int = 0) -> Path:
         """Several (signature name, .pt2 file from `torch.export.save`, input shapes) -> one .tflite.
-        `int8_calibration` > 0: each program quantized int8 first (`litert_quantizer`), its
-        activation scales from that many seeded standard-normal inputs of its own shape (a
+        `int8_calibration` > 0: each program quantized int8 first
+        (`litert_worker.litert_quantizer`), its activation scales from that many seeded standard-normal inputs of its own shape (a
         latency table's blocks: see evit.latency.devices.litert)."""
         req: dict[str, Any] = {"op": "programs", "out": str(Path(out).resolve()),
                                "programs": [{"name": n, "pt2": str(Path(p).resolve()),

@@ -3,8 +3,8 @@
 
 `precision: int8` converts every block and subnet the way the export makes
 `model.int8.tflite`: LiteRT's int8 forms (`evit.formats.quantize.litert_int8_forms`) before
-`torch.export`, then the same quantize function with `litert_quantizer` in the converter
-venv. Calibration: `INT8_CALIBRATION` seeded standard-normal inputs of each module's own
+`torch.export`, then the same quantize function with `litert_worker.litert_quantizer` in the
+converter venv. Calibration: `INT8_CALIBRATION` seeded standard-normal inputs of each module's own
 shape, for the reason the executorch device gives (kernel time depends on shapes and on
 which ops are quantized, not on the scales' values; images would only matter for accuracy).
 """
