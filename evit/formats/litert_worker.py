@@ -54,7 +54,10 @@ def litert_quantizer() -> Any:
     (`evit.formats.quantize.policy_quantizer`): symmetric per-channel int8 weights, static
     per-tensor int8 activations. Here, not in evit.formats.quantize: only this module may
     import litert-torch."""
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
 
     from evit.formats.quantize import policy_quantizer
 
@@ -69,7 +72,11 @@ def _subnet_int8(req: dict[str, Any]) -> dict[str, Any]:
     from litert_torch.quantize.quant_config import QuantConfig
 
     from evit.formats.bundle import load_static_files
-    from evit.formats.quantize import litert_int8_forms, quantization_report, quantize_int8
+    from evit.formats.quantize import (
+        litert_int8_forms,
+        quantization_report,
+        quantize_int8,
+    )
 
     net = litert_int8_forms(load_static_files(req["arch_json"], req["weights"], req["space"]).eval())
     x = torch.zeros(1, 3, net.arch.resolution, net.arch.resolution)
