@@ -129,7 +129,7 @@ def export_int8_tflite(converter: Any, space: dict[str, Any], resolution: int, f
     t0 = time.monotonic()
     fp32_path, int8_path = folder / bundle.MOBILE_FILES["tflite"], folder / bundle.INT8_FILES["tflite"]
     report = converter.convert_subnet_int8(folder / bundle.ARCH, folder / bundle.WEIGHTS, space,
-                                           inputs.calibration.numpy(), int8_path)
+                                           inputs.calibration.cpu().numpy(), int8_path)
     seconds = time.monotonic() - t0
 
     def run(path: Path, x: torch.Tensor) -> torch.Tensor:
