@@ -28,8 +28,12 @@ litert-env: setup
 run: setup
 	$(VENV)/bin/evit pipeline
 
+# Two pytest workers (pytest-xdist), one test file each at a time (module fixtures are built
+# once): much of a test's time is servers starting and subprocesses waiting, so two files
+# share two cores well. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
