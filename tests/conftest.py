@@ -103,6 +103,16 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print what tests recorded as `record_property("summary", ...)`: a test's own print is
+    lost under pytest-xdist (`make test` runs two workers), its report's properties are not."""
+    for outcome in ("passed", "failed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "summary" and getattr(report, "when", "call") == "call":
+                    terminalreporter.write_line(str(value))
+
+
 def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`base` with `overrides` applied: nested dicts merge, everything else replaces."""
     out = copy.deepcopy(dict(base))

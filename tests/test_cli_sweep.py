@@ -26,7 +26,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin
@@ -360,7 +360,7 @@ def _problem(case: Case, result: Any, bad_path: Path) -> str | None:
 
 
 def test_every_file_argument_rejects_every_bad_input(sweep_env: tuple[Path, Path],
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                    record_property: Callable[[str, object], None]) -> None:
     workspace, inputs = sweep_env
     root_user = os.geteuid() == 0
     cases = all_cases()
@@ -383,10 +383,9 @@ def test_every_file_argument_rejects_every_bad_input(sweep_env: tuple[Path, Path
     elapsed = time.perf_counter() - t0
     commands_swept = len({c.argv_prefix for c in cases})
     args_swept = len({(c.argv_prefix, c.param) for c in cases})
-    with capsys.disabled():  # shown in `make test`'s output, not only with -s
-        print(f"\nCLI sweep: {len(cases)} cases ({commands_swept} commands, {args_swept} file arguments, "
-              f"{len({c.bad for c in cases})} kinds of bad input); ran {ran} in {elapsed:.1f}s, "
-              f"skipped {len(skipped)} (permissions, running as root)")
+    record_property("summary", f"CLI sweep: {len(cases)} cases ({commands_swept} commands, {args_swept} file "
+                    f"arguments, {len({c.bad for c in cases})} kinds of bad input); ran {ran} in {elapsed:.1f}s, "
+                    f"skipped {len(skipped)} (permissions, running as root)")  # shown by conftest's summary hook
     assert ran > 0
     assert not failures, f"{len(failures)} of {ran} cases failed:\n" + "\n".join(failures)
 
