@@ -125,12 +125,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="RUN_DIR[:LABEL]")
+    ap.add_argument("runs", nargs="*", help="RUN_DIR[:LABEL]")
+    ap.add_argument("--from-json", type=Path, nargs="*", default=[],
+                    help="rows written by earlier --json runs, put first in the table (not timed again)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
-    rows = []
+    rows = [row for f in args.from_json for row in json.loads(f.read_text())]
     print(f"load average at start: {os.getloadavg()}")
     for spec in args.runs:
         run, _, label = spec.partition(":")
