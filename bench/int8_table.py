@@ -111,7 +111,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 cells += ["-", "-"]
                 continue
             flag = " **flagged**" if q["flagged"] else ""
-            cells += [f"{q['fp32_top1']:.4f} / {q['int8_top1']:.4f} ({-q['drop']:+.1f}){flag}",
+            cells += [f"{q['fp32_top1']:.4f} / {q['int8_top1']:.4f} ({0.0 - q['drop']:+.1f}){flag}",
                       f"{q['fp32_ms']:.3f} / {q['int8_ms']:.3f} ({q['int8_ms'] / q['fp32_ms']:.2f}x)"]
         rk = row["ranking"]
         if rk:
@@ -131,6 +131,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--ranking", type=Path, nargs="*", default=[],
+                    help="rank checks made apart from the export (JSON: device, label and `rank_agreement`'s "
+                    "fields), for subnets exported with int8_rank_candidates 0")
     args = ap.parse_args()
     rows = [row for f in args.from_json for row in json.loads(f.read_text())]
     print(f"load average at start: {os.getloadavg()}")
@@ -140,6 +143,11 @@ def main() -> int:
             raise SystemExit(f"error: {run} has no exports/ (run `evit export` there first)")
         rows += _rows(Path(run), label or Path(run).name, args.repeats, args.rounds)
     print(f"load average at end: {os.getloadavg()}\n")
+    for f in args.ranking:
+        rk = json.loads(f.read_text())
+        for row in rows:
+            if (row["device"], row["budget"]) == (rk["device"], rk["label"]) and not row["ranking"]:
+                row["ranking"] = rk
     print(_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -79,7 +79,7 @@ def _int8_cell(budget_metrics: dict[str, Any]) -> str | None:
     """`ExecuTorch int8 0.912 / fp32 0.921 (-0.9 pts); LiteRT ...`: each runtime's int8 and fp32
     file's val top-1 through the runtime (export.quantize int8); None when no int8 file was exported."""
     cells = [f"{runtime} int8 {budget_metrics[f'{fmt}_int8_val_top1']:.4f} / fp32 "
-             f"{budget_metrics[f'{fmt}_fp32_val_top1']:.4f} ({-budget_metrics[f'{fmt}_int8_drop_points']:+.1f} pts)"
+             f"{budget_metrics[f'{fmt}_fp32_val_top1']:.4f} ({0.0 - budget_metrics[f'{fmt}_int8_drop_points']:+.1f} pts)"
              for fmt, runtime in (("pte", "ExecuTorch"), ("tflite", "LiteRT")) if f"{fmt}_int8_val_top1" in budget_metrics]
     return "; ".join(cells) or None
 
