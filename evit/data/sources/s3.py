@@ -93,17 +93,14 @@ def translate_error(exc: BaseException, *, url: str, endpoint: str | None) -> Da
     return None
 
 
-class S3Source(Source):
-    """The ImageFolder layout under s3://bucket/prefix (train/<class>/..., optional val/<class>/...)."""
+class _S3Prefix:
+    """A client bound to s3://bucket/prefix whose calls raise evit's one-line errors."""
 
-    kind = "s3"
-
-    def __init__(self, url: str, storage: StorageParams, *, threads: int = 4) -> None:
+    def __init__(self, url: str, storage: StorageParams, *, max_pool_connections: int = 10) -> None:
         self.uri = url
         self.bucket, self.prefix = parse_s3_url(url)
         self.endpoint = resolve_endpoint(storage)
-        self.client = make_client(storage, max_pool_connections=threads * 2)
-        self._call(self.client.head_bucket, Bucket=self.bucket)
+        self.client = make_client(storage, max_pool_connections=max_pool_connections)
 
     def _call(self, fn: Any, **kwargs: Any) -> Any:
         try:
@@ -116,6 +113,19 @@ class S3Source(Source):
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class S3Source(_S3Prefix, Source):
+    """The ImageFolder layout under s3://bucket/prefix (train/<class>/..., optional val/<class>/...)."""
+
+    kind = "s3"
+
+    def __init__(self, url: str, storage: StorageParams, *, threads: int = 4) -> None:
+        super().__init__(url, storage, max_pool_connections=threads * 2)
+        self._call(self.client.head_bucket, Bucket=self.bucket)
 
     def _keys(self, prefix: str) -> list[str]:
         keys: list[str] = []
@@ -175,32 +185,11 @@ class S3Source(Source):
     def _translated(self, exc: BaseException) -> BaseException:
         return translate_error(exc, url=self.uri, endpoint=self.endpoint) or exc
 
-    def close(self) -> None:
-        self.client.close()
 
-
-class S3Files:
+class S3Files(_S3Prefix):
     """Plain files under s3://bucket/prefix: list, fetch (atomically), put. What other stages
     share through the bucket (the latency tables' converted files, `evit.latency.devices.shared`)
     use this, so boto3 stays in this module."""
-
-    def __init__(self, url: str, storage: StorageParams) -> None:
-        self.uri = url
-        self.bucket, self.prefix = parse_s3_url(url)
-        self.endpoint = resolve_endpoint(storage)
-        self.client = make_client(storage)
-
-    def _call(self, fn: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(**kwargs)
-        except Exception as exc:
-            err = translate_error(exc, url=self.uri, endpoint=self.endpoint)
-            if err is None:
-                raise
-            raise err from None
-
-    def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}" if self.prefix else rel
 
     def names(self) -> list[str]:
         """Every object name under the prefix (relative to it), sorted."""
@@ -228,6 +217,3 @@ class S3Files:
 
     def put(self, path: str | os.PathLike[str], rel: str) -> None:
         self._call(self.client.upload_file, Filename=os.fspath(path), Bucket=self.bucket, Key=self._key(rel))
-
-    def close(self) -> None:
-        self.client.close()
