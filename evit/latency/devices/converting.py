@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -76,6 +77,11 @@ Modules = dict[str, tuple[nn.Module | Callable[[], nn.Module], tuple[int, ...]]]
 """What one file holds: signature / method name -> (module or its factory, input shape)."""
 
 
+INT8_CALIBRATION = 4
+"""Seeded random calibration inputs per module of an int8 table (int8 kernel time depends on
+shapes and the float policy, not on the scales the calibration picks)."""
+
+
 @dataclass(frozen=True)
 class ConvertedFile:
     """One converted file: where it is cached and which module (content key) is which name."""
@@ -97,6 +103,8 @@ class ConvertingDevice(Device):
     per_call_overhead = True
     suffix = ""
     runtime_packages: tuple[str, ...] = ()
+    quantize_modules: tuple[str, ...] = ("evit.formats.quantize",)
+    """The code an int8 file of this runtime depends on (its cache key, `_file_variant`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -136,10 +144,18 @@ class ConvertingDevice(Device):
         # keeps this process's GIL free: the pipeline converts beside training, in the same process
         self._isolate = True
 
+    @property
+    def int8(self) -> bool:
+        return self.params.precision == "int8"
+
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update({p: package_version(p) for p in self.runtime_packages})
         d["delegate"] = "xnnpack"
+        d["precision"] = self.params.precision
+        if self.int8:
+            d["int8_calibration"] = (f"{INT8_CALIBRATION} seeded standard-normal inputs per module (int8 kernel time "
+                                     "depends on shapes and the float policy, not on the scales)")
         return d
 
     # --- batching ----------------------------------------------------------------------
@@ -307,9 +323,13 @@ class ConvertingDevice(Device):
         raise NotImplementedError
 
     def _file_variant(self) -> dict[str, Any]:
-        """What else a converted file depends on (an int8 program: the precision and the quantize
-        code); empty for fp32, so fp32 files cached before precisions existed are still found."""
-        return {}
+        """What else a converted file depends on (an int8 program: the precision and the code
+        that quantizes, `quantize_modules`); empty for fp32, so fp32 files cached before
+        precisions existed are still found."""
+        if not self.int8:
+            return {}
+        code = b"".join(Path(str(importlib.import_module(m).__file__)).read_bytes() for m in self.quantize_modules)
+        return {"precision": "int8", "quantize": hashlib.sha256(code).hexdigest()[:16]}
 
     def _wait(self, futures: dict[cf.Future[Any], ConvertedFile], total: int, t0: float) -> None:
         """Wait for every conversion, logging each; stop on a cancel request or the first failure."""

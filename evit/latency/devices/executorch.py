@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import hashlib
 import multiprocessing
 import time
 from collections.abc import Iterator, Sequence
@@ -29,11 +28,7 @@ from evit.errors import DeviceError
 from evit.formats.inputs import seeded_input
 from evit.formats.pte import export_pte_methods, load_program, set_threads
 from evit.latency.devices.base import Item, Prepared
-from evit.latency.devices.converting import ConvertedFile, ConvertingDevice, Modules, build_module
-
-
-INT8_CALIBRATION = 4
-"""Seeded random calibration inputs per module of an int8 table (see the module docstring)."""
+from evit.latency.devices.converting import INT8_CALIBRATION, ConvertedFile, ConvertingDevice, Modules, build_module
 
 
 def lower_modules(modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: str | Path, int8: bool) -> None:
@@ -68,29 +63,9 @@ class ExecuTorchDevice(ConvertingDevice):
         set_threads(self.params.threads)
         super()._prepare_batch(items)
 
-    @property
-    def int8(self) -> bool:
-        return self.params.precision == "int8"
-
     def close(self) -> None:
         super().close()
         self._programs.clear()
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["precision"] = self.params.precision
-        if self.int8:
-            d["int8_calibration"] = (f"{INT8_CALIBRATION} seeded standard-normal inputs per module (int8 kernel time "
-                                     "depends on shapes and the float policy, not on the scales)")
-        return d
-
-    def _file_variant(self) -> dict[str, Any]:
-        if not self.int8:
-            return {}
-        import evit.formats.quantize
-
-        return {"precision": "int8",
-                "quantize": hashlib.sha256(Path(str(evit.formats.quantize.__file__)).read_bytes()).hexdigest()[:16]}
 
     def check_available(self) -> None:
         try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
-import hashlib
 import queue
 import tempfile
 from collections.abc import Sequence
@@ -30,10 +29,8 @@ from evit.formats.litert_env import lock_file
 from evit.formats.quantize import litert_int8_forms
 from evit.formats.tflite import LiteRTConverter, convert_modules, export_pt2, interpreter
 from evit.latency.devices.base import Item, Prepared
-from evit.latency.devices.converting import ConvertedFile, ConvertingDevice, build_module
+from evit.latency.devices.converting import INT8_CALIBRATION, ConvertedFile, ConvertingDevice, build_module
 
-INT8_CALIBRATION = 4
-"""Seeded random calibration inputs per module of an int8 table (see the module docstring)."""
 
 class LiteRTDevice(ConvertingDevice):
     """LiteRT (ai-edge-litert interpreter, XNNPACK delegate), in process, on .tflite files
@@ -41,32 +38,12 @@ class LiteRTDevice(ConvertingDevice):
 
     suffix = ".tflite"
     runtime_packages = ("ai-edge-litert",)
+    quantize_modules = ("evit.formats.quantize", "evit.formats.litert_worker")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._converter: Any = None
         self._interpreters: dict[tuple[Path, int], Any] = {}
-
-    @property
-    def int8(self) -> bool:
-        return self.params.precision == "int8"
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["precision"] = self.params.precision
-        if self.int8:
-            d["int8_calibration"] = (f"{INT8_CALIBRATION} seeded standard-normal inputs per module (int8 kernel time "
-                                     "depends on shapes and the float policy, not on the scales)")
-        return d
-
-    def _file_variant(self) -> dict[str, Any]:
-        if not self.int8:
-            return {}
-        import evit.formats.litert_worker
-        import evit.formats.quantize
-
-        code = b"".join(Path(str(m.__file__)).read_bytes() for m in (evit.formats.quantize, evit.formats.litert_worker))
-        return {"precision": "int8", "quantize": hashlib.sha256(code).hexdigest()[:16]}
 
     def _int8_forms(self, module: nn.Module) -> nn.Module:
         """The module to convert: a copy in LiteRT's int8 forms when the table is int8 (the
