@@ -43,8 +43,8 @@ class _Data:
         return self._splits[split]
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def _int8_export(folder: Path, formats: tuple[str, ...]) -> dict[str, Any]:
+    """The tiny supernet's smallest subnet exported in `formats`, each with its int8 file."""
     from evit.export.int8 import Int8Inputs, calibration_images, runtime_top1
     from evit.nn.static import extract
 
@@ -55,28 +55,20 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     data = _Data(static, arch.resolution)
     inputs = Int8Inputs(calibration=calibration_images(data, arch.resolution, 16, seed=0),
                         top1=runtime_top1(static, data, arch.resolution, 8), max_drop_points=1.0)
-    folder, _ = make_export(tmp_path_factory.mktemp("int8"), seed=3, arch=arch, formats=("onnx", "pte"),
-                            int8=inputs, static=static)
-    return {"folder": folder, "r": arch.resolution, "card": read_json(folder / "card.json"), "static": static}
+    out, _ = make_export(folder, seed=3, arch=arch, formats=formats, int8=inputs, static=static)
+    return {"folder": out, "r": arch.resolution, "card": read_json(out / "card.json"), "static": static}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _int8_export(tmp_path_factory.mktemp("int8"), ("onnx", "pte"))
 
 
 @pytest.fixture(scope="module")
 def exported_litert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The same tiny subnet exported as model.tflite + model.int8.tflite (no .pte: one
     converter process, two conversions)."""
-    from evit.export.int8 import Int8Inputs, calibration_images, runtime_top1
-    from evit.nn.static import extract
-
-    net = tiny_supernet(3)
-    randomise(net, 3)
-    arch = TINY.smallest()
-    static = extract(net, arch).eval()
-    data = _Data(static, arch.resolution)
-    inputs = Int8Inputs(calibration=calibration_images(data, arch.resolution, 16, seed=0),
-                        top1=runtime_top1(static, data, arch.resolution, 8), max_drop_points=1.0)
-    folder, _ = make_export(tmp_path_factory.mktemp("int8-litert"), seed=3, arch=arch, formats=("onnx", "tflite"),
-                            int8=inputs, static=static)
-    return {"folder": folder, "r": arch.resolution, "card": read_json(folder / "card.json")}
+    return _int8_export(tmp_path_factory.mktemp("int8-litert"), ("onnx", "tflite"))
 
 
 def test_int8_tflite_runs_in_litert_and_matches_its_fp32_export(exported_litert: dict[str, Any]) -> None:
