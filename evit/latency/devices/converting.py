@@ -31,6 +31,7 @@ or 25-120 s to lower (ExecuTorch) here, and the cost grows with the graph's size
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import hashlib
 import importlib
 import json
@@ -186,21 +187,25 @@ class ConvertingDevice(Device):
             modules.setdefault(self._content_key(it), (it.module, it.input_shape))
         keys = list(modules)
         n_files = math.ceil(len(keys) / BATCH)
+        ns = self._namespace
         files = []
         for i in range(n_files):
             group = keys[i * len(keys) // n_files:(i + 1) * len(keys) // n_files]
             contents = sorted(group)
-            key = {"kind": self.params.kind, "code": self._code, "contents": contents,
-                   "runtime": [package_version(p) for p in self.runtime_packages], **self._file_variant()}
-            # the namespace (`_namespace`) is this key without "contents"
+            # the namespace with the contents after "code" (the order the cached files' names were made with)
+            key = {"kind": ns["kind"], "code": ns["code"], "contents": contents,
+                   **{k: v for k, v in ns.items() if k not in ("kind", "code")}}
             digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
             names = {c: f"m{j}" for j, c in enumerate(contents)}
             files.append(ConvertedFile(cache_dir() / f"{digest}{self.suffix}", names,
                                {names[c]: modules[c] for c in contents}))
         return files
 
+    @functools.cached_property
     def _namespace(self) -> dict[str, Any]:
-        """What a converted file depends on besides its modules (its manifest's namespace)."""
+        """What a converted file depends on besides its modules (its manifest's namespace);
+        fixed for the device's life, so the package versions and the int8 code hash are
+        read once, not per file."""
         return {"kind": self.params.kind, "code": self._code,
                 "runtime": [package_version(p) for p in self.runtime_packages], **self._file_variant()}
 
@@ -221,7 +226,7 @@ class ConvertingDevice(Device):
             for name in sorted(self._remote_names()):
                 if name.endswith(f"{self.suffix}.json") and name not in local:
                     self._store.get(name, root / name)
-        ns = self._namespace()
+        ns = self._namespace
         index: dict[str, tuple[Path, str]] = {}
         for manifest in sorted(root.glob(f"*{self.suffix}.json")) if root.is_dir() else []:
             try:
@@ -251,7 +256,7 @@ class ConvertingDevice(Device):
         """Write the file's manifest (if missing) and put both in the shared store (if not there)."""
         manifest = f.path.with_name(f"{f.path.name}.json")
         if not manifest.is_file():
-            write_json_atomic(manifest, {"namespace": self._namespace(), "names": f.names})
+            write_json_atomic(manifest, {"namespace": self._namespace, "names": f.names})
         if self._modules is not None:
             for c, name in f.names.items():
                 self._modules.setdefault(c, (f.path, name))
