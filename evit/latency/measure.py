@@ -32,10 +32,10 @@ from evit import cancel
 from evit.arch import Arch
 from evit.blocks import Block, arch_blocks
 from evit.config import DeviceParams
-from evit.latency.devices import Device, Item, split_repeats, torch_threads
+from evit.latency.devices import Device, Item, torch_threads
 from evit.latency.lut import PartialLUT
 from evit.latency.measurement import Measurement
-from evit.latency.plan import Plan, Probe
+from evit.latency.plan import Plan, Probe, rounds_plan
 from evit.latency.report import choose_correction
 from evit.latency.timing import OUTLIER_TOLERANCE, REMEASURE_PASSES, LoadWatch, keep_lower, outliers
 from evit.nn.static import StaticSubnet, block_input_shape, build_block
@@ -107,14 +107,6 @@ def subnet_item(arch: Arch, space: SearchSpace, batch: int) -> Item:
                 key=f"e2e|{arch.key}")
 
 
-def _rounds_plan(dp: DeviceParams, in_process: bool) -> tuple[list[int], int]:
-    """Samples per round and untimed warm-up runs per round (one round for external runners)."""
-    if not in_process:
-        return [dp.repeats], dp.warmup
-    per_round = split_repeats(dp.repeats, dp.rounds)
-    return per_round, -(-dp.warmup // len(per_round))
-
-
 @dataclass
 class Deadline:
     """A device-time budget enforced while measuring (`lut.device_minutes`).
@@ -161,7 +153,7 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
     """
     dp = device.params
     batch = dp.batch_size
-    per_round, warm = _rounds_plan(dp, device.in_process)
+    per_round, warm = rounds_plan(dp, device.in_process)
     units = plan.units()
     null = overhead_item(device, space, plan)
     total = len(per_round) * (len(units) + len(archs) + (0 if plan.carriers or null is None else 1))

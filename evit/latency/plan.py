@@ -28,7 +28,7 @@ from evit.config import DeviceParams
 from evit.errors import LUTError
 from evit.flops import flops_m
 from evit.latency.coverage import count_by_kind, covering_archs, sample_subnets, sampled_blocks, unique_blocks
-from evit.latency.devices import Device
+from evit.latency.devices import Device, split_repeats
 from evit.latency.lut import FORMAT
 from evit.space import SearchSpace
 
@@ -111,10 +111,21 @@ class BudgetPlan:
     """Expected device seconds of each table unit (`Plan.units` names), for `measure.Deadline`."""
 
 
+def rounds_plan(dp: DeviceParams, in_process: bool = True) -> tuple[list[int], int]:
+    """Samples per round and untimed warm-up runs per round (one round for external runners).
+
+    One rule for both the measuring (`measure.measure_all`) and the budget's estimate of it.
+    """
+    if not in_process:
+        return [dp.repeats], dp.warmup
+    per_round = split_repeats(dp.repeats, dp.rounds)
+    return per_round, -(-dp.warmup // len(per_round))
+
+
 def _passes(dp: DeviceParams) -> tuple[int, int]:
     """(passes of one carrier chain, runs of one end-to-end subnet) over a whole build."""
-    rounds = max(1, min(dp.rounds, dp.repeats))
-    warm = -(-dp.warmup // rounds)
+    per_round, warm = rounds_plan(dp)
+    rounds = len(per_round)
     return rounds * (warm + 1) + dp.repeats, rounds * max(warm, 1) + dp.repeats
 
 
