@@ -184,3 +184,28 @@ def test_device_params_errors_name_the_device() -> None:
     params = parse_params({"devices": [{"name": "cpu-1t", "kind": "torch-cpu"}]})
     with pytest.raises(ConfigError, match=r"unknown device 'pixel9'; params.yaml declares: \['cpu-1t'\]"):
         params.device("pixel9")
+
+
+def test_a_timed_module_has_no_zeroed_bn_scale_and_trained_weights_are_untouched() -> None:
+    """A fresh subnet zeroes each MBConv's last BN gamma (training start); LiteRT's converter
+    folds such a branch away, so the module a device times must not carry it."""
+    import functools
+
+    from search_export_helpers import TINY
+    from test_nn import randomise
+
+    from evit.latency.devices.base import module_to_time
+    from evit.nn.static import StaticSubnet
+
+    arch = TINY.largest()
+    fresh = StaticSubnet(arch, TINY)
+    zeroed = [m for m in fresh.modules() if isinstance(m, nn.BatchNorm2d) and not m.weight.any()]
+    assert zeroed, "the fresh subnet should start with zeroed BN scales"
+    timed = module_to_time(functools.partial(StaticSubnet, arch, TINY))
+    assert not timed.training
+    assert all(m.weight.any() for m in timed.modules() if isinstance(m, nn.BatchNorm2d))
+    trained = StaticSubnet(arch, TINY)
+    randomise(trained, 0)
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    module_to_time(trained)
+    assert all(torch.equal(before[k], v) for k, v in trained.state_dict().items())

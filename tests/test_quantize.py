@@ -193,6 +193,35 @@ def test_policy_marks_layernorm_and_attention_ops_float() -> None:
     assert not keeps_float(node({}))
 
 
+@pytest.mark.parametrize("side", [6, 7, 8, 9])
+def test_litert_forms_keep_the_shortcut_pool_function(side: int) -> None:
+    """LiteRT's int8 forms replace the down-sampling shortcut's pool (ceil-mode on an odd
+    side: a partial last window averages what it covers) with a depthwise conv on the input
+    with its last row / column repeated: the same float function."""
+    from evit.formats.quantize import PoolAsDepthwise, litert_int8_forms
+    from evit.nn.static import ConvShortcut
+
+    torch.manual_seed(0)
+    short = ConvShortcut(8, 16, 2).eval()  # side unknown: ceil-mode pool
+    x = torch.randn(2, 8, side, side)
+    with torch.no_grad():
+        want = short(x)
+        forms = litert_int8_forms(short)
+        assert isinstance(forms.pool, PoolAsDepthwise)
+        got = forms(x)
+    assert got.shape == want.shape == (2, 16, -(-side // 2), -(-side // 2))
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_partial_window_of_several_elements_keeps_the_pool() -> None:
+    from evit.formats.quantize import PoolAsDepthwise
+
+    pool = PoolAsDepthwise(3, 3, ceil=True)
+    x = torch.randn(1, 3, 8, 8)  # 8 = 2 * 3 + 2: a 2-element last window
+    want = torch.nn.AvgPool2d(3, ceil_mode=True, count_include_pad=False)(x)
+    assert torch.allclose(pool(x), want, atol=1e-6)
+
+
 # --- int8 latency device ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["executorch", "litert"])

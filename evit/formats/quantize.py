@@ -24,7 +24,8 @@ never imports litert-torch) takes litert-torch's PT2EQuantizer with the same pol
 plus what LiteRT needs so its XNNPACK delegate takes the whole graph in one partition:
 float input / output ops (`float_io`: else the STATIC conversion makes the model's input
 and output int8), hard-swish as add / relu6 / mul and the k x k / stride k average pools as
-fixed depthwise convs (`litert_int8_forms`: LiteRT's XNNPACK has no int8 HARD_SWISH or
+fixed depthwise convs (a partial last window by repeating the last row / column;
+`litert_int8_forms`: LiteRT's XNNPACK has no int8 HARD_SWISH or
 AVERAGE_POOL_2D, and the converter turns a float op between a dequantize and a quantize into
 an int8 one, which then ran outside the delegate: 18 partitions, 3x slower than fp32).
 `quantization_report` reads the converted graph back and says, per block, which compute
@@ -133,41 +134,73 @@ def policy_quantizer(base: type, config: Any, *, float_io: bool = False) -> Any:
 class DecomposedHardswish(nn.Module):
     """x * relu6(x + 3) / 6: hard-swish as add, clamp and mul, which LiteRT's XNNPACK delegate
     runs in int8 (it has no int8 HARD_SWISH: a fused one stays on LiteRT's own kernels, outside
-    the delegate, and splits the graph at every activation)."""
+    the delegate, and splits the graph at every activation).
+
+    On a feature map the constants are 1 x 1 x 1 x 1 tensors, not Python scalars: quantized,
+    a scalar becomes a 0-d tensor input, and litert-torch's layout pass then keeps the add /
+    mul in NCHW with a transpose on each side of every activation (measured: 37 extra
+    TRANSPOSEs in the smallest imagenet subnet at 224 px); a 4-d constant lets them run NHWC.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("three", torch.full((1, 1, 1, 1), 3.0), persistent=False)
+        self.sixth = nn.Parameter(torch.full((1, 1, 1, 1), 1.0 / 6.0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return x * F.relu6(x + self.three) * self.sixth
         return x * F.relu6(x + 3.0) * (1.0 / 6.0)
 
 
 class PoolAsDepthwise(nn.Module):
-    """A k x k / stride k average pool as a depthwise conv with fixed 1/k^2 weights (the same
-    function without partial windows): XNNPACK in LiteRT has no int8 AVERAGE_POOL_2D, it has
-    int8 depthwise convs (1/k^2 is exact at 8 bits per channel: the weights all share one value)."""
+    """A k x k / stride k average pool as a depthwise conv with fixed 1/k^2 weights: XNNPACK in
+    LiteRT has no int8 AVERAGE_POOL_2D, it has int8 depthwise convs (1/k^2 is exact at 8 bits
+    per channel: the weights all share one value).
 
-    def __init__(self, channels: int, k: int) -> None:
+    `ceil`: the ceil-mode pool that averages only what a partial last window covers
+    (`count_include_pad=False`, the down-sampling shortcut on an odd side). Where that window
+    covers one row / column (every stride-2 pool), appending k - 1 copies of the last row /
+    column makes the full window's average equal the partial one's, exactly: the copies are a
+    slice and a concatenation, which XNNPACK runs in int8 (sharing the input's scale), so the
+    pool stays inside the delegate. A partial window of 2..k-1 elements keeps the pool.
+    """
+
+    def __init__(self, channels: int, k: int, ceil: bool = False) -> None:
         super().__init__()
         self.k = k
+        self.ceil = ceil
         self.weight = nn.Parameter(torch.full((channels, 1, k, k), 1.0 / (k * k)), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, stride=self.k, groups=x.shape[1])
+        k = self.k
+        left = (x.shape[-2] % k, x.shape[-1] % k)  # static under export: the branch is traced once
+        if self.ceil and any(r > 1 for r in left):
+            return F.avg_pool2d(x, k, ceil_mode=True, count_include_pad=False)
+        if self.ceil and left[0] == 1:
+            x = torch.cat([x] + [x[:, :, -1:, :]] * (k - 1), 2)
+        if self.ceil and left[1] == 1:
+            x = torch.cat([x] + [x[:, :, :, -1:]] * (k - 1), 3)
+        return F.conv2d(x, self.weight, stride=k, groups=x.shape[1])
 
 
 def litert_int8_forms(module: nn.Module) -> nn.Module:
     """`module` (in place) with the forms LiteRT's XNNPACK delegate runs in int8: every
-    `nn.Hardswish` -> `DecomposedHardswish`, every plain k x k / stride k `nn.AvgPool2d`
-    (not ceil-mode, no padding) feeding a conv -> `PoolAsDepthwise`. Float outputs are the
-    same up to rounding. Used by the LiteRT int8 export only (ExecuTorch's XNNPACK has both
-    ops in int8 or keeps them float without splitting)."""
+    `nn.Hardswish` -> `DecomposedHardswish`, every k x k / stride k `nn.AvgPool2d` without
+    padding feeding a conv (plain, or ceil-mode averaging only what a partial window covers)
+    -> `PoolAsDepthwise`. Float outputs are the same up to rounding. Used by the LiteRT int8
+    export only (ExecuTorch's XNNPACK has both ops in int8 or keeps them float without
+    splitting)."""
     children = dict(module.named_children())
     conv = children.get("conv")
     for name, child in children.items():
         if isinstance(child, nn.Hardswish):
             setattr(module, name, DecomposedHardswish())
-        elif (isinstance(child, nn.AvgPool2d) and not child.ceil_mode and child.padding in (0, (0, 0))
+        elif (isinstance(child, nn.AvgPool2d) and child.padding in (0, (0, 0))
+              and (not child.ceil_mode or not child.count_include_pad)
               and child.kernel_size == child.stride and isinstance(child.kernel_size, int)
               and isinstance(conv, nn.Conv2d)):
-            setattr(module, name, PoolAsDepthwise(conv.in_channels, child.kernel_size))
+            setattr(module, name, PoolAsDepthwise(conv.in_channels, child.kernel_size, ceil=child.ceil_mode))
         else:
             litert_int8_forms(child)
     return module

@@ -109,3 +109,19 @@ def init_module(root: nn.Module) -> None:
         zero = getattr(m, "zero_init_last", None)
         if callable(zero):
             zero()
+
+
+def undo_zero_init(root: nn.Module) -> nn.Module:
+    """`root` (in place) with every all-zero BatchNorm scale set to one.
+
+    The zeroed last BN gamma is a choice for the start of training only; a module timed for
+    latency must not carry it: a converter that folds constants (LiteRT's does) removes a
+    branch multiplied by zero, so an MBConv block's expand / depthwise / project convs
+    vanish from the file and the table times a network that no trained subnet is. No trained
+    BN scale is exactly zero everywhere, so trained weights are never touched.
+    """
+    with torch.no_grad():
+        for m in root.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.weight is not None and not bool(m.weight.any()):
+                m.weight.fill_(1.0)
+    return root

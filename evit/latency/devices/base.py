@@ -50,6 +50,7 @@ from evit.formats.inputs import seeded_input
 from evit.formats.onnx import export_onnx_input
 from evit.host import runtime_facts
 from evit.latency.measurement import Measurement
+from evit.nn.common import undo_zero_init
 
 _MIN_SAMPLE_S = 0.0005
 """A timed sample repeats the module until it lasts at least this long (0.5 ms)."""
@@ -80,6 +81,14 @@ def export_onnx_file(module: nn.Module, input_shape: Sequence[int], path: Path, 
     `evit export` ships (same exporter, opset and options).
     """
     return export_onnx_input(module, seeded_input(input_shape), path, opset)
+
+
+def module_to_time(module: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """The module a device times: built now when it is a factory, in eval mode, with no
+    zero-initialised BN scale (`evit.nn.common.undo_zero_init`: a converter would fold the
+    zeroed branch away and the table would time a network no trained subnet is)."""
+    m = module if isinstance(module, nn.Module) else module()
+    return undo_zero_init(m).eval()
 
 
 @contextlib.contextmanager
@@ -286,7 +295,7 @@ class Device(abc.ABC):
         self._counter += 1
         workdir = Path(self._tmp.name) / f"m{self._counter}"
         workdir.mkdir()
-        module = item.module if isinstance(item.module, nn.Module) else item.module()
+        module = module_to_time(item.module)
         nbytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         prepared = self._prepare(module.eval(), item, workdir)
         if item.key is not None and self._CACHE_SIZE > 0:

@@ -50,7 +50,7 @@ from torch import nn
 from evit import cancel
 from evit.host import package_version, usable_cpus
 from evit.io import write_json_atomic
-from evit.latency.devices.base import Device, Item, Prepared
+from evit.latency.devices.base import Device, Item, Prepared, module_to_time
 from evit.latency.measurement import Measurement
 
 log = logging.getLogger(__name__)
@@ -381,9 +381,8 @@ class ConvertingDevice(Device):
 
 def build_module(module: nn.Module | Callable[[], nn.Module],
                  shape: tuple[int, ...]) -> tuple[nn.Module, tuple[int, ...]]:
-    """The module (built now when it is a factory) in eval mode, with its input shape."""
-    m = module if isinstance(module, nn.Module) else module()
-    return m.eval(), shape
+    """The module to convert (`module_to_time`), with its input shape."""
+    return module_to_time(module), shape
 
 
 def clear_cache() -> None:
