@@ -23,6 +23,9 @@ How the rows share work (so the bench fits a shared 2-core machine):
 - the mobile kinds share converted files through `EVIT_MODEL_CACHE_REMOTE` (a folder under
   the workdir, standing for the DVC remote / S3 bucket): a second device of one runtime
   converts nothing.
+`--repeat-heldout` measures each device's held-out subnets once more after its tables:
+how far two sessions of one device agree bounds what any table can reach (on a shared
+machine it is the load between the sessions, not the method).
 Each step leaves a marker (`<workdir>/rows/*.json`, `<workdir>/heldout-*.json`); a re-run
 (a killed bench, another --devices) repeats only what is missing.
 """
@@ -97,10 +100,12 @@ def device_params(params: Any, name: str, minutes: float, prior: str | None) -> 
     return params.model_copy(update={"devices": devices})
 
 
-def heldout(params: Any, name: str, space: Any, n: int, workdir: Path) -> tuple[list[Any], np.ndarray]:
-    """`n` held-out subnets measured end to end on `name` (resumable: saved after every group)."""
+def heldout(params: Any, name: str, space: Any, n: int, workdir: Path,
+            tag: str = "") -> tuple[list[Any], np.ndarray]:
+    """`n` held-out subnets measured end to end on `name` (resumable: saved after every group).
+    `tag` names a repeat of the same measurement (`--repeat-heldout`)."""
     archs = sample_subnets(space, n, random.Random("new-device-heldout"))
-    path = workdir / f"heldout-{name}-{n}.json"
+    path = workdir / f"heldout-{name}-{n}{tag}.json"
     done: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
     dp = params.device(name)
     stat = statistic(dp)
@@ -224,6 +229,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 marker.write_text(json.dumps(row))
                 rows.append(row)
                 log.info("row %s", row)
+        if args.repeat_heldout:
+            _, again = heldout(params, name, space, args.heldout, workdir, tag="-repeat")
+            drift = again / measured - 1.0
+            repeat = {"device": name, "within_10pct": round(float(np.mean(np.abs(drift) <= 0.10)), 4),
+                      "mean_drift_pct": round(float(np.mean(drift) * 100), 2),
+                      "median_abs_drift_pct": round(float(np.median(np.abs(drift)) * 100), 2)}
+            (workdir / f"repeat-{name}.json").write_text(json.dumps(repeat))
+            log.info("held-out %s measured again after the tables: %s", name, repeat)
     return rows
 
 
@@ -261,11 +274,19 @@ def main() -> None:
     ap.add_argument("--prior-minutes", type=float, default=5.0)
     ap.add_argument("--no-prior", action="store_true")
     ap.add_argument("--heldout", type=int, default=100)
+    ap.add_argument("--repeat-heldout", action="store_true",
+                    help="after a device's rows, measure its held-out subnets again: how far two sessions of "
+                         "the same device agree is the floor of any table's error")
     ap.add_argument("--out", default=None, help="splice the table into this file (docs/mobile.md)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     rows = run(args)
     text = table(rows)
+    for path in sorted(Path(args.workdir).glob("repeat-*.json")):
+        r = json.loads(path.read_text())
+        text += (f"\n\nHeld-out subnets of {r['device']} measured again after its tables: "
+                 f"{r['within_10pct'] * 100:.0f}% within +-10% of the first measurement, mean drift "
+                 f"{r['mean_drift_pct']:+.1f}%, median |drift| {r['median_abs_drift_pct']:.1f}%.")
     print(text)
     (Path(args.workdir) / "new_device.json").write_text(json.dumps(rows, indent=1))
     if args.out:
