@@ -175,12 +175,13 @@ class PoolAsDepthwise(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.k
         left = (x.shape[-2] % k, x.shape[-1] % k)  # static under export: the branch is traced once
-        if self.ceil and any(r > 1 for r in left):
-            return F.avg_pool2d(x, k, ceil_mode=True, count_include_pad=False)
-        if self.ceil and left[0] == 1:
-            x = torch.cat([x] + [x[:, :, -1:, :]] * (k - 1), 2)
-        if self.ceil and left[1] == 1:
-            x = torch.cat([x] + [x[:, :, :, -1:]] * (k - 1), 3)
+        if self.ceil:
+            if any(r > 1 for r in left):
+                return F.avg_pool2d(x, k, ceil_mode=True, count_include_pad=False)
+            if left[0] == 1:
+                x = torch.cat([x] + [x[:, :, -1:, :]] * (k - 1), 2)
+            if left[1] == 1:
+                x = torch.cat([x] + [x[:, :, :, -1:]] * (k - 1), 3)
         return F.conv2d(x, self.weight, stride=k, groups=x.shape[1])
 
 

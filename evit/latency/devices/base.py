@@ -297,7 +297,7 @@ class Device(abc.ABC):
         workdir.mkdir()
         module = module_to_time(item.module)
         nbytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-        prepared = self._prepare(module.eval(), item, workdir)
+        prepared = self._prepare(module, item, workdir)
         if item.key is not None and self._CACHE_SIZE > 0:
             self._prepared[item.key] = prepared
             self._prepared_bytes[item.key] = nbytes
