@@ -147,3 +147,29 @@ def test_deadline_stops_the_table_when_the_load_makes_units_dearer() -> None:
     assert d.inflation() == 2.0
     assert not d.fits(4.0, ["carrier|b"], rounds=1, rounds_left=1) and d.cut  # 4 + (2 + 2) * 2 > 10
     assert not d.fits(0.0, ["carrier|c"], rounds=1, rounds_left=1)  # once cut, the table is done
+
+
+def test_whole_subnets_are_split_into_files_by_their_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converted file holds about BATCH blocks: single blocks split as they always were
+    (their cached files keep their names), whole subnets by the blocks they hold, so eight
+    paper-space subnets are not lowered as one multi-GB program."""
+    from evit.latency.devices.converting import BATCH
+    from evit.latency.measure import subnet_item
+
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path))
+    dev = get_device(DeviceParams(name="e", kind="executorch", threads=1))
+    blocks = [Item(_identity, (1, 8, 8, 8), key=f"b{i}") for i in range(100)]
+    assert [len(f.names) for f in dev._plan_files(blocks)] == [33, 33, 34]  # keys[i*n//3:(i+1)*n//3]
+    arch = all_archs(TINY)[-1]
+    assert subnet_item(arch, TINY, 1).blocks == len(arch_blocks(arch, TINY))
+    subnets = [Item(_identity, (1, 8, 8, 8), key=f"e2e|{i}", blocks=25) for i in range(8)]  # paper-space sized
+    files = dev._plan_files(subnets)
+    assert sorted(k for f in files for k in f.names) == sorted(dev._content_key(it) for it in subnets)
+    assert [len(f.names) for f in files] == [2, 2, 1, 2, 1]  # 200 blocks in ceil(200/48) = 5 files
+    assert all(25 * len(f.names) <= BATCH + 25 for f in files)
+
+
+def _identity() -> Any:
+    import torch
+
+    return torch.nn.Identity()

@@ -104,7 +104,7 @@ def carrier_chain(arch: Arch, space: SearchSpace, batch: int) -> list[Item]:
 def subnet_item(arch: Arch, space: SearchSpace, batch: int) -> Item:
     """A whole static subnet, timed end to end (validation)."""
     return Item(functools.partial(StaticSubnet, arch, space), (batch, 3, arch.resolution, arch.resolution),
-                key=f"e2e|{arch.key}")
+                key=f"e2e|{arch.key}", blocks=len(arch_blocks(arch, space)))
 
 
 @dataclass

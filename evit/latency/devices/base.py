@@ -72,6 +72,11 @@ class Item:
     file_key: str | None = None
     """Items with the same `file_key` (the same block at several positions of a subnet) may
     share one exported file; each still gets its own session and so its own weights."""
+    blocks: int = 1
+    """How many blocks' worth of graph the module is (a whole subnet: all of its blocks): a
+    converting device puts about `converting.BATCH` blocks in one file, because lowering
+    needs memory in proportion to the program's graph (eight paper-space subnets in one
+    ExecuTorch program took 5.7 GB)."""
 
 
 def export_onnx_file(module: nn.Module, input_shape: Sequence[int], path: Path, opset: int = 17) -> Path:

@@ -15,7 +15,8 @@ or 25-120 s to lower (ExecuTorch) here, and the cost grows with the graph's size
   `convert_jobs` parallel workers (spawned processes lowering ExecuTorch programs; LiteRT
   converter processes), so the conversions no longer sit between measurements and use
   every core;
-- modules are converted together, one signature / method each, at most `BATCH` per file;
+- modules are converted together, one signature / method each, about `BATCH` blocks per
+  file (a whole subnet counts its blocks: lowering's memory grows with the graph);
 - LiteRT conversions go through long-lived converter processes
   (evit.formats.tflite.LiteRTConverter), paying the converter's start-up once per worker;
 - files are cached by content hash under `EVIT_MODEL_CACHE` (default
@@ -30,10 +31,12 @@ or 25-120 s to lower (ExecuTorch) here, and the cost grows with the graph's size
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures as cf
 import functools
 import hashlib
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -179,18 +182,29 @@ class ConvertingDevice(Device):
         return f"{item.file_key or item.key}|{'x'.join(map(str, item.input_shape))}"
 
     def _plan_files(self, items: Sequence[Item]) -> list[ConvertedFile]:
-        """Files for `items` (one module per content key), split evenly into files of at most BATCH."""
+        """Files for `items` (one module per content key), split evenly by blocks into files of
+        about BATCH blocks (a whole subnet counts all of its blocks, `Item.blocks`)."""
         modules: dict[str, tuple[Any, tuple[int, ...]]] = {}
+        weight: dict[str, int] = {}
         for it in items:
             if it.key is None:
                 it.key = f"anon|{id(it)}"
-            modules.setdefault(self._content_key(it), (it.module, it.input_shape))
+            c = self._content_key(it)
+            modules.setdefault(c, (it.module, it.input_shape))
+            weight.setdefault(c, max(1, it.blocks))
         keys = list(modules)
-        n_files = math.ceil(len(keys) / BATCH)
+        cumulative = list(itertools.accumulate((weight[k] for k in keys), initial=0))
+        total = cumulative[-1]
+        n_files = min(len(keys), math.ceil(total / BATCH))
+        # file i starts at the first key with i/n_files of the blocks before it (unit blocks:
+        # keys[i*len//n:(i+1)*len//n], the split the cached files' names were made with)
+        starts = [bisect.bisect_left(cumulative, i * total // n_files) for i in range(n_files)] + [len(keys)]
         ns = self._namespace
         files = []
         for i in range(n_files):
-            group = keys[i * len(keys) // n_files:(i + 1) * len(keys) // n_files]
+            group = keys[starts[i]:starts[i + 1]]
+            if not group:
+                continue
             contents = sorted(group)
             # the namespace with the contents after "code" (the order the cached files' names were made with)
             key = {"kind": ns["kind"], "code": ns["code"], "contents": contents,
