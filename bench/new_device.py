@@ -157,11 +157,17 @@ class KeepPartials:
 def build_row(params: Any, name: str, minutes: float, prior: str | None, space: Any, workdir: Path,
               keep: KeepPartials, start_from: Path | None) -> dict[str, Any]:
     partial = Path("luts") / f"{name}.partial.json"
-    partial.unlink(missing_ok=True)
-    if start_from is not None and start_from.is_file():
-        shutil.copyfile(start_from, partial)
-    keep.last = workdir / "partials" / f"{name}-{minutes:g}-{prior or 'none'}.json"
-    keep.last.parent.mkdir(parents=True, exist_ok=True)
+    row = f"{name}-{minutes:g}-{prior or 'none'}"
+    current = workdir / "partials" / "in-progress.txt"
+    current.parent.mkdir(parents=True, exist_ok=True)
+    if not (current.is_file() and current.read_text() == row and partial.is_file()):
+        # a new row starts from its base; the row a killed bench left resumes its own partial
+        # (its probe, so the same plan and the same converted files)
+        partial.unlink(missing_ok=True)
+        if start_from is not None and start_from.is_file():
+            shutil.copyfile(start_from, partial)
+        current.write_text(row)
+    keep.last = workdir / "partials" / f"{row}.json"
     t0 = time.monotonic()
     out = build_lut(device_params(params, name, minutes, prior), name, space=space, track=False, progress=False)
     out["wall_seconds"] = round(time.monotonic() - t0, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -254,3 +255,37 @@ def test_litert_device_times_blocks_from_one_multi_signature_file(converter, tmp
         dev.close()
     assert all(m.n == 6 and m.median_ms > 0 for m in chain)
     assert len(list((tmp_path / "cache").glob("*.tflite"))) == 1
+
+
+def test_a_stopped_conversion_leaves_what_it_made_findable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build stopped half-way (killed, out of memory) has written the manifest of every file
+    it finished, so a resumed build that groups the modules differently (a re-measured probe
+    changed its plan) converts only what is missing."""
+    from evit.latency.devices import converting
+
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    dp = DeviceParams(name="et", kind="executorch", threads=1, warmup=1, repeats=3, rounds=1, convert_jobs=1)
+    blocks = list({b.key: b for b in arch_blocks(TINY.smallest(), TINY)}.values())[:3]
+    items = [Item(functools.partial(build_block, b), block_input_shape(b), key=b.key) for b in blocks]
+    monkeypatch.setattr(converting, "BATCH", 1)  # one block per file: the second conversion fails
+    dev = get_device(dp)
+    real, calls = dev._convert, []
+
+    def convert(modules: Any, path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise MemoryError("killed")
+        real(modules, path)
+
+    monkeypatch.setattr(dev, "_convert", convert)
+    with pytest.raises(MemoryError):
+        dev.prepare_ahead([items])
+    assert len(list((tmp_path / "cache").glob("*.pte.json"))) == 1
+    monkeypatch.setattr(converting, "BATCH", 48)  # the resumed plan: all three in one file
+    again = get_device(dp)
+    try:
+        again.prepare_ahead([items])
+        assert again.files_reused == 1 and again.files_made == 1
+        assert len(again.measure_many(items)) == 3 and again.files_made == 1
+    finally:
+        again.close()

@@ -267,7 +267,11 @@ class ConvertingDevice(Device):
         return False
 
     def _publish(self, f: ConvertedFile, *, made: bool) -> None:
-        """Write the file's manifest (if missing) and put both in the shared store (if not there)."""
+        """Write the file's manifest (if missing) and put both in the shared store (if not there).
+
+        Called as each file is made, not after the last: a build stopped half-way (killed,
+        cancelled, out of memory) leaves manifests for what it converted, so a resumed
+        build whose plan groups the modules differently still finds them."""
         manifest = f.path.with_name(f"{f.path.name}.json")
         if not manifest.is_file():
             write_json_atomic(manifest, {"namespace": self._namespace, "names": f.names})
@@ -308,10 +312,11 @@ class ConvertingDevice(Device):
         missing = [f for f in files if not self._have(f.path)]
         self.files_reused += len(files) - len(missing) + len(found)
         if missing:
-            self._convert_files(missing)
+            self._convert_files(missing)  # publishes each file as soon as it is made
         made = {f.path for f in missing}
         for f in files:
-            self._publish(f, made=f.path in made)
+            if f.path not in made:
+                self._publish(f, made=False)
             for c, name in f.names.items():
                 self._index[c] = (f.path, name)
         for path, names in found.items():
@@ -331,6 +336,7 @@ class ConvertingDevice(Device):
             for i, f in enumerate(files, 1):
                 cancel.check(f"{self.name}: converting files, the ones done are cached")
                 self._convert({n: build_module(m, shape) for n, (m, shape) in f.modules.items()}, f.path)
+                self._publish(f, made=True)
                 log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, i, len(files),
                          len(f.names), time.monotonic() - t0)
         else:
@@ -359,6 +365,7 @@ class ConvertingDevice(Device):
             done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 fut.result()  # re-raises the worker's error
+                self._publish(futures[fut], made=True)
                 done_n += 1
                 log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, done_n, total,
                          len(futures[fut].names), time.monotonic() - t0)
