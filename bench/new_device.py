@@ -246,6 +246,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def all_rows(workdir: Path) -> list[dict[str, Any]]:
+    """Every row the workdir holds (this run's and earlier runs' devices): by device, without
+    prior before with, by budget."""
+    rows = [json.loads(p.read_text()) for p in (workdir / "rows").glob("*.json") if not p.name.startswith("prior-")]
+    order = list(DEVICES)
+    return sorted(rows, key=lambda r: (order.index(r["device"]) if r["device"] in order else len(order),
+                                       r["prior"] is not None, r["budget_min"]))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| device | budget (min) | prior | within +-10% | MAPE | Spearman | device min | host min "
             "| files converted / reused | unmeasured blocks from | carriers | load avg |\n"
@@ -286,7 +295,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="splice the table into this file (docs/mobile.md)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    rows = run(args)
+    run(args)
+    rows = all_rows(Path(args.workdir).resolve())
     text = table(rows)
     for path in sorted(Path(args.workdir).glob("repeat-*.json")):
         r = json.loads(path.read_text())
