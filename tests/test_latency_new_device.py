@@ -152,7 +152,7 @@ def test_deadline_stops_the_table_when_the_load_makes_units_dearer() -> None:
 def test_whole_subnets_are_split_into_files_by_their_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A converted file holds about BATCH blocks: single blocks split as they always were
     (their cached files keep their names), whole subnets by the blocks they hold, so eight
-    paper-space subnets are not lowered as one multi-GB program."""
+    paper-space subnets are not lowered as one program four times a block file's size."""
     from evit.latency.devices.converting import BATCH
     from evit.latency.measure import subnet_item
 

@@ -74,9 +74,9 @@ class Item:
     share one exported file; each still gets its own session and so its own weights."""
     blocks: int = 1
     """How many blocks' worth of graph the module is (a whole subnet: all of its blocks): a
-    converting device puts about `converting.BATCH` blocks in one file, because lowering
-    needs memory in proportion to the program's graph (eight paper-space subnets in one
-    ExecuTorch program took 5.7 GB)."""
+    converting device puts about `converting.BATCH` blocks in one file, so a file's graph,
+    and the time and memory its lowering takes, stays bounded (a group of eight paper-space
+    subnets is ~4x a 48-block file)."""
 
 
 def export_onnx_file(module: nn.Module, input_shape: Sequence[int], path: Path, opset: int = 17) -> Path:
