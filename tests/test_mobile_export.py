@@ -289,3 +289,31 @@ def test_a_stopped_conversion_leaves_what_it_made_findable(tmp_path: Path, monke
         assert len(again.measure_many(items)) == 3 and again.files_made == 1
     finally:
         again.close()
+
+
+def test_lowering_workers_are_replaced_and_every_file_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel lowering runs in pools of `workers * WORKER_FILES` files (a worker's memory is
+    never given back): three files, two workers, one file per worker -> two pools, all made."""
+    from evit.latency.devices import converting, executorch
+
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(converting, "BATCH", 1)
+    monkeypatch.setattr(executorch, "WORKER_FILES", 1)
+    blocks = list({b.key: b for b in arch_blocks(TINY.smallest(), TINY)}.values())[:3]
+    items = [Item(functools.partial(build_block, b), block_input_shape(b), key=b.key) for b in blocks]
+    pools = []
+    real_pool = executorch.cf.ProcessPoolExecutor
+
+    def pool(*args: Any, **kwargs: Any) -> Any:
+        pools.append(args[0])
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(executorch.cf, "ProcessPoolExecutor", pool)
+    dev = get_device(DeviceParams(name="et", kind="executorch", threads=1, warmup=1, repeats=3, rounds=1,
+                                  convert_jobs=2))
+    try:
+        dev.prepare_ahead([items])
+        assert dev.files_made == 3 and pools == [2, 1]
+        assert len(list((tmp_path / "cache").glob("*.pte.json"))) == 3
+    finally:
+        dev.close()

@@ -356,10 +356,10 @@ class ConvertingDevice(Device):
         code = b"".join(Path(str(importlib.import_module(m).__file__)).read_bytes() for m in self.quantize_modules)
         return {"precision": "int8", "quantize": hashlib.sha256(code).hexdigest()[:16]}
 
-    def _wait(self, futures: dict[cf.Future[Any], ConvertedFile], total: int, t0: float) -> None:
-        """Wait for every conversion, logging each; stop on a cancel request or the first failure."""
+    def _wait(self, futures: dict[cf.Future[Any], ConvertedFile], total: int, t0: float, done_n: int = 0) -> int:
+        """Wait for every conversion, logging each (`done_n` of `total` done before these);
+        stop on a cancel request or the first failure. Returns the files done."""
         pending = set(futures)
-        done_n = 0
         while pending:
             cancel.check(f"{self.name}: converting files, the ones done are cached")
             done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
@@ -369,6 +369,7 @@ class ConvertingDevice(Device):
                 done_n += 1
                 log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, done_n, total,
                          len(futures[fut].names), time.monotonic() - t0)
+        return done_n
 
     def _prepare_batch(self, items: Sequence[Item]) -> None:
         """Load every not-yet-prepared item, converting (BATCH per file) what no file holds yet."""

@@ -39,12 +39,12 @@ def lower_modules(modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: s
                        int8_calibration=calib)
 
 
-WORKER_FILES = 4
-"""Files a lowering worker makes before it is replaced. A worker's memory grows with every
-program it lowers and is not given back (measured 2026-12-06, paper-space files of ~47
-blocks: 1.8 GB after the first file, +0.15-0.3 GB per file, 6.7 GB after ~20), so two
-long-lived workers filled a 24 GB machine; a fresh worker costs a few seconds of imports
-against ~50-100 s per file."""
+WORKER_FILES = 6
+"""Files each lowering worker makes before its pool is replaced. A worker's memory grows with
+every program it lowers and is not given back (measured 2026-12-06, paper-space files of
+~47 blocks: 1.8 GB after the first file, +0.15-0.3 GB per file, 6.7 GB after ~20), so two
+long-lived workers filled a 24 GB machine. A fresh pool costs a few seconds of imports and
+the wait for its last file, against ~50-100 s per file."""
 
 
 def _lower_pte_file(modules: Modules, path: str, int8: bool = False) -> float:
@@ -96,18 +96,23 @@ class ExecuTorchDevice(ConvertingDevice):
         lower_modules(modules, path, self.int8)
 
     def _convert_parallel(self, files: Sequence[ConvertedFile], workers: int, t0: float) -> None:
-        # spawned, not forked: this process has torch's and the ExecuTorch runtime's threads;
-        # a worker is replaced after WORKER_FILES files (lowering's memory is not given back)
-        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                    max_tasks_per_child=WORKER_FILES) as pool:
-            try:
-                self._wait({pool.submit(_lower_pte_file, f.modules, str(f.path), self.int8): f for f in files},
-                           len(files), t0)
-            except BaseException:
-                for proc in list(getattr(pool, "_processes", {}).values()):  # do not wait for running lowerings
-                    proc.terminate()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        # spawned, not forked: this process has torch's and the ExecuTorch runtime's threads.
+        # A fresh pool every `workers * WORKER_FILES` files (lowering's memory is not given
+        # back); not `max_tasks_per_child`, which deadlocks on Python 3.11-3.13 once a worker
+        # retires with tasks still queued (cpython gh-115634)
+        chunk = workers * WORKER_FILES
+        done = 0
+        for start in range(0, len(files), chunk):
+            part = files[start:start + chunk]
+            with cf.ProcessPoolExecutor(min(workers, len(part)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                try:
+                    done = self._wait({pool.submit(_lower_pte_file, f.modules, str(f.path), self.int8): f
+                                       for f in part}, len(files), t0, done)
+                except BaseException:
+                    for proc in list(getattr(pool, "_processes", {}).values()):  # do not wait for running lowerings
+                        proc.terminate()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
 
     def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
         program = self._programs.get((path, instance))
