@@ -27,7 +27,12 @@ How the rows share work (so the bench fits a shared 2-core machine):
 how far two sessions of one device agree bounds what any table can reach (on a shared
 machine it is the load between the sessions, not the method).
 Each step leaves a marker (`<workdir>/rows/*.json`, `<workdir>/heldout-*.json`); a re-run
-(a killed bench, another --devices) repeats only what is missing.
+(a killed bench, another --devices) repeats only what is missing, and a killed row resumes
+its own partial table (same probe, so the same plan and the same converted files).
+The held-out subnets' files are all lowered before any of them is timed: a subnet timed
+beside a lowering process (memory-heavy) measured ~18% slow here. `--rescore` measures
+nothing and scores the saved tables against the held-out files as they are (after a
+held-out set was measured again); the printed table holds every row of the workdir.
 """
 
 from __future__ import annotations
