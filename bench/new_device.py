@@ -67,7 +67,8 @@ from evit.latency.stage import build_lut  # noqa: E402
 from evit.space import get_space  # noqa: E402
 
 log = logging.getLogger("bench.new_device")
-START, END = "<!-- new-device:start -->", "<!-- new-device:end -->"
+MARKER = "new-device"
+"""The doc's section is between <!-- MARKER:start --> and <!-- MARKER:end --> (`--section`)."""
 TIMING = {"warmup": 3, "repeats": 24, "rounds": 3, "estimator": "p10", "validate_subnets": 60, "seed": 0}
 """Every device's measurement settings (p10: the machine is shared)."""
 DEVICES: dict[str, dict[str, Any]] = {
@@ -295,14 +296,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def splice(doc: Path, text: str) -> None:
+def splice(doc: Path, text: str, section: str = MARKER) -> None:
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     body = doc.read_text()
-    if START not in body or END not in body:
-        raise SystemExit(f"{doc} has no {START} ... {END} section")
-    head, rest = body.split(START, 1)
-    _, tail = rest.split(END, 1)
+    if start not in body or end not in body:
+        raise SystemExit(f"{doc} has no {start} ... {end} section")
+    head, rest = body.split(start, 1)
+    _, tail = rest.split(end, 1)
     tmp = doc.with_suffix(".tmp")
-    tmp.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    tmp.write_text(f"{head}{start}\n{text}\n{end}{tail}")
     os.replace(tmp, doc)
 
 
@@ -319,6 +321,7 @@ def main() -> None:
                          "the same device agree is the floor of any table's error")
     ap.add_argument("--rescore", action="store_true",
                     help="measure nothing: score the workdir's saved tables against its held-out files as they are")
+    ap.add_argument("--section", default=MARKER, help="the marked section of --out to replace")
     ap.add_argument("--out", default=None, help="splice the table into this file (docs/mobile.md)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -336,7 +339,7 @@ def main() -> None:
     print(text)
     (Path(args.workdir) / "new_device.json").write_text(json.dumps(rows, indent=1))
     if args.out:
-        splice(REPO / args.out, text)
+        splice(REPO / args.out, text, args.section)
 
 
 if __name__ == "__main__":
