@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from evit.config import load_params  # noqa: E402
+from evit.io import write_json_atomic, write_text_atomic  # noqa: E402
 from evit.latency import lut as lut_module  # noqa: E402
 from evit.latency.coverage import sample_subnets  # noqa: E402
 from evit.latency.devices import get_device, torch_threads  # noqa: E402
@@ -107,12 +108,25 @@ def device_params(params: Any, name: str, minutes: float, prior: str | None) -> 
     return params.model_copy(update={"devices": devices})
 
 
+def row_id(device: str, minutes: float, prior: str | None) -> str:
+    """A row's name: its marker, partial and table files are `<row_id>.json`."""
+    return f"{device}-{minutes:g}-{prior or 'none'}"
+
+
+def heldout_archs(space: Any, n: int) -> list[Any]:
+    return sample_subnets(space, n, random.Random("new-device-heldout"))
+
+
+def heldout_path(workdir: Path, device: str, n: int, tag: str = "") -> Path:
+    return workdir / f"heldout-{device}-{n}{tag}.json"
+
+
 def heldout(params: Any, name: str, space: Any, n: int, workdir: Path,
             tag: str = "") -> tuple[list[Any], np.ndarray]:
     """`n` held-out subnets measured end to end on `name` (resumable: saved after every group).
     `tag` names a repeat of the same measurement (`--repeat-heldout`)."""
-    archs = sample_subnets(space, n, random.Random("new-device-heldout"))
-    path = workdir / f"heldout-{name}-{n}{tag}.json"
+    archs = heldout_archs(space, n)
+    path = heldout_path(workdir, name, n, tag)
     done: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
     dp = params.device(name)
     stat = statistic(dp)
@@ -123,15 +137,14 @@ def heldout(params: Any, name: str, space: Any, n: int, workdir: Path,
         t0 = time.monotonic()
         try:
             with quiet("evit.formats.onnx"), torch_threads(dp.threads):
+                items = [subnet_item(a, space, 1) for a in todo]
                 if isinstance(dev, ConvertingDevice):  # every file first: no lowering beside any timing
-                    dev.prepare_ahead([[subnet_item(a, space, 1) for a in todo]])
+                    dev.prepare_ahead([items])
                 for g in range(0, len(todo), VALIDATE_GROUP):
                     group = todo[g:g + VALIDATE_GROUP]
-                    ms = dev.measure_many([subnet_item(a, space, 1) for a in group])
+                    ms = dev.measure_many(items[g:g + VALIDATE_GROUP])
                     done.update({a.key: m.to_dict()[stat] for a, m in zip(group, ms)})
-                    tmp = path.with_suffix(".part")
-                    tmp.write_text(json.dumps(done))
-                    os.replace(tmp, path)
+                    write_json_atomic(path, done)
                     log.info("held-out %s: %d/%d subnets, %.0f s", name, len(done), n, time.monotonic() - t0)
         finally:
             dev.close()
@@ -166,7 +179,7 @@ class KeepPartials:
 def build_row(params: Any, name: str, minutes: float, prior: str | None, space: Any, workdir: Path,
               keep: KeepPartials, start_from: Path | None) -> dict[str, Any]:
     partial = Path("luts") / f"{name}.partial.json"
-    row = f"{name}-{minutes:g}-{prior or 'none'}"
+    row = row_id(name, minutes, prior)
     current = workdir / "partials" / "in-progress.txt"
     current.parent.mkdir(parents=True, exist_ok=True)
     if not (current.is_file() and current.read_text() == row and partial.is_file()):
@@ -182,7 +195,7 @@ def build_row(params: Any, name: str, minutes: float, prior: str | None, space: 
     out["wall_seconds"] = round(time.monotonic() - t0, 1)
     tables = workdir / "tables"
     tables.mkdir(exist_ok=True)
-    shutil.copyfile(Path(out["lut"]), tables / f"{name}-{minutes:g}-{prior or 'none'}.json")
+    shutil.copyfile(Path(out["lut"]), tables / f"{row}.json")
     return out
 
 
@@ -213,7 +226,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         log.info("%s: held-out subnets measure %.2f-%.2f ms", name, measured.min(), measured.max())
         for variant in ("none", prior) if prior else ("none",):
             for i, minutes in enumerate(budgets):
-                marker = rows_dir / f"{name}-{minutes:g}-{variant}.json"
+                marker = rows_dir / f"{row_id(name, minutes, variant)}.json"
                 if marker.is_file():
                     rows.append(json.loads(marker.read_text()))
                     if variant == "none":
@@ -222,7 +235,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if variant == "none":  # grow the previous budget's measurements
                     start = (workdir / "partials" / f"{name}-{budgets[i - 1]:g}-none.json") if i else None
                 else:  # the same measurements as the row without prior
-                    start = workdir / "partials" / f"{name}-{minutes:g}-none.json"
+                    start = workdir / "partials" / f"{row_id(name, minutes, None)}.json"
                 out = build_row(params, name, minutes, None if variant == "none" else variant, space, workdir, keep,
                                 start)
                 if variant == "none":  # a grown build: the host work of the smaller builds it resumed counts too
@@ -231,7 +244,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     host = host_s[(name, minutes)]
                 else:
                     host = out["host_seconds"] + host_s.get((name, minutes), 0.0)
-                table = workdir / "tables" / f"{name}-{minutes:g}-{variant}.json"
+                table = workdir / "tables" / f"{row_id(name, minutes, variant)}.json"
                 row = {"device": name, "kind": DEVICES[name]["kind"], "threads": DEVICES[name]["threads"],
                        "budget_min": minutes, "prior": None if variant == "none" else variant,
                        **score(table, space, archs, measured),
@@ -258,18 +271,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def rescore(workdir: Path, space: Any, n: int) -> None:
     """Score every row's saved table again against its device's held-out file as it is now
     (after a held-out set is measured again, e.g. alone on the machine)."""
-    archs = sample_subnets(space, n, random.Random("new-device-heldout"))
-    for marker in sorted((workdir / "rows").glob("*.json")):
-        if marker.name.startswith("prior-"):
-            continue
-        row = json.loads(marker.read_text())
-        held = workdir / f"heldout-{row['device']}-{n}.json"
-        table = workdir / "tables" / f"{row['device']}-{row['budget_min']:g}-{row['prior'] or 'none'}.json"
+    archs = heldout_archs(space, n)
+    for row in all_rows(workdir):
+        name = row_id(row["device"], row["budget_min"], row["prior"])
+        held = heldout_path(workdir, row["device"], n)
+        table = workdir / "tables" / f"{name}.json"
         if not (held.is_file() and table.is_file()):
             continue
         done = json.loads(held.read_text())
         row.update(score(table, space, archs, np.array([done[a.key] for a in archs])))
-        marker.write_text(json.dumps(row))
+        (workdir / "rows" / f"{name}.json").write_text(json.dumps(row))
 
 
 def all_rows(workdir: Path) -> list[dict[str, Any]]:
@@ -303,9 +314,7 @@ def splice(doc: Path, text: str, section: str = MARKER) -> None:
         raise SystemExit(f"{doc} has no {start} ... {end} section")
     head, rest = body.split(start, 1)
     _, tail = rest.split(end, 1)
-    tmp = doc.with_suffix(".tmp")
-    tmp.write_text(f"{head}{start}\n{text}\n{end}{tail}")
-    os.replace(tmp, doc)
+    write_text_atomic(doc, f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main() -> None:

@@ -372,7 +372,7 @@ class ConvertingDevice(Device):
         return done_n
 
     def _prepare_batch(self, items: Sequence[Item]) -> None:
-        """Load every not-yet-prepared item, converting (BATCH per file) what no file holds yet."""
+        """Load every not-yet-prepared item, converting (about BATCH blocks per file) what no file holds yet."""
         with self.preparing():
             self._load_batch(items)
 
