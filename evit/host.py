@@ -33,6 +33,13 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory() -> int:
+    """Bytes of memory a new allocation can get without swapping (psutil's `available`)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def package_version(name: str) -> str:
     """The installed version of distribution `name`, or 'missing'."""
     try:

@@ -317,3 +317,35 @@ def test_lowering_workers_are_replaced_and_every_file_is_made(tmp_path: Path, mo
         assert len(list((tmp_path / "cache").glob("*.pte.json"))) == 3
     finally:
         dev.close()
+
+
+def test_loaded_copies_are_bounded_and_items_come_back_in_their_own_copy(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LiteRT interpreter packs every signature of its file, so a paper-space table's ~100
+    files, a copy per repeated position, do not fit in memory at once (the 5-minute LiteRT table
+    was killed at 22.6 GB). Loaded copies beyond `loaded_share` are dropped, least recently used
+    first and never the current batch's; an item comes back in its own copy (its own weights),
+    not a new one. Checked on ExecuTorch (the mechanism is the shared converting device's)."""
+    from evit.latency.devices import converting
+
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(converting, "BATCH", 1)
+    b0, b1 = list({b.key: b for b in arch_blocks(TINY.smallest(), TINY)}.values())[:2]
+    first, again, other = (Item(functools.partial(build_block, b), block_input_shape(b), key=k, file_key=b.key)
+                           for b, k in ((b0, b0.key), (b0, f"{b0.key}#1"), (b1, b1.key)))
+    dev = get_device(DeviceParams(name="et", kind="executorch", threads=1, warmup=1, repeats=2, rounds=1,
+                                  convert_jobs=1))
+    dev.loaded_share = 1e-15  # every copy the current batch does not use is dropped
+    try:
+        assert all(m.n == 2 for m in dev.measure_many([first, again]))
+        f0 = dev._index[dev._content_key(first)][0]
+        assert set(dev._programs) == {(f0, 0), (f0, 1)}  # the repeated position: a copy of its own
+        dev.measure_many([other])
+        f1 = dev._index[dev._content_key(other)][0]
+        assert set(dev._programs) == {(f1, 0)} and first.key not in dev._prepared
+        dev.measure_many([first, again])
+        assert set(dev._programs) == {(f0, 0), (f0, 1)}
+        assert dev._copy_of[again.key] == (f0, 1) and dev._instances[dev._index[dev._content_key(first)]] == 2
+        assert dev.files_made == 2
+    finally:
+        dev.close()

@@ -43,6 +43,7 @@ import math
 import os
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ from typing import Any
 from torch import nn
 
 from evit import cancel
-from evit.host import package_version, usable_cpus
+from evit.host import available_memory, package_version, usable_cpus
 from evit.io import write_json_atomic
 from evit.latency.devices.base import Device, Item, Prepared, module_to_time
 from evit.latency.measurement import Measurement
@@ -109,6 +110,12 @@ class ConvertingDevice(Device):
     runtime_packages: tuple[str, ...] = ()
     quantize_modules: tuple[str, ...] = ("evit.formats.quantize",)
     """The code an int8 file of this runtime depends on (its cache key, `_file_variant`)."""
+    loaded_share: float | None = None
+    """Where loading one copy of a file costs memory for every entry in it (LiteRT: the
+    interpreter packs all signatures' weights), the loaded copies hold at most this share of
+    the memory available when timing starts, in file bytes; the least recently used copy not
+    needed by the current batch is dropped (and loaded again when needed: ~0.05 s). None: no
+    bound (ExecuTorch loads only the methods it runs)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -121,6 +128,13 @@ class ConvertingDevice(Device):
         """content key -> (file, signature / method name) `prepare_ahead` put it in."""
         self._instances: dict[tuple[Path, str], int] = {}
         """(file, name) -> instances loaded so far (each position of a block gets its own)."""
+        self._copy_of: dict[str, tuple[Path, int]] = {}
+        """item key -> (file, instance) it runs in: kept when that copy is dropped, so the
+        item comes back in the same copy (its own weights, not another position's)."""
+        self._loaded: OrderedDict[tuple[Path, int], set[str]] = OrderedDict()
+        """Loaded copies, least recently used first -> the item keys prepared from them."""
+        self._loaded_bytes = 0
+        self._loaded_cap: int | None = None
         self._isolate = False
         """Convert in worker processes even one file at a time (`isolate_conversions`)."""
         self.files_fetched = 0
@@ -138,6 +152,10 @@ class ConvertingDevice(Device):
     def close(self) -> None:
         super().close()
         self._instances.clear()
+        self._copy_of.clear()
+        self._loaded.clear()
+        self._loaded_bytes = 0
+        self._loaded_cap = None
 
     def conversion_stats(self) -> dict[str, Any]:
         return {"files_made": self.files_made, "files_reused": self.files_reused,
@@ -381,14 +399,42 @@ class ConvertingDevice(Device):
         fresh = [it for it in todo if self._content_key(it) not in self._index]
         if fresh:
             self.prepare_ahead([fresh])
-        for it in todo:
-            if it.key in self._prepared:  # the same key twice in `items`
-                continue
+        batch: set[tuple[Path, int]] = set()
+        for it in items:
             path, name = self._index[self._content_key(it)]
-            instance = self._instances.get((path, name), 0)
-            self._instances[(path, name)] = instance + 1
-            self._prepared[it.key] = self._load(path, name, it, instance)  # type: ignore[index]
-            self._prepared_bytes[it.key] = 0  # type: ignore[index]
+            copy = self._copy_of.get(it.key)  # type: ignore[arg-type]
+            if copy is None:
+                instance = self._instances.get((path, name), 0)
+                self._instances[(path, name)] = instance + 1
+                copy = self._copy_of[it.key] = (path, instance)  # type: ignore[index]
+            if copy not in self._loaded:
+                self._loaded[copy] = set()
+                self._loaded_bytes += copy[0].stat().st_size
+            self._loaded.move_to_end(copy)
+            batch.add(copy)
+            if it.key not in self._prepared:  # the same key twice in `items` is loaded once
+                self._prepared[it.key] = self._load(path, name, it, copy[1])  # type: ignore[index]
+                self._prepared_bytes[it.key] = 0  # type: ignore[index]
+                self._loaded[copy].add(it.key)  # type: ignore[arg-type]
+        self._drop_copies(keep=batch)
+
+    def _drop_copies(self, keep: set[tuple[Path, int]]) -> None:
+        """Drop least recently used loaded copies (not in `keep`) while they exceed `loaded_share`."""
+        if self.loaded_share is None:
+            return
+        if self._loaded_cap is None:
+            self._loaded_cap = int(self.loaded_share * available_memory())
+        for copy in [c for c in self._loaded if c not in keep]:
+            if self._loaded_bytes <= self._loaded_cap:
+                break
+            for key in self._loaded.pop(copy):
+                self._prepared.pop(key, None)
+                self._prepared_bytes.pop(key, None)
+            self._unload(copy)
+            self._loaded_bytes -= copy[0].stat().st_size
+
+    def _unload(self, copy: tuple[Path, int]) -> None:
+        """Forget loaded copy (file, instance); what still runs from it keeps it alive until done."""
 
     def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:  # pragma: no cover
         raise AssertionError("mobile devices prepare in batches (_prepare_batch)")

@@ -114,6 +114,9 @@ class ExecuTorchDevice(ConvertingDevice):
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
 
+    def _unload(self, copy: tuple[Path, int]) -> None:
+        self._programs.pop(copy, None)
+
     def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
         program = self._programs.get((path, instance))
         if program is None:
