@@ -23,9 +23,10 @@ How the rows share work (so the bench fits a shared 2-core machine):
 - the mobile kinds share converted files through `EVIT_MODEL_CACHE_REMOTE` (a folder under
   the workdir, standing for the DVC remote / S3 bucket): a second device of one runtime
   converts nothing.
-`--repeat-heldout` measures each device's held-out subnets once more after its tables:
-how far two sessions of one device agree bounds what any table can reach (on a shared
-machine it is the load between the sessions, not the method).
+`--repeat-heldout` measures each device's held-out subnets once more after its tables
+(each run another: `-repeat`, `-repeat2`, ...): how far two sessions of one device agree
+bounds what any table can reach (on a shared machine it is the load between the sessions,
+not the method); the largest table is then scored against each measurement and their mean.
 Each step leaves a marker (`<workdir>/rows/*.json`, `<workdir>/heldout-*.json`); a re-run
 (a killed bench, another --devices) repeats only what is missing, and a killed row resumes
 its own partial table (same probe, so the same plan and the same converted files).
@@ -119,6 +120,21 @@ def heldout_archs(space: Any, n: int) -> list[Any]:
 
 def heldout_path(workdir: Path, device: str, n: int, tag: str = "") -> Path:
     return workdir / f"heldout-{device}-{n}{tag}.json"
+
+
+def repeat_tag(k: int) -> str:
+    """The file tag of the k-th repeated measurement of the held-out subnets (1: '-repeat')."""
+    return "-repeat" if k == 1 else f"-repeat{k}"
+
+
+def measurements(workdir: Path, device: str, n: int) -> dict[str, Path]:
+    """Every measurement of `device`'s held-out subnets, in order: 'first', 'repeat', 'repeat2', ..."""
+    found = {"first": heldout_path(workdir, device, n)} if heldout_path(workdir, device, n).is_file() else {}
+    k = 1
+    while (path := heldout_path(workdir, device, n, repeat_tag(k))).is_file():
+        found[repeat_tag(k).lstrip("-")] = path
+        k += 1
+    return found
 
 
 def heldout(params: Any, name: str, space: Any, n: int, workdir: Path,
@@ -257,8 +273,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 marker.write_text(json.dumps(row))
                 rows.append(row)
                 log.info("row %s", row)
-        if args.repeat_heldout:
-            _, again = heldout(params, name, space, args.heldout, workdir, tag="-repeat")
+        if args.repeat_heldout:  # another measurement each time: '-repeat', '-repeat2', ...
+            tag = repeat_tag(len(measurements(workdir, name, args.heldout)))
+            _, again = heldout(params, name, space, args.heldout, workdir, tag=tag)
             drift = again / measured - 1.0
             repeat = {"device": name, "within_10pct": round(float(np.mean(np.abs(drift) <= 0.10)), 4),
                       "mean_drift_pct": round(float(np.mean(drift) * 100), 2),
@@ -290,6 +307,29 @@ def all_rows(workdir: Path) -> list[dict[str, Any]]:
     order = list(DEVICES)
     return sorted(rows, key=lambda r: (order.index(r["device"]) if r["device"] in order else len(order),
                                        r["prior"] is not None, r["budget_min"]))
+
+
+def against_each_measurement(workdir: Path, space: Any, n: int) -> list[str]:
+    """Per device measured more than once: its largest table without prior scored against each
+    measurement of the held-out subnets and against their mean (the ground truth moves
+    between sessions on a shared machine; how far is what these say)."""
+    archs = heldout_archs(space, n)
+    lines = []
+    for device in DEVICES:
+        sets = measurements(workdir, device, n)
+        rows = [r for r in all_rows(workdir) if r["device"] == device and r["prior"] is None]
+        if len(sets) < 2 or not rows:
+            continue
+        budget = max(r["budget_min"] for r in rows)
+        table_path = workdir / "tables" / f"{row_id(device, budget, None)}.json"
+        ms = {name: np.array([json.loads(p.read_text())[a.key] for a in archs]) for name, p in sets.items()}
+        ms["their mean"] = np.mean(list(ms.values()), axis=0)
+        scores = [f"{name} {s['within_10pct'] * 100:.0f}% (MAPE {s['mape_pct']:.1f}%, Spearman {s['spearman']:.3f})"
+                  for name, s in ((name, score(table_path, space, archs, m)) for name, m in ms.items())]
+        lines.append(f"The {budget:g}-minute {device} table without prior against each measurement of its held-out "
+                     f"subnets (mean {', '.join(f'{m.mean():.2f}' for m in list(ms.values())[:-1])} ms): "
+                     + ", ".join(scores) + ".")
+    return lines
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -345,6 +385,8 @@ def main() -> None:
         text += (f"\n\nHeld-out subnets of {r['device']} measured again after its tables: "
                  f"{r['within_10pct'] * 100:.0f}% within +-10% of the first measurement, mean drift "
                  f"{r['mean_drift_pct']:+.1f}%, median |drift| {r['median_abs_drift_pct']:.1f}%.")
+    for line in against_each_measurement(Path(args.workdir).resolve(), paper_space(), args.heldout):
+        text += f"\n\n{line}"
     print(text)
     (Path(args.workdir) / "new_device.json").write_text(json.dumps(rows, indent=1))
     if args.out:
