@@ -129,7 +129,8 @@ def repeat_tag(k: int) -> str:
 
 def measurements(workdir: Path, device: str, n: int) -> dict[str, Path]:
     """Every measurement of `device`'s held-out subnets, in order: 'first', 'repeat', 'repeat2', ..."""
-    found = {"first": heldout_path(workdir, device, n)} if heldout_path(workdir, device, n).is_file() else {}
+    first = heldout_path(workdir, device, n)
+    found = {"first": first} if first.is_file() else {}
     k = 1
     while (path := heldout_path(workdir, device, n, repeat_tag(k))).is_file():
         found[repeat_tag(k).lstrip("-")] = path
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         host_s[(name, minutes)] = rows[-1]["host_min"] * 60
                     continue
                 if variant == "none":  # grow the previous budget's measurements
-                    start = (workdir / "partials" / f"{name}-{budgets[i - 1]:g}-none.json") if i else None
+                    start = (workdir / "partials" / f"{row_id(name, budgets[i - 1], None)}.json") if i else None
                 else:  # the same measurements as the row without prior
                     start = workdir / "partials" / f"{row_id(name, minutes, None)}.json"
                 out = build_row(params, name, minutes, None if variant == "none" else variant, space, workdir, keep,
@@ -314,10 +315,11 @@ def against_each_measurement(workdir: Path, space: Any, n: int) -> list[str]:
     measurement of the held-out subnets and against their mean (the ground truth moves
     between sessions on a shared machine; how far is what these say)."""
     archs = heldout_archs(space, n)
+    every_row = all_rows(workdir)
     lines = []
     for device in DEVICES:
         sets = measurements(workdir, device, n)
-        rows = [r for r in all_rows(workdir) if r["device"] == device and r["prior"] is None]
+        rows = [r for r in every_row if r["device"] == device and r["prior"] is None]
         if len(sets) < 2 or not rows:
             continue
         budget = max(r["budget_min"] for r in rows)
@@ -374,21 +376,22 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="splice the table into this file (docs/mobile.md)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    workdir, space = Path(args.workdir).resolve(), paper_space()
     if args.rescore:
-        rescore(Path(args.workdir).resolve(), paper_space(), args.heldout)
+        rescore(workdir, space, args.heldout)
     else:
         run(args)
-    rows = all_rows(Path(args.workdir).resolve())
+    rows = all_rows(workdir)
     text = table(rows)
-    for path in sorted(Path(args.workdir).glob("repeat-*.json")):
+    for path in sorted(workdir.glob("repeat-*.json")):
         r = json.loads(path.read_text())
         text += (f"\n\nHeld-out subnets of {r['device']} measured again after its tables: "
                  f"{r['within_10pct'] * 100:.0f}% within +-10% of the first measurement, mean drift "
                  f"{r['mean_drift_pct']:+.1f}%, median |drift| {r['median_abs_drift_pct']:.1f}%.")
-    for line in against_each_measurement(Path(args.workdir).resolve(), paper_space(), args.heldout):
+    for line in against_each_measurement(workdir, space, args.heldout):
         text += f"\n\n{line}"
     print(text)
-    (Path(args.workdir) / "new_device.json").write_text(json.dumps(rows, indent=1))
+    (workdir / "new_device.json").write_text(json.dumps(rows, indent=1))
     if args.out:
         splice(REPO / args.out, text, args.section)
 

@@ -103,7 +103,7 @@ def test_executorch_converts_ahead_in_parallel_once_per_block(tmp_path: Path, mo
         assert len(chain) == len(blocks) and all(m.n == 3 and m.median_ms > 0 for m in chain)
         assert all(m.median_ms > 0 for m in e2e)
         # each position its own program instance (own weights, own buffers)
-        assert sorted(i for (_, i) in dev._programs) == [0, 0, 1]
+        assert sorted(i for (_, i) in dev._loaded) == [0, 0, 1]
     finally:
         dev.close()
     again = get_device(dp)  # a repeated build: the files come from the cache
@@ -339,12 +339,12 @@ def test_loaded_copies_are_bounded_and_items_come_back_in_their_own_copy(tmp_pat
     try:
         assert all(m.n == 2 for m in dev.measure_many([first, again]))
         f0 = dev._index[dev._content_key(first)][0]
-        assert set(dev._programs) == {(f0, 0), (f0, 1)}  # the repeated position: a copy of its own
+        assert set(dev._loaded) == {(f0, 0), (f0, 1)}  # the repeated position: a copy of its own
         dev.measure_many([other])
         f1 = dev._index[dev._content_key(other)][0]
-        assert set(dev._programs) == {(f1, 0)} and first.key not in dev._prepared
+        assert set(dev._loaded) == {(f1, 0)} and first.key not in dev._prepared
         dev.measure_many([first, again])
-        assert set(dev._programs) == {(f0, 0), (f0, 1)}
+        assert set(dev._loaded) == {(f0, 0), (f0, 1)}
         assert dev._copy_of[again.key] == (f0, 1) and dev._instances[dev._index[dev._content_key(first)]] == 2
         assert dev.files_made == 2
     finally:

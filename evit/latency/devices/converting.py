@@ -87,6 +87,17 @@ INT8_CALIBRATION = 4
 shapes and the float policy, not on the scales the calibration picks)."""
 
 
+@dataclass
+class LoadedCopy:
+    """One loaded copy of a converted file (a program / interpreter with its own weights)."""
+
+    handle: Any
+    nbytes: int
+    """The file's size: what `loaded_share` counts."""
+    keys: set[str]
+    """The items prepared from it (dropped with it)."""
+
+
 @dataclass(frozen=True)
 class ConvertedFile:
     """One converted file: where it is cached and which module (content key) is which name."""
@@ -131,8 +142,8 @@ class ConvertingDevice(Device):
         self._copy_of: dict[str, tuple[Path, int]] = {}
         """item key -> (file, instance) it runs in: kept when that copy is dropped, so the
         item comes back in the same copy (its own weights, not another position's)."""
-        self._loaded: OrderedDict[tuple[Path, int], set[str]] = OrderedDict()
-        """Loaded copies, least recently used first -> the item keys prepared from them."""
+        self._loaded: OrderedDict[tuple[Path, int], LoadedCopy] = OrderedDict()
+        """(file, instance) -> its loaded copy, least recently used first."""
         self._loaded_bytes = 0
         self._loaded_cap: int | None = None
         self._isolate = False
@@ -407,19 +418,21 @@ class ConvertingDevice(Device):
                 instance = self._instances.get((path, name), 0)
                 self._instances[(path, name)] = instance + 1
                 copy = self._copy_of[it.key] = (path, instance)  # type: ignore[index]
-            if copy not in self._loaded:
-                self._loaded[copy] = set()
-                self._loaded_bytes += copy[0].stat().st_size
+            loaded = self._loaded.get(copy)
+            if loaded is None:
+                loaded = self._loaded[copy] = LoadedCopy(self._open(path), path.stat().st_size, set())
+                self._loaded_bytes += loaded.nbytes
             self._loaded.move_to_end(copy)
             batch.add(copy)
             if it.key not in self._prepared:  # the same key twice in `items` is loaded once
-                self._prepared[it.key] = self._load(path, name, it, copy[1])  # type: ignore[index]
+                self._prepared[it.key] = self._load(loaded.handle, name, it)  # type: ignore[index]
                 self._prepared_bytes[it.key] = 0  # type: ignore[index]
-                self._loaded[copy].add(it.key)  # type: ignore[arg-type]
+                loaded.keys.add(it.key)  # type: ignore[arg-type]
         self._drop_copies(keep=batch)
 
     def _drop_copies(self, keep: set[tuple[Path, int]]) -> None:
-        """Drop least recently used loaded copies (not in `keep`) while they exceed `loaded_share`."""
+        """Drop least recently used loaded copies (not in `keep`) while they exceed `loaded_share`;
+        what still runs from a dropped copy keeps it alive until done."""
         if self.loaded_share is None:
             return
         if self._loaded_cap is None:
@@ -427,14 +440,11 @@ class ConvertingDevice(Device):
         for copy in [c for c in self._loaded if c not in keep]:
             if self._loaded_bytes <= self._loaded_cap:
                 break
-            for key in self._loaded.pop(copy):
+            dropped = self._loaded.pop(copy)
+            for key in dropped.keys:
                 self._prepared.pop(key, None)
                 self._prepared_bytes.pop(key, None)
-            self._unload(copy)
-            self._loaded_bytes -= copy[0].stat().st_size
-
-    def _unload(self, copy: tuple[Path, int]) -> None:
-        """Forget loaded copy (file, instance); what still runs from it keeps it alive until done."""
+            self._loaded_bytes -= dropped.nbytes
 
     def _prepare(self, module: nn.Module, item: Item, workdir: Path) -> Prepared:  # pragma: no cover
         raise AssertionError("mobile devices prepare in batches (_prepare_batch)")
@@ -442,8 +452,12 @@ class ConvertingDevice(Device):
     def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
         raise NotImplementedError
 
-    def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
-        """Entry `name` of the file, from its `instance`-th loaded copy (own weights and buffers)."""
+    def _open(self, path: Path) -> Any:
+        """Load one copy of a converted file (its own weights and buffers)."""
+        raise NotImplementedError
+
+    def _load(self, handle: Any, name: str, item: Item) -> Prepared:
+        """Entry `name` of a loaded copy (`_open`)."""
         raise NotImplementedError
 
 

@@ -61,19 +61,11 @@ class ExecuTorchDevice(ConvertingDevice):
     suffix = ".pte"
     runtime_packages = ("executorch",)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._programs: dict[tuple[Path, int], Any] = {}
-
     def _prepare_batch(self, items: Sequence[Item]) -> None:
         # ExecuTorch's XNNPACK thread pool is process-wide and must be sized before any
         # method is loaded: resizing it under loaded methods crashes the process
         set_threads(self.params.threads)
         super()._prepare_batch(items)
-
-    def close(self) -> None:
-        super().close()
-        self._programs.clear()
 
     def check_available(self) -> None:
         try:
@@ -114,13 +106,10 @@ class ExecuTorchDevice(ConvertingDevice):
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
 
-    def _unload(self, copy: tuple[Path, int]) -> None:
-        self._programs.pop(copy, None)
+    def _open(self, path: Path) -> Any:
+        return load_program(path)
 
-    def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
-        program = self._programs.get((path, instance))
-        if program is None:
-            program = self._programs[(path, instance)] = load_program(path)
+    def _load(self, program: Any, name: str, item: Item) -> Prepared:
         method = program.load_method(name)
         execute = method.execute
 

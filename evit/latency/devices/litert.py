@@ -47,7 +47,6 @@ class LiteRTDevice(ConvertingDevice):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._converter: Any = None
-        self._interpreters: dict[tuple[Path, int], Any] = {}
 
     def _int8_forms(self, module: nn.Module) -> nn.Module:
         """The module to convert: a copy in LiteRT's int8 forms when the table is int8 (the
@@ -72,7 +71,6 @@ class LiteRTDevice(ConvertingDevice):
         if self._converter is not None:
             self._converter.close()
             self._converter = None
-        self._interpreters.clear()
         super().close()
 
     def _convert(self, modules: dict[str, tuple[nn.Module, tuple[int, ...]]], path: Path) -> None:
@@ -113,13 +111,10 @@ class LiteRTDevice(ConvertingDevice):
                     c.close()
                 pool.shutdown(wait=True, cancel_futures=True)
 
-    def _unload(self, copy: tuple[Path, int]) -> None:
-        self._interpreters.pop(copy, None)
+    def _open(self, path: Path) -> Any:
+        return interpreter(path, self.params.threads)
 
-    def _load(self, path: Path, name: str, item: Item, instance: int) -> Prepared:
-        interp = self._interpreters.get((path, instance))
-        if interp is None:
-            interp = self._interpreters[(path, instance)] = interpreter(path, self.params.threads)
+    def _load(self, interp: Any, name: str, item: Item) -> Prepared:
         runner = interp.get_signature_runner(name)
         sig = interp.get_signature_list()[name]
         in_name, out_name = sig["inputs"][0], sig["outputs"][0]
