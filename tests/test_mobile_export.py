@@ -291,6 +291,54 @@ def test_a_stopped_conversion_leaves_what_it_made_findable(tmp_path: Path, monke
         again.close()
 
 
+@pytest.mark.slow
+def test_conversion_stops_before_the_disk_fills_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paper space's files took ~30 GB; a build that fills the disk breaks everything else
+    on it. After each file the files still to make are projected from the mean size so far:
+    with too little free space the build stops with what to do, keeping what it made, and a
+    re-run with room converts only the rest. On LiteRT's parallel path (two converter
+    processes, the programs exported at most one file per converter ahead and deleted once
+    converted)."""
+    import shutil
+    import tempfile
+
+    from evit.latency.devices import converting
+
+    monkeypatch.setenv("EVIT_MODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(converting, "BATCH", 1)  # one block per file
+    blocks = list({b.key: b for b in arch_blocks(TINY.smallest(), TINY)}.values())[:5]  # > 2 ahead per converter
+    assert len(blocks) == 5
+    items = [Item(functools.partial(build_block, b), block_input_shape(b), key=b.key) for b in blocks]
+    dp = DeviceParams(name="lt", kind="litert", threads=1, warmup=1, repeats=2, rounds=1, convert_jobs=2)
+    real = shutil.disk_usage
+
+    def full(path: Any) -> Any:  # room for the reserve and nothing more
+        return real(path)._replace(free=converting.DISK_RESERVE + 1)
+
+    monkeypatch.setattr(converting.shutil, "disk_usage", full)
+    dev = get_device(dp)
+    try:
+        with pytest.raises(UserError, match=r"more \.tflite file\(s\) to convert need about .* EVIT_MODEL_CACHE"):
+            dev.prepare_ahead([items])
+        made = sorted((tmp_path / "cache").glob("*.tflite.json"))
+        assert 1 <= len(made) < 5 and dev.files_made == len(made)
+        assert dev.bytes_made == sum(p.with_suffix("").stat().st_size for p in made)
+    finally:
+        dev.close()
+    monkeypatch.setattr(converting.shutil, "disk_usage", real)
+    again = get_device(dp)
+    try:
+        again.prepare_ahead([items])
+        # conversions already running when it stopped may have finished their files: reused too
+        assert again.files_reused >= len(made) and again.files_reused + again.files_made == 5
+        assert all(m.n == 2 for m in again.measure_many(items))
+    finally:
+        again.close()
+    assert not any((tmp_path / "tmp").iterdir())  # no exported programs left behind
+
+
 def test_lowering_workers_are_replaced_and_every_file_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Parallel lowering runs in pools of `workers * WORKER_FILES` files (a worker's memory is
     never given back): three files, two workers, one file per worker -> two pools, all made."""

@@ -101,8 +101,8 @@ def convert_ahead(params: Params, device: str, *, jobs: int | None = None,
     finally:
         dev.close()
     stats = dev.conversion_stats() or {}
-    return {"device": device, "files_made": stats.get("files_made", 0), "files_reused": stats.get("files_reused", 0),
-            "seconds": round(time.monotonic() - t0, 1)}
+    return {"device": device, "files_made": stats.get("files_made", 0), "bytes_made": stats.get("bytes_made", 0),
+            "files_reused": stats.get("files_reused", 0), "seconds": round(time.monotonic() - t0, 1)}
 
 
 def _entries(state: PartialLUT, plan: Plan, space: SearchSpace, stat: str) -> tuple[dict[str, dict[str, Any]], float]:
@@ -300,7 +300,8 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
     state.remove()
     log.info("lut@%s: device time %.1f min%s, host time %.1f min%s", device, device_s / 60,
              f" of a {dp.lut.device_minutes:g} min budget" if budget is not None else "", host_s / 60,
-             f"; {conversion['files_made']} file(s) converted, {conversion['files_reused']} reused "
+             f"; {conversion['files_made']} file(s) converted ({conversion['bytes_made'] / 1e9:.2f} GB), "
+             f"{conversion['files_reused']} reused "
              f"({conversion['files_fetched']} fetched from the shared store)" if conversion else "")
     log.info("lut@%s: %d entries; %d/%d subnets within +-10%% (FLOPs proxy: %.0f%%), MAPE %.2f%%, %.0f s; "
              "estimator %s, load average %s (max %s) on %s CPUs, %d outlier subnet(s) re-measured", device,

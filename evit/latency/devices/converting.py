@@ -52,6 +52,7 @@ from typing import Any
 from torch import nn
 
 from evit import cancel
+from evit.errors import DeviceError
 from evit.host import available_memory, package_version, usable_cpus
 from evit.io import write_json_atomic
 from evit.latency.devices.base import Device, Item, Prepared, module_to_time
@@ -61,6 +62,12 @@ log = logging.getLogger(__name__)
 
 BATCH = 48
 """Modules per converted file (one signature / method each)."""
+
+DISK_RESERVE = 1 << 30
+"""Bytes a table build leaves free on the model cache's disk: the paper space's tables and
+held-out subnets took ~30 GB of files for ExecuTorch and LiteRT together, and a disk filled to
+the last byte breaks everything else on it (the tracking database, a test run beside it), not
+just this build."""
 
 
 def cache_dir() -> Path:
@@ -134,6 +141,9 @@ class ConvertingDevice(Device):
         self.convert_seconds = 0.0
         """Wall seconds spent converting (parallel conversions count once)."""
         self.files_made = 0
+        """Files this device converted, counted as each is made (a stopped build counts its own)."""
+        self.bytes_made = 0
+        """Their bytes (what `_check_disk` projects the files still to make from)."""
         self.files_reused = 0
         self._index: dict[str, tuple[Path, str]] = {}
         """content key -> (file, signature / method name) `prepare_ahead` put it in."""
@@ -169,7 +179,7 @@ class ConvertingDevice(Device):
         self._loaded_cap = None
 
     def conversion_stats(self) -> dict[str, Any]:
-        return {"files_made": self.files_made, "files_reused": self.files_reused,
+        return {"files_made": self.files_made, "bytes_made": self.bytes_made, "files_reused": self.files_reused,
                 "files_fetched": self.files_fetched, "seconds": round(self.convert_seconds, 1),
                 **({"shared": self._store.location} if self._store is not None else {})}
 
@@ -302,6 +312,9 @@ class ConvertingDevice(Device):
         cancelled, out of memory) leaves manifests for what it converted, so a resumed
         build whose plan groups the modules differently still finds them."""
         manifest = f.path.with_name(f"{f.path.name}.json")
+        if made:
+            self.bytes_made += f.path.stat().st_size
+            self.files_made += 1
         if not manifest.is_file():
             write_json_atomic(manifest, {"namespace": self._namespace, "names": f.names})
         if self._modules is not None:
@@ -361,17 +374,38 @@ class ConvertingDevice(Device):
         for f in files:
             f.path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
+        self._check_disk(len(files))
         if workers == 1 and not self._isolate:
             for i, f in enumerate(files, 1):
                 cancel.check(f"{self.name}: converting files, the ones done are cached")
                 self._convert({n: build_module(m, shape) for n, (m, shape) in f.modules.items()}, f.path)
                 self._publish(f, made=True)
+                self._check_disk(len(files) - i)
                 log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, i, len(files),
                          len(f.names), time.monotonic() - t0)
         else:
             self._convert_parallel(files, workers, t0)
         self.convert_seconds += time.monotonic() - t0
-        self.files_made += len(files)
+
+    def _check_disk(self, left: int) -> None:
+        """Stop converting, with what to do, once the files still to make would not fit.
+
+        Projected from the mean size of the files this build made so far (a file's size
+        follows its blocks' weights, which the plan does not know before building them), so
+        it is checked after every file: the build stops early instead of at the disk's last
+        byte, and every file made is cached, so a re-run resumes from them."""
+        if left <= 0:
+            return
+        per_file = self.bytes_made / max(1, self.files_made)
+        need = per_file * left + DISK_RESERVE
+        free = shutil.disk_usage(cache_dir()).free
+        if free < need:
+            raise DeviceError(
+                f"{self.name}: {left} more {self.suffix} file(s) to convert need about {need / 1e9:.1f} GB on the "
+                f"disk of the model cache {cache_dir()} ({per_file / 1e6:.0f} MB per file so far, plus "
+                f"{DISK_RESERVE / 1e9:.1f} GB kept free) and {free / 1e9:.1f} GB is free. The {self.files_made} "
+                "file(s) made are cached and a re-run goes on from them: free space there, or set "
+                "EVIT_MODEL_CACHE to a directory on a larger disk (lut.share keeps a copy in the DVC remote / S3).")
 
     def _convert_parallel(self, files: Sequence[ConvertedFile], workers: int, t0: float) -> None:
         raise NotImplementedError
@@ -385,19 +419,22 @@ class ConvertingDevice(Device):
         code = b"".join(Path(str(importlib.import_module(m).__file__)).read_bytes() for m in self.quantize_modules)
         return {"precision": "int8", "quantize": hashlib.sha256(code).hexdigest()[:16]}
 
-    def _wait(self, futures: dict[cf.Future[Any], ConvertedFile], total: int, t0: float, done_n: int = 0) -> int:
-        """Wait for every conversion, logging each (`done_n` of `total` done before these);
+    def _wait(self, futures: dict[cf.Future[Any], ConvertedFile], total: int, t0: float, done_n: int = 0,
+              keep: int = 0) -> int:
+        """Wait until at most `keep` conversions are still running (0: all done), logging each
+        (`done_n` of `total` done before these) and taking the finished ones out of `futures`;
         stop on a cancel request or the first failure. Returns the files done."""
-        pending = set(futures)
-        while pending:
+        while len(futures) > keep:
             cancel.check(f"{self.name}: converting files, the ones done are cached")
-            done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            done, _ = cf.wait(set(futures), timeout=1.0, return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 fut.result()  # re-raises the worker's error
-                self._publish(futures[fut], made=True)
+                f = futures.pop(fut)
+                self._publish(f, made=True)
                 done_n += 1
                 log.info("%s: converted %d/%d file(s) (%d modules), %.0f s", self.name, done_n, total,
-                         len(futures[fut].names), time.monotonic() - t0)
+                         len(f.names), time.monotonic() - t0)
+                self._check_disk(total - done_n)
         return done_n
 
     def _prepare_batch(self, items: Sequence[Item]) -> None:

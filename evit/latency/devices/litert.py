@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import queue
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,24 +89,28 @@ class LiteRTDevice(ConvertingDevice):
         for c in (self._converter, *extra):
             converters.put(c)
 
-        def convert(programs: list[tuple[str, Path, list[tuple[int, ...]]]], path: Path) -> None:
+        def convert(programs: list[tuple[str, Path, list[tuple[int, ...]]]], path: Path, folder: Path) -> None:
             conv = converters.get()
             try:
                 conv.convert_programs(programs, path, INT8_CALIBRATION if self.int8 else 0)
             finally:
                 converters.put(conv)
+                shutil.rmtree(folder, ignore_errors=True)  # the programs hold the weights again: free them now
 
         with tempfile.TemporaryDirectory(prefix="evit-pt2-") as tmp, \
                 cf.ThreadPoolExecutor(workers, thread_name_prefix="litert-convert") as pool:
             try:
-                futures = {}
+                futures: dict[cf.Future[Any], ConvertedFile] = {}
+                done = 0
                 for i, f in enumerate(files):
                     cancel.check(f"{self.name}: converting files, the ones done are cached")
+                    # exporting runs ahead of the converters by at most one file each (bounded temp disk)
+                    done = self._wait(futures, len(files), t0, done, keep=2 * workers - 1)
                     built = {n: build_module(m, shape) for n, (m, shape) in f.modules.items()}
-                    programs = export_pt2({n: (self._int8_forms(m), shape) for n, (m, shape) in built.items()},
-                                          Path(tmp) / f"f{i}")
-                    futures[pool.submit(convert, programs, f.path)] = f
-                self._wait(futures, len(files), t0)
+                    folder = Path(tmp) / f"f{i}"
+                    programs = export_pt2({n: (self._int8_forms(m), shape) for n, (m, shape) in built.items()}, folder)
+                    futures[pool.submit(convert, programs, f.path, folder)] = f
+                self._wait(futures, len(files), t0, done)
             finally:
                 for c in extra:  # stops their processes; a running conversion ends with an error
                     c.close()
