@@ -30,6 +30,10 @@ not the method); the largest table is then scored against each measurement and t
 Each step leaves a marker (`<workdir>/rows/*.json`, `<workdir>/heldout-*.json`); a re-run
 (a killed bench, another --devices) repeats only what is missing, and a killed row resumes
 its own partial table (same probe, so the same plan and the same converted files).
+Disk: the converted files of ExecuTorch and LiteRT took 30 GB in `<workdir>/model-cache` and
+18 GB more in the stand-in store (47 GB in all); a build stops before the disk fills
+(`converting.DISK_RESERVE`), and the workdir's two file folders can be deleted once the
+rows are in (a re-run converts again).
 The held-out subnets' files are all lowered before any of them is timed: a subnet timed
 beside a lowering process (memory-heavy) measured ~18% slow here. `--rescore` measures
 nothing and scores the saved tables against the held-out files as they are (after a
