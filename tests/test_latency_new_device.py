@@ -143,10 +143,25 @@ def test_second_device_on_another_machine_converts_nothing(tmp_path: Path, monke
 def test_deadline_stops_the_table_when_the_load_makes_units_dearer() -> None:
     d = Deadline(10.0, {"carrier|a": 2.0, "carrier|b": 2.0, "carrier|c": 2.0}, validation_s=2.0)
     assert d.fits(0.0, ["carrier|a"], rounds=1, rounds_left=1)  # 2 + 2 <= 10
-    d.spent_done, d.expected_done = 4.0, 2.0  # unit a took twice what the probe said
+    d.timed(2.0, 4.0)  # unit a took twice what the probe said
     assert d.inflation() == 2.0
     assert not d.fits(4.0, ["carrier|b"], rounds=1, rounds_left=1) and d.cut  # 4 + (2 + 2) * 2 > 10
     assert not d.fits(0.0, ["carrier|c"], rounds=1, rounds_left=1)  # once cut, the table is done
+
+
+def test_a_resumed_budget_goes_on_from_the_ratio_of_everything_timed(tmp_path: Path) -> None:
+    """The expected-vs-spent ratio lives in the partial table: restarted with each run, the
+    first (cold) group after a resume set it alone (3.4x where the table had run at 1.8x)."""
+    from evit.latency.lut import PartialLUT
+
+    state = PartialLUT(tmp_path / "t.partial.json", {"device": "d"})
+    Deadline(10.0, {}, 1.0, progress=state.budget_progress).timed(2.0, 3.6)
+    state.flush()
+    resumed = PartialLUT.open(tmp_path / "t.partial.json", {"device": "d"})
+    d = Deadline(10.0, {}, 1.0, progress=resumed.budget_progress)
+    assert d.inflation() == pytest.approx(1.8)
+    d.timed(0.1, 0.34)  # one cold group after the resume moves it a little, not to 3.4x
+    assert d.inflation() == pytest.approx(3.94 / 2.1)
 
 
 def test_whole_subnets_are_split_into_files_by_their_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

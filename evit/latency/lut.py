@@ -63,6 +63,9 @@ class PartialLUT:
         self.probe: dict[str, float] | None = None
         """A budgeted build's timing probe (`evit.latency.plan.Probe`): kept, so a resumed or
         re-budgeted build plans from the same estimates and re-times nothing it has."""
+        self.budget_progress: dict[str, float] = {"expected": 0.0, "spent": 0.0}
+        """A budgeted build's table units so far: device seconds expected, and spent
+        (`evit.latency.measure.Deadline`)."""
         self._dirty = 0
         self._last_flush = time.monotonic()
 
@@ -87,6 +90,7 @@ class PartialLUT:
         state.measure_seconds = float(data.get("measure_seconds", 0.0))
         state.device_seconds = float(data.get("device_seconds", 0.0))
         state.probe = data.get("probe")
+        state.budget_progress.update({k: float(v) for k, v in data.get("budget_progress", {}).items()})
         log.info("resuming %s: %d units of work done (%d blocks, %d validation subnets measured so far)", path,
                  len(state.done), len(state.samples), len(state.validation))
         return state
@@ -114,6 +118,7 @@ class PartialLUT:
             "measure_seconds": round(self.measure_seconds, 3),
             "device_seconds": round(self.device_seconds, 3),
             **({"probe": self.probe} if self.probe else {}),
+            "budget_progress": {k: round(v, 3) for k, v in self.budget_progress.items()},
         }, indent=None)
         self._dirty = 0
         self._last_flush = time.monotonic()

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -123,12 +123,21 @@ class Deadline:
     unit_s: dict[str, float]
     """Expected device seconds of each table unit ("carrier|<key>" / "block|<key>"), all rounds."""
     validation_s: float
-    expected_done: float = 0.0
-    spent_done: float = 0.0
+    progress: dict[str, float] = field(default_factory=lambda: {"expected": 0.0, "spent": 0.0})
+    """Device seconds the table units timed so far were expected to take, and took: the
+    partial table's own dict (`PartialLUT.budget_progress`), so a resumed build goes on from
+    the ratio over everything it timed. Restarted with each run, the first group after a
+    resume (cold caches, reloaded files) set it alone: 3.4x in a LiteRT build whose table
+    had run at 1.8x."""
     cut: bool = False
 
     def inflation(self) -> float:
-        return max(1.0, self.spent_done / self.expected_done) if self.expected_done > 0 else 1.0
+        expected, spent = self.progress["expected"], self.progress["spent"]
+        return max(1.0, spent / expected) if expected > 0 else 1.0
+
+    def timed(self, expected_s: float, spent_s: float) -> None:
+        self.progress["expected"] += expected_s
+        self.progress["spent"] += spent_s
 
     def fits(self, spent_now: float, units: Sequence[str], rounds: int, rounds_left: int) -> bool:
         """Whether `units` (one round's share) and the validation rounds still to come fit."""
@@ -208,8 +217,8 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
                                                               for k, v in pooled.items()})
                     finish(len(group), seconds)
                     if deadline is not None:
-                        deadline.spent_done += state.device_seconds - before
-                        deadline.expected_done += sum(deadline.unit_s.get(u, 0.0) for u in names) / len(per_round)
+                        deadline.timed(sum(deadline.unit_s.get(u, 0.0) for u in names) / len(per_round),
+                                       state.device_seconds - before)
             else:
                 if null is not None and f"overhead@{r}" not in state.done:
                     m = device.measure_many([null], repeats=count, warmup=warm, rounds=1)[0]
@@ -226,8 +235,7 @@ def measure_all(device: Device, space: SearchSpace, plan: Plan, archs: Sequence[
                     state.add(f"block|{b.key}@{r}", {b.key: m})
                     finish(1, time.monotonic() - t)
                     if deadline is not None:
-                        deadline.spent_done += state.device_seconds - before
-                        deadline.expected_done += deadline.unit_s.get(units[i], 0.0) / len(per_round)
+                        deadline.timed(deadline.unit_s.get(units[i], 0.0) / len(per_round), state.device_seconds - before)
             # 2. validation: whole static subnets (ONNX kinds: the pipeline's own export of them)
             todo_v = [a for a in archs if f"e2e|{a.key}@{r}" not in state.done]
             for g in range(0, len(todo_v), VALIDATE_GROUP):

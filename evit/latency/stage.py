@@ -174,7 +174,8 @@ def build_lut(params: Params, device: str, *, space: SearchSpace | None = None, 
              space.num_classes, len(plan.blocks), ", ".join(f"{k} {v}" for k, v in count_by_kind(plan.blocks).items()),
              f", timed in context inside {len(plan.carriers)} carrier subnets" if plan.carriers else ", each on its own")
     device_s0 = state.device_seconds
-    deadline = Deadline(budget.budget_s, budget.unit_s, budget.expected_s["validation"]) if budget else None
+    deadline = Deadline(budget.budget_s, budget.unit_s, budget.expected_s["validation"],
+                        progress=state.budget_progress) if budget else None
     watch = LoadWatch()
     try:
         # the harness (module building, ONNX export) uses the device's thread budget: on a
