@@ -97,10 +97,25 @@ def _mlflow_fluent_uris() -> tuple[str | None, str | None]:
     return tracking_utils._tracking_uri, registry_utils._registry_uri
 
 
+TEST_DISK_GB = 5.0
+"""Free space the run needs under the temp dir (measured: the tests' outputs, the servers'
+stores and the LiteRT converter venv peaked at ~4 GB beyond the main venv)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    import tempfile
+
     import torch
 
     torch.set_num_threads(1)
+    if not hasattr(config, "workerinput"):  # once, in the controller: before any test starts
+        where = Path(config.option.basetemp or tempfile.gettempdir())
+        where = next(p for p in (where, *where.parents) if p.exists())
+        free = shutil.disk_usage(where).free / 1e9
+        if free < TEST_DISK_GB:
+            pytest.exit(f"only {free:.1f} GB free on the disk of {where}; the tests need ~{TEST_DISK_GB:g} GB there "
+                        "while they run (a full disk fails dozens of tests with 'No space left on device'): free "
+                        "space, or point TMPDIR at a larger disk", returncode=3)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
