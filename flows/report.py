@@ -41,7 +41,8 @@ def subnets_markdown(params: Params, devices: Sequence[str]) -> str:
             reg_text = f"{model} v{reg['version']}" if reg else "-"
             lines.append(
                 f"| {device} | {label} | `{b.get('key', '')}` | {b.get('flops_m', 0):.2f} | {b.get('params_m', 0):.3f} "
-                f"| {b.get('predicted_latency_ms', 0):.3f} | {b.get('measured_latency_ms', 0):.3f} "
+                f"| {b.get('predicted_latency_ms', 0):.3f} "
+                f"| {measured_cell(b.get('measured_latency_ms', 0), b.get('predicted_latency_ms', 0))} "
                 f"| {b.get('search_top1', 0):.4f} | {b.get('val_top1', 0):.4f} | {reg_text} |")
     return "\n".join(lines) + "\n"
 
@@ -84,6 +85,17 @@ def _int8_cell(budget_metrics: dict[str, Any]) -> str | None:
     return "; ".join(cells) or None
 
 
+def measured_cell(measured: float | None, predicted: float | None) -> str:
+    """`0.241 (+18%)`: the measured latency and how far it is from the table's prediction, so a
+    gap is read next to the number rather than worked out (one measurement of one subnet moves
+    by ~10% between runs on a shared machine; the table's own error is in its metrics)."""
+    if measured is None:
+        return "-"
+    if not predicted:
+        return f"{measured:.3f}"
+    return f"{measured:.3f} ({measured / predicted - 1:+.0%})"
+
+
 def subnets_table(rows: Sequence[dict[str, Any]]) -> str:
     """`subnet_rows` as the plain-text table `evit pipeline` ends with."""
     if not rows:
@@ -98,7 +110,7 @@ def subnets_table(rows: Sequence[dict[str, Any]]) -> str:
             continue
         fetch = f"evit fetch {r['fetch']}" if r["fetch"] else "(not registered)"
         body.append((r["device"], r["budget"], f"{r['val_top1']:.4f}", f"{r['predicted_ms']:.3f}",
-                     f"{r['measured_ms']:.3f}", fetch) + ((r.get("int8") or "-",) if int8 else ()))
+                     measured_cell(r["measured_ms"], r["predicted_ms"]), fetch) + ((r.get("int8") or "-",) if int8 else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
                      for line in (head, tuple("-" * w for w in widths), *body))

@@ -190,6 +190,6 @@ def test_final_table_names_what_to_fetch() -> None:
             {"device": "ort-1t", "budget": "0_1ms", "feasible": False}]
     lines = subnets_table(rows).splitlines()
     assert lines[0].split() == ["device", "budget", "val", "top-1", "predicted", "ms", "measured", "ms", "fetch", "with"]
-    assert lines[2].split() == ["cpu-1t", "4ms", "0.9452", "3.800", "3.761", "evit", "fetch", "evit-cpu-1t/2"]
+    assert lines[2].split() == ["cpu-1t", "4ms", "0.9452", "3.800", "3.761", "(-1%)", "evit", "fetch", "evit-cpu-1t/2"]
     assert lines[3].split() == ["ort-1t", "0_1ms", "infeasible"]
     assert "no subnets" in subnets_table([])
