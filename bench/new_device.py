@@ -220,15 +220,13 @@ def build_row(params: Any, name: str, minutes: float, prior: str | None, space: 
     return out
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    workdir = Path(args.workdir).resolve()
+def run(args: argparse.Namespace, workdir: Path, space: Any) -> list[dict[str, Any]]:
     project = workdir / "project"
     project.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("EVIT_MODEL_CACHE", str(workdir / "model-cache"))
     os.environ.setdefault("EVIT_MODEL_CACHE_REMOTE", str(workdir / "shared-models"))
     os.chdir(project)
     params = load_params(write_params(project))
-    space = paper_space()
     keep = KeepPartials()
     rows_dir = workdir / "rows"
     rows_dir.mkdir(exist_ok=True)
@@ -384,7 +382,7 @@ def main() -> None:
     if args.rescore:
         rescore(workdir, space, args.heldout)
     else:
-        run(args)
+        run(args, workdir, space)
     rows = all_rows(workdir)
     text = table(rows)
     for path in sorted(workdir.glob("repeat-*.json")):
