@@ -42,7 +42,7 @@ def subnets_markdown(params: Params, devices: Sequence[str]) -> str:
             lines.append(
                 f"| {device} | {label} | `{b.get('key', '')}` | {b.get('flops_m', 0):.2f} | {b.get('params_m', 0):.3f} "
                 f"| {b.get('predicted_latency_ms', 0):.3f} "
-                f"| {measured_cell(b.get('measured_latency_ms', 0), b.get('predicted_latency_ms', 0))} "
+                f"| {measured_cell(b.get('measured_latency_ms'), b.get('predicted_latency_ms'))} "
                 f"| {b.get('search_top1', 0):.4f} | {b.get('val_top1', 0):.4f} | {reg_text} |")
     return "\n".join(lines) + "\n"
 
